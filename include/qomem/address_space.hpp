@@ -1,16 +1,27 @@
-// qomem/address_space.hpp — address spaces: a name, a root region and the
-// current flat view.
+// qomem/address_space.hpp — address spaces: a name, a root region, the
+// current flat view, and the accesses made through it.
 //
 //     auto sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
 //     qomem::address_space memory(*sys, "memory");
-//     qomem::address_space dma(*sys, "dma");     // shares memory's flat view
-//     memory.view()->lookup(0x1000);
+//     qomem::address_space dma(*sys, "dma");          // shares memory's flat view
+//     std::uint64_t v;
+//     memory.read(0x1000, &v, 8);                      // -> qomem::memtx_result
+//     auto m = dma.map(0x2000, 4096, true);            // host pointer + length
+//     std::memset(m.data(), 0, m.size());
+//     dma.unmap(m, m.size());
 //
-// An address space holds a reference (memory_region_ref) to its root and to
-// its current flat view, which holds the regions it points into. Address
-// spaces whose roots reduce to the same flat-view root (flat_view_root) share
-// one flat view object; all address spaces with no flat-view root share one
-// empty view. Every commit re-renders each distinct flat-view root once.
+// References. An address space holds memory_region_ref on its root and one
+// reference on its current flat view, which holds the regions it points into.
+// Address spaces whose roots reduce to the same flat-view root
+// (flat_view_root) share one flat view object; all address spaces with no
+// flat-view root share one empty view.
+//
+// Threads. Any thread may read, write, map and unmap at any time without
+// taking a lock: the flat view is read inside an RCU read section
+// (rcu.hpp), and a commit publishes a new view and retires the old one, which
+// is freed only once no reader can still hold it. Topology changes, listener
+// registration and the creation and destruction of address spaces are made by
+// one thread at a time (the writer, QEMU's big-lock holder).
 //
 // Destroy an address space before (or while) the device using it leaves the
 // tree — typically in its unrealize step — when the root belongs to that same
@@ -18,6 +29,13 @@
 // region, and through it the device, alive.
 #pragma once
 
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <new>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -26,8 +44,12 @@
 
 #include <boost/intrusive/list.hpp>
 
+#include <qomem/detail/dispatch.hpp>
 #include <qomem/flat_view.hpp>
+#include <qomem/memory_listener.hpp>
+#include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
+#include <qomem/rcu.hpp>
 
 namespace qomem {
 
@@ -37,6 +59,51 @@ namespace detail {
 inline void render_all_address_spaces();
 }
 
+/// A DMA mapping (QEMU's address_space_map): a host pointer to `size()`
+/// bytes of guest memory, holding a reference to the region it points into.
+/// Move-only. Release it with address_space::unmap; a mapping destroyed while
+/// still mapped is unmapped as if all of it had been accessed.
+class dma_mapping {
+public:
+    dma_mapping() noexcept = default;
+    dma_mapping(dma_mapping&& o) noexcept { *this = std::move(o); }
+    dma_mapping& operator=(dma_mapping&& o) noexcept;
+    ~dma_mapping();
+
+    std::byte* data() const noexcept { return ptr_; }
+    /// The number of bytes mapped: may be less than asked; 0 when refused.
+    hwaddr size() const noexcept { return len_; }
+    explicit operator bool() const noexcept { return ptr_ != nullptr; }
+    /// The region the mapping points into (referenced until unmapped).
+    memory_region* region() const noexcept { return mr_; }
+    /// True when the data goes through a bounce buffer (MMIO).
+    bool bounced() const noexcept { return bounce_; }
+
+private:
+    friend class address_space;
+    address_space* as_ = nullptr;
+    std::byte* ptr_ = nullptr;
+    hwaddr len_ = 0;
+    memory_region* mr_ = nullptr;
+    hwaddr offset_ = 0; // in mr_, for dirty marking
+    hwaddr addr_ = 0;   // guest address, for the bounce write-back
+    mem_attrs attrs_{};
+    bool is_write_ = false;
+    bool bounce_ = false;
+};
+
+/// What find() returns: the part of one flat range that overlaps the request,
+/// holding a reference to its region (dropped with the section).
+struct found_section {
+    region_ref mr;
+    hwaddr offset_within_region = 0;
+    hwaddr offset_within_address_space = 0;
+    u128 size = 0;
+    bool readonly = false;
+    bool nonvolatile = false;
+    explicit operator bool() const noexcept { return bool(mr); }
+};
+
 class address_space {
 public:
     /// Creates an address space rooted at `root` and renders its view (at the
@@ -44,8 +111,9 @@ public:
     /// Effects: memory_region_ref on `root`; registers the address space.
     address_space(memory_region& root, std::string name);
 
-    /// Unregisters, drops the flat view and the reference to the root (either
-    /// may finalize regions no longer used by anything else).
+    /// Unregisters, drops the reference to the root and retires the flat
+    /// view (freed, with the region references it holds, once no reader uses
+    /// it). Requires (asserted): no listener registered, no mapping live.
     ~address_space();
 
     address_space(const address_space&) = delete;
@@ -54,9 +122,92 @@ public:
     const std::string& name() const noexcept { return name_; }
     memory_region& root() const noexcept { return *root_; }
 
-    /// The current flat view (shared with every address space that has the
-    /// same flat-view root).
-    const ref_ptr<flat_view>& view() const noexcept { return view_; }
+    /// The current flat view, with a reference (shared with every address
+    /// space that has the same flat-view root).
+    ref_ptr<flat_view> view() const {
+        rcu::read_guard g;
+        return ref_ptr<flat_view>(current_.load(std::memory_order_acquire));
+    }
+    /// The current flat view without a reference: valid only inside an RCU
+    /// read section (rcu::read_guard) on this thread.
+    const flat_view* current() const noexcept { return current_.load(std::memory_order_acquire); }
+
+    // ---- access (any thread, lock-free) ----------------------------------
+
+    /// Reads or writes `len` bytes at `addr`: split at flat-range boundaries;
+    /// RAM by memcpy (guest writes to ROM are ignored unless attrs.debug);
+    /// MMIO through the region's ops with its access rules; holes read as
+    /// zero. Returns the OR of every piece's result (memtx_ok = 0).
+    memtx_result rw(hwaddr addr, void* buf, u128 len, bool is_write, mem_attrs attrs = {}) {
+        rcu::read_guard g;
+        return detail::access_view(*current(), addr, static_cast<std::byte*>(buf), len, is_write,
+                                   attrs);
+    }
+    memtx_result read(hwaddr addr, void* buf, u128 len, mem_attrs attrs = {}) {
+        rcu::read_guard g;
+        const flat_view& v = *current();
+        // The common case, kept short: all of it in one RAM range.
+        if (const flat_range* fr = v.lookup_cached(addr); fr && fr->mr->is_direct_read() &&
+                                                          !attrs.memory && u128(addr) + len <= fr->end()) {
+            if (std::byte* host = fr->mr->host_ptr_if_mapped()) {
+                std::memcpy(buf, host + (addr - fr->start + fr->offset_in_region),
+                            static_cast<std::size_t>(len));
+                return memtx_ok;
+            }
+        }
+        return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
+    }
+    memtx_result write(hwaddr addr, const void* buf, u128 len, mem_attrs attrs = {}) {
+        return rw(addr, const_cast<void*>(buf), len, true, attrs);
+    }
+    /// Writes even to ROM (QEMU's address_space_write_rom), for loaders.
+    memtx_result write_rom(hwaddr addr, const void* buf, u128 len) {
+        mem_attrs a;
+        a.debug = true;
+        return write(addr, buf, len, a);
+    }
+
+    // ---- DMA (any thread) --------------------------------------------------
+
+    /// Maps up to `len` bytes at `addr` (QEMU's address_space_map). RAM gives
+    /// a direct pointer, extended across contiguous ranges of the same
+    /// region; anything else gives a bounce buffer from this address space's
+    /// budget (pre-read unless `is_write`), truncated to what is left of it.
+    /// Takes memory_region_ref on the region. An empty mapping (null, size 0)
+    /// means nothing is mapped there, or the bounce budget is spent: see
+    /// register_map_client.
+    dma_mapping map(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs = {});
+
+    /// Ends a mapping: a bounce buffer written to is written back
+    /// (`access_len` bytes), RAM written to is marked dirty, and the region
+    /// reference is dropped (which may finalize the region and its owner).
+    /// Requires (asserted): `m` is a live mapping of this address space.
+    void unmap(dma_mapping& m, hwaddr access_len);
+
+    /// The bounce-buffer budget in bytes (default 4096).
+    std::size_t max_bounce_buffer_size() const noexcept { return max_bounce_.load(); }
+    void set_max_bounce_buffer_size(std::size_t bytes) noexcept { max_bounce_.store(bytes); }
+    std::size_t bounce_buffer_in_use() const noexcept { return bounce_used_.load(); }
+
+    /// Asks to be called once, on the thread that frees it, the next time
+    /// bounce-buffer space is freed (a failed map may then succeed). Returns
+    /// an id for unregister_map_client.
+    std::uint64_t register_map_client(std::function<void()> retry);
+    void unregister_map_client(std::uint64_t id);
+
+    /// The lowest flat range overlapping [addr, addr + size), clipped to it,
+    /// with a reference to its region (QEMU's memory_region_find on an
+    /// address space). Empty when nothing overlaps.
+    found_section find(hwaddr addr, u128 size) const;
+
+    // ---- listeners (writer) ----------------------------------------------
+
+    /// Registers `l`, replaying the current view to it as begin, region_add
+    /// for each range, commit. Requires (asserted): `l` is not registered.
+    void add_listener(memory_listener& l);
+    /// Unregisters `l`, reporting every range of the current view as
+    /// region_del (in address order) between begin and commit.
+    void remove_listener(memory_listener& l);
 
     /// Calls f(address_space&) for every address space, oldest first.
     template <class F>
@@ -64,21 +215,44 @@ public:
 
 private:
     friend void detail::render_all_address_spaces();
+    friend class dma_mapping;
 
     using hook_t = boost::intrusive::list_member_hook<
         boost::intrusive::link_mode<boost::intrusive::safe_link>>;
     struct list_t;
     static list_t& registry() noexcept;
-    static const ref_ptr<flat_view>& empty_view() {
-        static const ref_ptr<flat_view> v(new flat_view(nullptr, {}));
-        return v;
+    static flat_view* empty_view();
+    using listener_list = boost::intrusive::list<
+        memory_listener,
+        boost::intrusive::member_hook<memory_listener, decltype(memory_listener::hook_),
+                                      &memory_listener::hook_>>;
+
+    void publish(flat_view* v);
+    static memory_section section_of(const flat_range& r) noexcept {
+        return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
     }
+    void notify_map_clients();
 
     hook_t hook_;
     std::string name_;
     memory_region* root_;
-    ref_ptr<flat_view> view_;
+    std::atomic<flat_view*> current_{nullptr}; // holds one reference
+    listener_list listeners_;
+    std::atomic<std::size_t> max_bounce_{4096};
+    std::atomic<std::size_t> bounce_used_{0};
+    std::atomic<std::size_t> live_mappings_{0};
+    std::mutex clients_mutex_;
+    std::vector<std::pair<std::uint64_t, std::function<void()>>> clients_;
+    std::uint64_t next_client_ = 1;
 };
+
+/// QEMU's memory_region_find: `addr` is relative to `mr`; it is converted to
+/// an absolute address through the container chain, whose top must be the
+/// root of an address space (otherwise the result is empty), and looked up
+/// in that address space's view.
+found_section memory_region_find(memory_region& mr, hwaddr addr, u128 size);
+
+// ---- implementation ---------------------------------------------------------
 
 struct address_space::list_t
     : boost::intrusive::list<address_space, boost::intrusive::member_hook<
@@ -90,13 +264,21 @@ inline address_space::list_t& address_space::registry() noexcept {
     return list;
 }
 
+inline flat_view* address_space::empty_view() {
+    static const ref_ptr<flat_view> v(new flat_view(nullptr, {}));
+    return v.get();
+}
+
 template <class F>
 void address_space::for_each(F&& f) {
     for (address_space& as : registry()) f(as);
 }
 
 inline address_space::address_space(memory_region& root, std::string name)
-    : name_(std::move(name)), root_(&root), view_(empty_view()) {
+    : name_(std::move(name)), root_(&root) {
+    flat_view* e = empty_view();
+    intrusive_ptr_add_ref(e);
+    current_.store(e, std::memory_order_release);
     memory_region_ref(root);
     ++root.as_root_users_;
     registry().push_back(*this);
@@ -106,24 +288,269 @@ inline address_space::address_space(memory_region& root, std::string name)
 }
 
 inline address_space::~address_space() {
+    QOMEM_ASSERT(listeners_.empty(), "address space '{}' destroyed with {} listener(s) registered",
+                 name_, listeners_.size());
+    QOMEM_ASSERT(live_mappings_.load() == 0, "address space '{}' destroyed with {} live DMA mapping(s)",
+                 name_, live_mappings_.load());
     registry().erase(registry().iterator_to(*this));
     --root_->as_root_users_;
-    view_.reset();
+    publish(nullptr);
     memory_region_unref(*root_);
 }
 
+inline void address_space::publish(flat_view* v) {
+    if (v) intrusive_ptr_add_ref(v);
+    flat_view* old = current_.exchange(v, std::memory_order_acq_rel);
+    if (old)
+        rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
+}
+
 inline void detail::render_all_address_spaces() {
+    // One render per distinct flat-view root; the views are shared.
     std::unordered_map<memory_region*, ref_ptr<flat_view>> views;
-    std::vector<ref_ptr<flat_view>> old;
+    struct change {
+        address_space* as;
+        flat_view* next;
+    };
+    std::vector<change> changes;
     for (address_space& as : address_space::registry()) {
         memory_region* physmr = flat_view_root(as.root_);
+        flat_view* cur = as.current_.load(std::memory_order_relaxed);
         ref_ptr<flat_view>& v = views[physmr];
-        if (!v) v = physmr ? render_flat_view(physmr) : address_space::empty_view();
-        old.push_back(std::exchange(as.view_, v));
+        if (!v) {
+            if (!physmr) {
+                v = address_space::empty_view();
+            } else {
+                v = render_flat_view(physmr);
+                // Unchanged content: keep the published view, so nothing is
+                // reported and every address space keeps sharing it.
+                if (cur->root() == physmr && cur->ranges() == v->ranges()) v = cur;
+            }
+        }
+        if (cur != v.get()) changes.push_back({&as, v.get()});
     }
-    // Dropping the old views may finalize regions, whose detaching marks the
-    // topology changed again: memory_core::commit loops until it settles.
-    old.clear();
+    for (const change& c : changes) {
+        address_space& as = *c.as;
+        if (!as.listeners_.empty()) {
+            const auto& old_r = as.current_.load(std::memory_order_relaxed)->ranges();
+            const auto& new_r = c.next->ranges();
+            for (memory_listener& l : as.listeners_) l.begin();
+            // Pass 1: ranges gone or changed, deleted in reverse priority.
+            std::vector<memory_section> dels, adds_and_nops;
+            std::vector<bool> is_nop;
+            std::size_t i = 0, j = 0;
+            while (i < old_r.size() || j < new_r.size()) {
+                const flat_range* o = i < old_r.size() ? &old_r[i] : nullptr;
+                const flat_range* n = j < new_r.size() ? &new_r[j] : nullptr;
+                if (o && n && *o == *n) {
+                    adds_and_nops.push_back(address_space::section_of(*n));
+                    is_nop.push_back(true);
+                    ++i;
+                    ++j;
+                } else if (o && (!n || o->start < n->start || o->start == n->start)) {
+                    dels.push_back(address_space::section_of(*o));
+                    ++i;
+                } else {
+                    adds_and_nops.push_back(address_space::section_of(*n));
+                    is_nop.push_back(false);
+                    ++j;
+                }
+            }
+            for (auto it = as.listeners_.rbegin(); it != as.listeners_.rend(); ++it)
+                for (const memory_section& s : dels) it->region_del(s);
+            for (memory_listener& l : as.listeners_)
+                for (std::size_t k = 0; k < adds_and_nops.size(); ++k) {
+                    if (is_nop[k])
+                        l.region_nop(adds_and_nops[k]);
+                    else
+                        l.region_add(adds_and_nops[k]);
+                }
+            for (memory_listener& l : as.listeners_) l.commit();
+        }
+        as.publish(c.next);
+    }
+    // Dropping `views` releases only the renders nobody took; retired views
+    // are freed by RCU. Freed regions may mark the topology changed again:
+    // memory_core::commit loops until it settles.
+}
+
+inline void address_space::add_listener(memory_listener& l) {
+    QOMEM_ASSERT(!l.as_, "listener already registered to address space '{}'",
+                 l.as_ ? l.as_->name_ : std::string());
+    auto it = listeners_.begin();
+    while (it != listeners_.end() && it->priority_ <= l.priority_) ++it;
+    listeners_.insert(it, l);
+    l.as_ = this;
+    l.begin();
+    for (const flat_range& r : current_.load()->ranges()) l.region_add(section_of(r));
+    l.commit();
+}
+
+inline void address_space::remove_listener(memory_listener& l) {
+    QOMEM_ASSERT(l.as_ == this, "listener is not registered to address space '{}'", name_);
+    l.begin();
+    for (const flat_range& r : current_.load()->ranges()) l.region_del(section_of(r));
+    l.commit();
+    listeners_.erase(listeners_.iterator_to(l));
+    l.as_ = nullptr;
+}
+
+inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs) {
+    dma_mapping m;
+    if (len == 0) return m;
+    rcu::read_guard g;
+    const flat_view& v = *current();
+    const flat_range* fr = v.lookup_cached(addr);
+    if (!fr) return m;
+    memory_region& mr = *fr->mr;
+    const hwaddr xlat = addr - fr->start + fr->offset_in_region;
+    const bool plain_ram = mr.is_ram() && !mr.is_ram_device();
+    const bool direct = is_write ? plain_ram && !mr.readonly() && !fr->readonly
+                                 : plain_ram || mr.is_romd();
+    if (!direct && attrs.memory) return m; // only RAM may answer
+    if (direct) {
+        std::byte* host;
+        try {
+            host = mr.host_ptr();
+        } catch (const region_error&) {
+            return m;
+        }
+        // Extend across following ranges of the same region that continue it.
+        u128 done = std::min<u128>(len, fr->end() - addr);
+        while (done < len && u128(addr) + done < u128_2_64) {
+            const flat_range* next = v.lookup(static_cast<hwaddr>(addr + done));
+            if (!next || next->mr != &mr || next->offset_in_region != xlat + done ||
+                (is_write && next->readonly))
+                break;
+            done += std::min<u128>(len - done, next->end() - next->start);
+        }
+        memory_region_ref(mr);
+        m.ptr_ = host + xlat;
+        m.len_ = static_cast<hwaddr>(done);
+        m.mr_ = &mr;
+        m.offset_ = xlat;
+    } else {
+        // Bounce: take what is left of the budget, up to `len`.
+        std::size_t used = bounce_used_.load(std::memory_order_relaxed);
+        std::size_t take;
+        for (;;) {
+            const std::size_t max = max_bounce_.load(std::memory_order_relaxed);
+            const std::size_t left = used < max ? max - used : 0;
+            take = static_cast<std::size_t>(std::min<u128>(len, left));
+            if (take == 0) return m;
+            if (bounce_used_.compare_exchange_weak(used, used + take, std::memory_order_acq_rel))
+                break;
+        }
+        m.ptr_ = static_cast<std::byte*>(::operator new(take));
+        m.len_ = take;
+        m.bounce_ = true;
+        memory_region_ref(mr);
+        m.mr_ = &mr;
+        if (!is_write) detail::access_view(v, addr, m.ptr_, take, false, attrs);
+    }
+    m.as_ = this;
+    m.addr_ = addr;
+    m.attrs_ = attrs;
+    m.is_write_ = is_write;
+    live_mappings_.fetch_add(1, std::memory_order_relaxed);
+    return m;
+}
+
+inline void address_space::unmap(dma_mapping& m, hwaddr access_len) {
+    QOMEM_ASSERT(m.as_ == this && m.ptr_, "unmap of a mapping that is not a live mapping of '{}'",
+                 name_);
+    QOMEM_ASSERT(access_len <= m.len_, "unmap access_len {} exceeds the mapped length {}",
+                 access_len, m.len_);
+    memory_region* mr = std::exchange(m.mr_, nullptr);
+    std::byte* ptr = std::exchange(m.ptr_, nullptr);
+    m.as_ = nullptr;
+    live_mappings_.fetch_sub(1, std::memory_order_relaxed);
+    if (m.bounce_) {
+        if (m.is_write_ && access_len) rw(m.addr_, ptr, access_len, true, m.attrs_);
+        ::operator delete(ptr);
+        bounce_used_.fetch_sub(m.len_, std::memory_order_acq_rel);
+        notify_map_clients();
+    } else if (m.is_write_ && access_len) {
+        mr->mark_dirty(m.offset_, access_len);
+    }
+    m.len_ = 0;
+    memory_region_unref(*mr);
+}
+
+inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) noexcept {
+    if (this != &o) {
+        if (as_) as_->unmap(*this, len_);
+        as_ = std::exchange(o.as_, nullptr);
+        ptr_ = std::exchange(o.ptr_, nullptr);
+        len_ = std::exchange(o.len_, 0);
+        mr_ = std::exchange(o.mr_, nullptr);
+        offset_ = o.offset_;
+        addr_ = o.addr_;
+        attrs_ = o.attrs_;
+        is_write_ = o.is_write_;
+        bounce_ = o.bounce_;
+    }
+    return *this;
+}
+
+inline dma_mapping::~dma_mapping() {
+    if (as_) as_->unmap(*this, is_write_ ? len_ : 0);
+}
+
+inline std::uint64_t address_space::register_map_client(std::function<void()> retry) {
+    std::lock_guard lock(clients_mutex_);
+    const std::uint64_t id = next_client_++;
+    clients_.emplace_back(id, std::move(retry));
+    return id;
+}
+
+inline void address_space::unregister_map_client(std::uint64_t id) {
+    std::lock_guard lock(clients_mutex_);
+    std::erase_if(clients_, [&](const auto& c) { return c.first == id; });
+}
+
+inline void address_space::notify_map_clients() {
+    std::vector<std::pair<std::uint64_t, std::function<void()>>> due;
+    {
+        std::lock_guard lock(clients_mutex_);
+        due.swap(clients_);
+    }
+    for (auto& [id, fn] : due) fn();
+}
+
+inline found_section address_space::find(hwaddr addr, u128 size) const {
+    found_section s;
+    if (size == 0) return s;
+    rcu::read_guard g;
+    const flat_view& v = *current();
+    const std::size_t i = v.first_ending_after(addr);
+    if (i == v.ranges().size()) return s;
+    const flat_range& r = v.ranges()[i];
+    const u128 end = std::min<u128>(u128(addr) + size, u128_2_64);
+    if (u128(r.start) >= end) return s;
+    const hwaddr start = std::max(addr, r.start);
+    s.mr = region_ref(*r.mr);
+    s.offset_within_address_space = start;
+    s.offset_within_region = r.offset_in_region + (start - r.start);
+    s.size = std::min(end, r.end()) - start;
+    s.readonly = r.readonly;
+    s.nonvolatile = r.nonvolatile;
+    return s;
+}
+
+inline found_section memory_region_find(memory_region& mr, hwaddr addr, u128 size) {
+    u128 abs = u128(addr) + mr.addr();
+    const memory_region* top = &mr;
+    while (top->container()) {
+        top = top->container();
+        abs += top->addr();
+    }
+    if (abs >= u128_2_64) return {};
+    const address_space* found = nullptr;
+    address_space::for_each([&](const address_space& as) {
+        if (!found && &as.root() == top) found = &as;
+    });
+    return found ? found->find(static_cast<hwaddr>(abs), size) : found_section{};
 }
 
 } // namespace qomem

@@ -66,6 +66,8 @@ public:
     /// Takes memory_region_ref on `root` (if any) and on each range's region.
     flat_view(memory_region* root, std::vector<flat_range> ranges)
         : root_(root), ranges_(std::move(ranges)) {
+        starts_.reserve(ranges_.size());
+        for (const flat_range& r : ranges_) starts_.push_back(r.start);
         if (root_) memory_region_ref(*root_);
         for (const flat_range& r : ranges_) memory_region_ref(*r.mr);
     }
@@ -80,13 +82,39 @@ public:
     memory_region* root() const noexcept { return root_; }
     const std::vector<flat_range>& ranges() const noexcept { return ranges_; }
 
-    /// The range containing `addr`, or null. O(log n).
+    /// The range containing `addr`, or null. O(log n) over a compact array
+    /// of start addresses.
     const flat_range* lookup(hwaddr addr) const noexcept {
-        auto it = std::upper_bound(ranges_.begin(), ranges_.end(), addr,
-                                   [](hwaddr a, const flat_range& r) { return a < r.start; });
-        if (it == ranges_.begin()) return nullptr;
-        --it;
-        return it->contains(addr) ? &*it : nullptr;
+        const auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
+        if (it == starts_.begin()) return nullptr;
+        const flat_range& r = ranges_[static_cast<std::size_t>(it - starts_.begin()) - 1];
+        return r.contains(addr) ? &r : nullptr;
+    }
+
+    /// lookup() with a most-recently-used entry in front (QEMU's
+    /// mru_section), shared by the threads reading this view.
+    const flat_range* lookup_cached(hwaddr addr) const noexcept {
+        const flat_range* m = mru_.load(std::memory_order_relaxed);
+        if (m && m->contains(addr)) [[likely]]
+            return m;
+        const flat_range* r = lookup(addr);
+        if (r) mru_.store(r, std::memory_order_relaxed);
+        return r;
+    }
+
+    /// The first range starting above `addr` (for skipping a hole), or null.
+    const flat_range* next_after(hwaddr addr) const noexcept {
+        const auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
+        return it == starts_.end() ? nullptr
+                                   : &ranges_[static_cast<std::size_t>(it - starts_.begin())];
+    }
+
+    /// Index of the first range whose end is above `addr` (ranges_.size() if none).
+    std::size_t first_ending_after(hwaddr addr) const noexcept {
+        auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
+        std::size_t i = static_cast<std::size_t>(it - starts_.begin());
+        if (i > 0 && ranges_[i - 1].end() > addr) --i;
+        return i;
     }
 
     friend void intrusive_ptr_add_ref(const flat_view* v) noexcept {
@@ -98,8 +126,10 @@ public:
 
 private:
     mutable std::atomic<std::uint32_t> refs_{0};
+    mutable std::atomic<const flat_range*> mru_{nullptr};
     memory_region* root_;
     std::vector<flat_range> ranges_;
+    std::vector<hwaddr> starts_;
 };
 
 namespace detail {

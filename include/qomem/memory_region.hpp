@@ -46,8 +46,11 @@
 #include <boost/intrusive/list.hpp>
 
 #include <qomem/detail/int128.hpp>
+#include <qomem/device.hpp>
 #include <qomem/error.hpp>
+#include <qomem/memory_ops.hpp>
 #include <qomem/object.hpp>
+#include <qomem/rcu.hpp>
 
 namespace qomem {
 
@@ -64,22 +67,6 @@ enum class region_kind : std::uint8_t {
     ram_device,
     alias,
     reservation,
-};
-
-/// The result of an access, as QEMU's MemTxResult: flags that combine with |.
-enum memtx_result : std::uint32_t {
-    memtx_ok = 0,
-    memtx_error = 1u << 0,
-    memtx_decode_error = 1u << 1,
-    memtx_access_error = 1u << 2,
-};
-
-/// MMIO callbacks of a region: plain function pointers plus an opaque
-/// pointer, so a call costs one indirect call into user code.
-struct mmio_ops {
-    memtx_result (*read)(void* opaque, hwaddr offset, std::uint64_t* data, unsigned size) = nullptr;
-    memtx_result (*write)(void* opaque, hwaddr offset, std::uint64_t data, unsigned size) = nullptr;
-    void* opaque = nullptr;
 };
 
 /// Where a new region lives. Converts from an owner object (the region is the
@@ -184,7 +171,8 @@ public:
         u128 size = 0;
         memory_region* alias = nullptr;
         hwaddr alias_offset = 0;
-        mmio_ops ops{};
+        const detail::ops_table* ops = nullptr; ///< MMIO callbacks (io, ROM device)
+        void* opaque = nullptr;                 ///< the ops object
         void* host = nullptr; ///< caller's memory (ram from ptr, ram device)
         int fd = -1;          ///< ram from fd
         std::uint64_t fd_offset = 0;
@@ -222,7 +210,31 @@ public:
     memory_region* container() const noexcept { return container_; }
     memory_region* alias() const noexcept { return alias_; }
     hwaddr alias_offset() const noexcept { return alias_offset_; }
-    const mmio_ops& ops() const noexcept { return ops_; }
+    /// The MMIO callbacks (null for a reservation and for non-MMIO kinds).
+    const detail::ops_table* ops() const noexcept { return ops_; }
+    void* opaque() const noexcept { return opaque_; }
+    /// The device whose MMIO re-entrancy guard covers this region (the owner,
+    /// when it is a device and the region is MMIO), or null.
+    const device* guarded_device() const noexcept {
+        return guard_enabled_ ? guard_device_ : nullptr;
+    }
+    /// Opts this region out of (or back into) the re-entrancy guard, for a
+    /// device that legitimately accesses its own MMIO from its handlers.
+    void set_reentrancy_guard(bool enabled) noexcept { guard_enabled_ = enabled && guard_device_; }
+
+    /// Dirty tracking of RAM, one bit per 4 KiB page: writes through an
+    /// address space and DMA unmaps after a write set the bits while logging
+    /// is on. Requires (asserted): a RAM region.
+    void set_dirty_log(bool on);
+    bool dirty_log() const noexcept { return dirty_.load(std::memory_order_acquire) != nullptr; }
+    /// True if a page overlapping [offset, offset+len) is dirty; clears them.
+    bool test_and_clear_dirty(hwaddr offset, hwaddr len);
+    /// Marks [offset, offset+len) dirty if logging is on (cheap when off).
+    void mark_dirty(hwaddr offset, hwaddr len) noexcept {
+        std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
+        if (!bits || len == 0) return;
+        mark_dirty_slow(bits, offset, len);
+    }
 
     /// QEMU's type string for `info mtree`: "ramd", "romd", "rom", "ram" or
     /// "i/o" (containers and MMIO); an alias reports its target's type.
@@ -240,6 +252,8 @@ public:
     /// reserving it on first use for anonymous RAM; null for other kinds.
     /// Thread-safe. Throws: region_error if the reservation fails.
     std::byte* host_ptr() const;
+    /// The host memory if already reserved (null otherwise); never maps.
+    std::byte* host_ptr_if_mapped() const noexcept { return host_.load(std::memory_order_acquire); }
 
     // ---- topology (each commits unless a transaction is open) --------------
 
@@ -289,6 +303,10 @@ private:
     friend class address_space;
 
     bool reaches(const memory_region& target) const;
+    void mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset, hwaddr len) const noexcept;
+    std::size_t dirty_pages() const noexcept {
+        return static_cast<std::size_t>((backing_size_ + 4095) / 4096);
+    }
     void insert_sorted(memory_region& sub);
     void unmap_backing() noexcept;
 
@@ -320,8 +338,18 @@ private:
     sub_list subregions_;
     std::uint32_t alias_users_ = 0;   // aliases targeting this region
     std::uint32_t as_root_users_ = 0; // address spaces rooted here
-    mmio_ops ops_{};
+    const detail::ops_table* ops_ = nullptr;
+    void* opaque_ = nullptr;
+    const device* guard_device_ = nullptr;
+    bool guard_enabled_ = false;
     mutable std::atomic<std::byte*> host_{nullptr};
+    std::atomic<std::atomic<std::uint64_t>*> dirty_{nullptr};
+
+public:
+    /// Set once the re-entrancy block has been logged for this region.
+    mutable std::atomic<bool> reentrancy_logged{false};
+
+private:
     bool owns_mapping_ = false;
     int fd_ = -1;
     std::uint64_t fd_offset_ = 0;
@@ -411,18 +439,22 @@ inline ref_ptr<memory_region> make_ram_from_ptr(region_owner where, std::string_
     a.host = host;
     return detail::make_region(a);
 }
-/// A ROM device: reads come from its RAM in ROMD mode, writes go to `ops`.
-inline ref_ptr<memory_region> make_rom_device(region_owner where, std::string_view name,
-                                              u128 size, mmio_ops ops) {
+/// A ROM device: reads come from its RAM in ROMD mode, writes go to `ops`
+/// (which must outlive the region).
+template <MemoryRegionOps Ops>
+ref_ptr<memory_region> make_rom_device(region_owner where, std::string_view name, u128 size,
+                                       Ops& ops) {
     memory_region::init_args a{where, std::string(name), region_kind::rom_device, size};
-    a.ops = ops;
+    a.ops = &detail::ops_thunks<Ops>::table;
+    a.opaque = &ops;
     return detail::make_region(a);
 }
-/// MMIO dispatched to `ops`.
-inline ref_ptr<memory_region> make_io(region_owner where, std::string_view name, u128 size,
-                                      mmio_ops ops) {
+/// MMIO dispatched to `ops` (which must outlive the region).
+template <MemoryRegionOps Ops>
+ref_ptr<memory_region> make_io(region_owner where, std::string_view name, u128 size, Ops& ops) {
     memory_region::init_args a{where, std::string(name), region_kind::io, size};
-    a.ops = ops;
+    a.ops = &detail::ops_thunks<Ops>::table;
+    a.opaque = &ops;
     return detail::make_region(a);
 }
 /// A RAM device: the caller's memory, always dispatched like MMIO.
@@ -452,7 +484,7 @@ inline ref_ptr<memory_region> make_reservation(region_owner where, std::string_v
 inline memory_region::memory_region(const init_args& a)
     : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr),
       kind_(a.kind), size_(a.size), backing_size_(a.size), priority_(a.priority), ops_(a.ops),
-      fd_(a.fd),
+      opaque_(a.opaque), fd_(a.fd),
       fd_offset_(a.fd_offset), fd_shared_(a.shared) {
     if (a.size > u128_2_64)
         throw region_error(fmt::format("region '{}': size {} is larger than 2^64", a.name,
@@ -484,6 +516,12 @@ inline memory_region::memory_region(const init_args& a)
         break;
     }
     if (a.host) host_.store(static_cast<std::byte*>(a.host), std::memory_order_relaxed);
+    // QEMU guards MMIO of a device against re-entry, but never RAM, ROM, ROM
+    // devices or RAM devices.
+    if (kind_ == region_kind::io || kind_ == region_kind::reservation) {
+        guard_device_ = dynamic_cast_to<device>(owner_);
+        guard_enabled_ = guard_device_ != nullptr;
+    }
     if (alias_) {
         memory_region_ref(*alias_);
         ++alias_->alias_users_;
@@ -491,6 +529,9 @@ inline memory_region::memory_region(const init_args& a)
 }
 
 inline memory_region::~memory_region() {
+    // An ownerless region is not counted by the flat views that point to it:
+    // wait until no reader can still be using an old view that does.
+    if (!counted_ && !rcu::in_read_section()) rcu::synchronize();
     // Not visible anywhere: no container, not a root (checked), so its
     // subregions can be detached in one transaction.
     enabled_ = false;
@@ -503,6 +544,42 @@ inline memory_region::~memory_region() {
         memory_region_unref(*std::exchange(alias_, nullptr));
     }
     unmap_backing();
+    delete[] dirty_.exchange(nullptr);
+}
+
+inline void memory_region::set_dirty_log(bool on) {
+    QOMEM_ASSERT(ram_ && !is_ram_device(), "dirty logging on '{}', which is not RAM", name_);
+    if (on == dirty_log()) return;
+    if (on) {
+        auto* bits = new std::atomic<std::uint64_t>[(dirty_pages() + 63) / 64];
+        for (std::size_t i = 0; i < (dirty_pages() + 63) / 64; ++i) bits[i].store(0);
+        dirty_.store(bits, std::memory_order_release);
+    } else {
+        // Readers may still be marking: free the bits after they are gone.
+        rcu::retire(dirty_.exchange(nullptr, std::memory_order_acq_rel), [](void* p) {
+            delete[] static_cast<std::atomic<std::uint64_t>*>(p);
+        });
+    }
+}
+
+inline void memory_region::mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset,
+                                           hwaddr len) const noexcept {
+    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
+    for (u128 page = offset / 4096; page * 4096 < end; ++page)
+        bits[static_cast<std::size_t>(page / 64)].fetch_or(std::uint64_t(1) << (page % 64),
+                                                           std::memory_order_relaxed);
+}
+
+inline bool memory_region::test_and_clear_dirty(hwaddr offset, hwaddr len) {
+    std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
+    if (!bits || len == 0) return false;
+    bool dirty = false;
+    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
+    for (u128 page = offset / 4096; page * 4096 < end; ++page) {
+        const std::uint64_t bit = std::uint64_t(1) << (page % 64);
+        if (bits[static_cast<std::size_t>(page / 64)].fetch_and(~bit) & bit) dirty = true;
+    }
+    return dirty;
 }
 
 inline void memory_region::unmap_backing() noexcept {

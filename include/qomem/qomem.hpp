@@ -7,7 +7,11 @@
 #include <qomem/device.hpp>
 #include <qomem/error.hpp>
 #include <qomem/flat_view.hpp>
+#include <qomem/log.hpp>
+#include <qomem/memory_listener.hpp>
+#include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/rcu.hpp>
 #include <qomem/type.hpp>

@@ -1,0 +1,259 @@
+// qomem/detail/dispatch.hpp — one access to one flat range: RAM by memcpy,
+// MMIO through the region's ops with QEMU's access rules, and the
+// re-entrancy guard.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <fmt/core.h>
+
+#include <qomem/device.hpp>
+#include <qomem/flat_view.hpp>
+#include <qomem/log.hpp>
+#include <qomem/memory_ops.hpp>
+#include <qomem/memory_region.hpp>
+
+namespace qomem::detail {
+
+inline constexpr bool host_is_big_endian = std::endian::native == std::endian::big;
+
+inline bool device_is_big_endian(endianness e) noexcept {
+    return e == endianness::big || (e == endianness::native && host_is_big_endian);
+}
+
+inline std::uint64_t bswap_n(std::uint64_t v, unsigned size) noexcept {
+    switch (size) {
+    case 2: return __builtin_bswap16(static_cast<std::uint16_t>(v));
+    case 4: return __builtin_bswap32(static_cast<std::uint32_t>(v));
+    case 8: return __builtin_bswap64(v);
+    default: return v;
+    }
+}
+
+/// Loads `size` bytes in host order (QEMU's ldn_he_p).
+inline std::uint64_t load_host(const std::byte* p, unsigned size) noexcept {
+    switch (size) {
+    case 1: { std::uint8_t v; std::memcpy(&v, p, 1); return v; }
+    case 2: { std::uint16_t v; std::memcpy(&v, p, 2); return v; }
+    case 4: { std::uint32_t v; std::memcpy(&v, p, 4); return v; }
+    default: { std::uint64_t v; std::memcpy(&v, p, 8); return v; }
+    }
+}
+
+/// Stores `size` bytes in host order (QEMU's stn_he_p).
+inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
+    switch (size) {
+    case 1: { auto x = static_cast<std::uint8_t>(v); std::memcpy(p, &x, 1); break; }
+    case 2: { auto x = static_cast<std::uint16_t>(v); std::memcpy(p, &x, 2); break; }
+    case 4: { auto x = static_cast<std::uint32_t>(v); std::memcpy(p, &x, 4); break; }
+    default: std::memcpy(p, &v, 8); break;
+    }
+}
+
+/// The devices whose MMIO this thread is inside (re-entrancy guard). QEMU
+/// keeps one flag per device under its big lock; qomem keeps the set per
+/// thread, so two vCPUs using one device are not mistaken for re-entry.
+inline std::vector<const device*>& engaged_devices() noexcept {
+    thread_local std::vector<const device*> engaged;
+    return engaged;
+}
+
+/// The largest access the ops accept at `offset` for `len` bytes (QEMU's
+/// memory_access_size): the valid maximum (4 when unset), bounded by the
+/// alignment unless the implementation takes unaligned accesses, rounded
+/// down to a power of two.
+inline unsigned mmio_access_size(const memory_region& mr, hwaddr offset, u128 len) noexcept {
+    const ops_table* ops = mr.ops();
+    unsigned max = ops && ops->valid.max_access_size ? ops->valid.max_access_size : 4;
+    if (!ops || !ops->impl.unaligned) {
+        const hwaddr align = offset & (~offset + 1);
+        if (align != 0 && align < max) max = static_cast<unsigned>(align);
+    }
+    const unsigned l = len < max ? static_cast<unsigned>(len) : max;
+    return std::bit_floor(l);
+}
+
+inline void log_invalid(const memory_region& mr, hwaddr offset, unsigned size, bool is_write,
+                        const char* why) {
+    if (log_enabled(log_category::guest_errors))
+        log_line(log_category::guest_errors,
+                 fmt::format("Invalid {} at addr 0x{:X}, size {}, region '{}', reason: {}",
+                             is_write ? "write" : "read", offset, size, mr.region_name(), why));
+}
+
+/// One MMIO access of `size` (1, 2, 4 or 8) bytes at `offset` in `mr`;
+/// `*value` holds host-order data (QEMU's memory_region_dispatch_read/write).
+inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::uint64_t* value,
+                                  unsigned size, bool is_write, mem_attrs attrs) {
+    const ops_table* ops = mr.ops();
+    if (!is_write) *value = 0;
+    if (!ops) { // a reservation: claims its range, answers nothing
+        log_invalid(mr, offset, size, is_write, "reservation");
+        return memtx_decode_error;
+    }
+    // QEMU's memory_region_access_valid, in its order.
+    const char* refused = nullptr;
+    if (ops->accepts && !ops->accepts(mr.opaque(), offset, size, is_write, attrs))
+        refused = "rejected";
+    else if (!ops->valid.unaligned && (offset & (size - 1)))
+        refused = "unaligned";
+    else if (ops->valid.max_access_size != 0 &&
+             (size < (ops->valid.min_access_size ? ops->valid.min_access_size : 1) ||
+              size > ops->valid.max_access_size))
+        refused = "invalid size";
+    if (refused) {
+        log_invalid(mr, offset, size, is_write, refused);
+        return memtx_decode_error;
+    }
+
+    const device* dev = mr.guarded_device();
+    auto& engaged = engaged_devices();
+    if (dev) {
+        for (const device* d : engaged) {
+            if (d == dev) {
+                if (!mr.reentrancy_logged.exchange(true, std::memory_order_relaxed))
+                    log_line(log_category::reentrancy,
+                             fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
+                                         mr.region_name(), offset));
+                return memtx_access_error;
+            }
+        }
+        engaged.push_back(dev);
+    }
+    struct disengage {
+        std::vector<const device*>* list;
+        ~disengage() {
+            if (list) list->pop_back();
+        }
+    } guard{dev ? &engaged : nullptr};
+
+    const bool big = device_is_big_endian(ops->endian);
+    std::uint64_t v = is_write ? *value : 0;
+    if (is_write && big != host_is_big_endian) v = bswap_n(v, size);
+
+    // QEMU's access_with_adjusted_size: split wide accesses, widen narrow ones.
+    const unsigned impl_min = ops->impl.min_access_size ? ops->impl.min_access_size : 1;
+    const unsigned impl_max = ops->impl.max_access_size ? ops->impl.max_access_size : 4;
+    const unsigned access = std::max(std::min(size, impl_max), impl_min);
+    const std::uint64_t mask = access >= 8 ? ~std::uint64_t(0) : (std::uint64_t(1) << (access * 8)) - 1;
+    memtx_result r = memtx_ok;
+    std::uint64_t combined = 0;
+    for (unsigned i = 0; i < size; i += access) {
+        const int shift = big ? (int(size) - int(access) - int(i)) * 8 : int(i) * 8;
+        if (is_write) {
+            const std::uint64_t part =
+                (shift >= 0 ? v >> shift : v << -shift) & mask;
+            r |= ops->write(mr.opaque(), offset + i, part, access, attrs);
+        } else {
+            std::uint64_t part = 0;
+            r |= ops->read(mr.opaque(), offset + i, &part, access, attrs);
+            part &= mask;
+            combined |= shift >= 0 ? part << shift : part >> -shift;
+        }
+    }
+    if (!is_write) {
+        if (size < 8) combined &= (std::uint64_t(1) << (size * 8)) - 1;
+        if (big != host_is_big_endian) combined = bswap_n(combined, size);
+        *value = combined;
+    }
+    return r;
+}
+
+/// Reads or writes `len` bytes at `offset` of the region behind flat range
+/// `fr` (the caller clipped `len` to the range).
+inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte* buf, u128 len,
+                                 bool is_write, mem_attrs attrs) {
+    const memory_region& mr = *fr.mr;
+    const bool plain_ram = mr.is_ram() && !mr.is_ram_device();
+    if (attrs.memory && !plain_ram) {
+        if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+        return memtx_access_error;
+    }
+    if (is_write ? plain_ram : (plain_ram || mr.is_romd())) {
+        std::byte* host;
+        try {
+            host = mr.host_ptr();
+        } catch (const region_error&) {
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+            return memtx_error;
+        }
+        const auto n = static_cast<std::size_t>(len);
+        if (!is_write) {
+            std::memcpy(buf, host + offset, n);
+        } else if (!(mr.readonly() || fr.readonly) || attrs.debug) {
+            std::memcpy(host + offset, buf, n);
+            const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
+        } // else: a ROM ignores the guest's writes
+        return memtx_ok;
+    }
+    if (mr.is_ram_device()) {
+        // Dispatched like MMIO (never a memcpy of the whole run): accesses of
+        // the natural width, up to 8 bytes, unaligned allowed (QEMU's
+        // ram_device ops).
+        std::byte* host = mr.host_ptr();
+        if (!host) {
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+            return memtx_decode_error;
+        }
+        while (len > 0) {
+            const unsigned l = std::bit_floor(static_cast<unsigned>(std::min<u128>(len, 8)));
+            if (is_write)
+                store_host(host + offset, l, load_host(buf, l));
+            else
+                store_host(buf, l, load_host(host + offset, l));
+            buf += l;
+            offset += l;
+            len -= l;
+        }
+        return memtx_ok;
+    }
+    memtx_result r = memtx_ok;
+    while (len > 0) {
+        const unsigned l = mmio_access_size(mr, offset, len);
+        std::uint64_t v = is_write ? load_host(buf, l) : 0;
+        r |= dispatch_mmio(mr, offset, &v, l, is_write, attrs);
+        if (!is_write) store_host(buf, l, v);
+        buf += l;
+        offset += l;
+        len -= l;
+    }
+    return r;
+}
+
+/// The whole of QEMU's address_space_rw over one flat view: split at range
+/// boundaries; holes read as zero and report a decode error.
+inline memtx_result access_view(const flat_view& v, hwaddr addr, std::byte* buf, u128 len,
+                                bool is_write, mem_attrs attrs) {
+    memtx_result r = memtx_ok;
+    u128 cursor = addr;
+    while (len > 0) {
+        if (cursor >= u128_2_64) { // past the end of the 64-bit space
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+            return r | memtx_decode_error;
+        }
+        const auto a = static_cast<hwaddr>(cursor);
+        const flat_range* fr = v.lookup_cached(a);
+        if (!fr) {
+            const flat_range* next = v.next_after(a);
+            const u128 hole_end = next ? u128(next->start) : u128_2_64;
+            const u128 n = std::min(len, hole_end - cursor);
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(n));
+            r |= memtx_decode_error;
+            buf += static_cast<std::size_t>(n);
+            cursor += n;
+            len -= n;
+            continue;
+        }
+        const u128 n = std::min(len, fr->end() - cursor);
+        r |= access_range(*fr, a - fr->start + fr->offset_in_region, buf, n, is_write, attrs);
+        buf += static_cast<std::size_t>(n);
+        cursor += n;
+        len -= n;
+    }
+    return r;
+}
+
+} // namespace qomem::detail

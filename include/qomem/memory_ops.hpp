@@ -1,0 +1,157 @@
+// qomem/memory_ops.hpp — MMIO callbacks: the MemoryRegionOps concept.
+//
+// A device gives an MMIO region any object whose type meets MemoryRegionOps:
+// `read` and `write`, each either plain or with attributes and a result.
+// Access rules are optional static members, with QEMU's defaults:
+//
+//     struct uart_regs {
+//         static constexpr qomem::access_limits valid{.min_access_size = 1,
+//                                                     .max_access_size = 4};
+//         static constexpr qomem::access_limits impl{.min_access_size = 1,
+//                                                    .max_access_size = 1};
+//         static constexpr qomem::endianness endian = qomem::endianness::little;
+//         std::uint64_t read(qomem::hwaddr offset, unsigned size);
+//         void write(qomem::hwaddr offset, std::uint64_t value, unsigned size);
+//         // optional: bool accepts(qomem::hwaddr, unsigned size, bool is_write,
+//         //                        qomem::mem_attrs);
+//     };
+//     uart_regs regs;                      // must outlive the region
+//     auto mr = qomem::make_io(dev, "uart", 0x100, regs);
+//
+// The region keeps a pointer to one static table of function pointers per
+// ops type and a pointer to the object: an access costs one indirect call,
+// into a thunk that calls the member function directly.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+
+#include <qomem/detail/int128.hpp>
+
+namespace qomem {
+
+/// The result of an access, as QEMU's MemTxResult: flags that combine with |.
+enum memtx_result : std::uint32_t {
+    memtx_ok = 0,
+    memtx_error = 1u << 0,        ///< the device reported an error
+    memtx_decode_error = 1u << 1, ///< nothing there, or the access rules refuse it
+    memtx_access_error = 1u << 2, ///< refused by policy (re-entrancy, attrs.memory)
+};
+constexpr memtx_result operator|(memtx_result a, memtx_result b) noexcept {
+    return static_cast<memtx_result>(static_cast<std::uint32_t>(a) | static_cast<std::uint32_t>(b));
+}
+constexpr memtx_result& operator|=(memtx_result& a, memtx_result b) noexcept { return a = a | b; }
+
+/// Transaction attributes (QEMU's MemTxAttrs, the parts qomem uses).
+struct mem_attrs {
+    bool debug = false;  ///< a debugger's access: may write ROM
+    bool memory = false; ///< only RAM may answer (MMIO gives an access error)
+    bool secure = false;
+    std::uint16_t requester_id = 0;
+};
+
+/// Access-size rules (QEMU's MemoryRegionOps.valid / .impl). A zero maximum
+/// means "any size" for `valid` and 4 for `impl`; a zero minimum means 1.
+struct access_limits {
+    unsigned min_access_size = 0;
+    unsigned max_access_size = 0;
+    bool unaligned = false;
+};
+
+/// The byte order of a device's registers. `native` is the host's order.
+enum class endianness : std::uint8_t { native, little, big };
+
+namespace detail {
+
+template <class T>
+concept plain_read = requires(T& t, hwaddr a, unsigned s) {
+    { t.read(a, s) } -> std::convertible_to<std::uint64_t>;
+};
+template <class T>
+concept attrs_read = requires(T& t, hwaddr a, std::uint64_t* d, unsigned s, mem_attrs at) {
+    { t.read(a, d, s, at) } -> std::same_as<memtx_result>;
+};
+template <class T>
+concept plain_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s) { t.write(a, v, s); };
+template <class T>
+concept attrs_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s, mem_attrs at) {
+    { t.write(a, v, s, at) } -> std::same_as<memtx_result>;
+};
+
+} // namespace detail
+
+/// A type usable as MMIO callbacks.
+template <class T>
+concept MemoryRegionOps = (detail::plain_read<T> || detail::attrs_read<T>) &&
+                          (detail::plain_write<T> || detail::attrs_write<T>);
+
+namespace detail {
+
+/// The per-type table a region points to.
+struct ops_table {
+    memtx_result (*read)(void*, hwaddr, std::uint64_t*, unsigned, mem_attrs);
+    memtx_result (*write)(void*, hwaddr, std::uint64_t, unsigned, mem_attrs);
+    bool (*accepts)(void*, hwaddr, unsigned, bool, mem_attrs); ///< null: accept all
+    access_limits valid;
+    access_limits impl;
+    endianness endian;
+};
+
+template <class T>
+constexpr access_limits valid_of() {
+    if constexpr (requires { T::valid; })
+        return T::valid;
+    else
+        return {};
+}
+template <class T>
+constexpr access_limits impl_of() {
+    if constexpr (requires { T::impl; })
+        return T::impl;
+    else
+        return {};
+}
+template <class T>
+constexpr endianness endian_of() {
+    if constexpr (requires { T::endian; })
+        return T::endian;
+    else
+        return endianness::native;
+}
+
+template <MemoryRegionOps T>
+struct ops_thunks {
+    static memtx_result read(void* o, hwaddr a, std::uint64_t* d, unsigned s, mem_attrs at) {
+        if constexpr (attrs_read<T>) {
+            return static_cast<T*>(o)->read(a, d, s, at);
+        } else {
+            *d = static_cast<std::uint64_t>(static_cast<T*>(o)->read(a, s));
+            return memtx_ok;
+        }
+    }
+    static memtx_result write(void* o, hwaddr a, std::uint64_t v, unsigned s, mem_attrs at) {
+        if constexpr (attrs_write<T>) {
+            return static_cast<T*>(o)->write(a, v, s, at);
+        } else {
+            static_cast<T*>(o)->write(a, v, s);
+            return memtx_ok;
+        }
+    }
+    static constexpr bool has_accepts =
+        requires(T& t, hwaddr a, unsigned s, bool w, mem_attrs at) {
+            { t.accepts(a, s, w, at) } -> std::convertible_to<bool>;
+        };
+    static bool accepts(void* o, hwaddr a, unsigned s, bool w, mem_attrs at) {
+        if constexpr (has_accepts)
+            return static_cast<T*>(o)->accepts(a, s, w, at);
+        else
+            return true;
+    }
+    static_assert(!(impl_of<T>().unaligned && !valid_of<T>().unaligned),
+                  "MemoryRegionOps: impl.unaligned requires valid.unaligned (as in QEMU)");
+    static constexpr ops_table table{&read, &write, has_accepts ? &accepts : nullptr,
+                                     valid_of<T>(), impl_of<T>(), endian_of<T>()};
+};
+
+} // namespace detail
+} // namespace qomem
