@@ -113,7 +113,11 @@ protected:
     /// QEMU's bus_unparent: every device on the bus is unparented (and so
     /// leaves the bus) before the bus itself goes.
     void on_unparent() override {
-        for (device* d : devices()) {
+        // Re-read the first device each time, as QEMU's bus_unparent does:
+        // unparenting one device may finalize others plugged into this bus
+        // (its own children, e.g. the functions of an ISA super I/O chip).
+        for (std::vector<device*> ds = devices(); !ds.empty(); ds = devices()) {
+            device* d = ds.front();
             if (d->parent())
                 unparent(*d);
             else

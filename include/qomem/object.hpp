@@ -470,7 +470,17 @@ inline object::~object() {
     // finalize() has released every property; an object destroyed any other
     // way (e.g. on the stack) is a misuse we cannot report from a destructor,
     // so drop what is left to keep the intrusive hooks consistent.
-    props_.clear_and_dispose([](property* p) { delete p; });
+    while (!props_.empty()) {
+        auto owned = remove(props_.back());
+        object* t = owned->target;
+        if (owned->kind == property_kind::child) {
+            t->parent_ = nullptr;
+            t->child_prop_ = nullptr;
+            t->unref();
+        } else if (owned->strength == link_strength::strong && t) {
+            t->unref();
+        }
+    }
 }
 
 inline std::string_view object::name() const noexcept {
@@ -516,8 +526,15 @@ inline std::string_view object::add_child(std::string_view name, object& child) 
     p->name = unique_name(name);
     p->kind = property_kind::child;
     p->target = &child;
-    property& ins = insert(std::move(p));
-    child.ref();
+    child.ref(); // asserts on a dead child: nothing changed yet
+    property* inserted = nullptr;
+    try {
+        inserted = &insert(std::move(p));
+    } catch (...) {
+        child.unref(); // not the last: the child was alive before the ref
+        throw;
+    }
+    property& ins = *inserted;
     child.parent_ = this;
     child.child_prop_ = &ins;
     return ins.name;
@@ -539,8 +556,14 @@ inline void object::add_link(std::string_view name, object* target, link_strengt
     p->strength = strength;
     p->target = target;
     p->target_type = &target_type;
-    insert(std::move(p));
-    if (target && strength == link_strength::strong) target->ref();
+    const bool holds = target && strength == link_strength::strong;
+    if (holds) target->ref(); // asserts on a dead target: nothing changed yet
+    try {
+        insert(std::move(p));
+    } catch (...) {
+        if (holds) target->unref(); // not the last: the caller's target was alive
+        throw;
+    }
 }
 
 inline void object::set_link(std::string_view name, object* target) {
@@ -551,11 +574,10 @@ inline void object::set_link(std::string_view name, object* target) {
         !target->type().find_interface(*p->target_type))
         throw property_error(fmt::format("link '{}' of {} wants a {}, got a {}", name,
                                          type().name, p->target_type->name, target->type().name));
+    const bool strong = p->strength == link_strength::strong;
+    if (strong && target) target->ref(); // asserts on a dead target: nothing changed yet
     object* old = std::exchange(p->target, target);
-    if (p->strength == link_strength::strong) {
-        if (target) target->ref();
-        if (old) old->unref();
-    }
+    if (strong && old) old->unref();
 }
 
 inline void object::set_link_path(std::string_view name, std::string_view path) {
@@ -579,7 +601,16 @@ inline void object::release(property& p) {
         object& child = *p.target;
         if (lifetime_observer* obs = detail::observer_slot().load(std::memory_order_acquire))
             obs->unparenting(child, *this);
-        child.on_unparent();
+        try {
+            child.on_unparent();
+        } catch (...) {
+            // The property is already gone: finish the removal so the child
+            // is not left pointing at it, then report the hook's failure.
+            child.parent_ = nullptr;
+            child.child_prop_ = nullptr;
+            child.unref();
+            throw;
+        }
         child.parent_ = nullptr;
         child.child_prop_ = nullptr;
         child.unref();

@@ -13,5 +13,6 @@
 #include <qomem/memory_region.hpp>
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/qom_tree.hpp>
 #include <qomem/rcu.hpp>
 #include <qomem/type.hpp>
