@@ -15,4 +15,6 @@
 #include <qomem/object.hpp>
 #include <qomem/qom_tree.hpp>
 #include <qomem/rcu.hpp>
+#include <qomem/shmem.hpp>
 #include <qomem/type.hpp>
+#include <qomem/vhost_user.hpp>
