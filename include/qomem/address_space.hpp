@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -57,7 +58,9 @@ class address_space;
 
 namespace detail {
 inline void render_all_address_spaces();
-}
+struct view_diff;
+inline void tell_listeners(address_space& as, const view_diff& d);
+} // namespace detail
 
 /// A DMA mapping (QEMU's address_space_map): a host pointer to `size()`
 /// bytes of guest memory, holding a reference to the region it points into.
@@ -215,6 +218,7 @@ public:
 
 private:
     friend void detail::render_all_address_spaces();
+    friend void detail::tell_listeners(address_space&, const detail::view_diff&);
     friend class dma_mapping;
 
     using hook_t = boost::intrusive::list_member_hook<
@@ -265,7 +269,7 @@ inline address_space::list_t& address_space::registry() noexcept {
 }
 
 inline flat_view* address_space::empty_view() {
-    static const ref_ptr<flat_view> v(new flat_view(nullptr, {}));
+    static const ref_ptr<flat_view> v(new flat_view(nullptr, std::vector<flat_range>{}));
     return v.get();
 }
 
@@ -284,7 +288,7 @@ inline address_space::address_space(memory_region& root, std::string name)
     registry().push_back(*this);
     auto& core = detail::memory_core::get();
     core.render_all = &detail::render_all_address_spaces;
-    core.changed();
+    core.touch(); // renders the new space's view (or shares an existing one)
 }
 
 inline address_space::~address_space() {
@@ -305,73 +309,195 @@ inline void address_space::publish(flat_view* v) {
         rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
 
+namespace detail {
+
+/// Ranges of an old and a new view, as listeners are told about them.
+struct view_diff {
+    std::vector<memory_section> dels;
+    std::vector<std::pair<memory_section, bool>> adds; ///< (section, is_nop)
+
+    template <class OldRange, class NewRange>
+    void add(const OldRange& old_r, const NewRange& new_r) {
+        auto o = old_r.begin(), oe = old_r.end();
+        auto n = new_r.begin(), ne = new_r.end();
+        while (o != oe || n != ne) {
+            if (o != oe && n != ne && *o == *n) {
+                adds.emplace_back(section(*n), true);
+                ++o;
+                ++n;
+            } else if (o != oe && (n == ne || o->start <= n->start)) {
+                dels.push_back(section(*o));
+                ++o;
+            } else {
+                adds.emplace_back(section(*n), false);
+                ++n;
+            }
+        }
+    }
+    static memory_section section(const flat_range& r) noexcept {
+        return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
+    }
+    bool changes() const noexcept {
+        return !dels.empty() ||
+               std::any_of(adds.begin(), adds.end(), [](const auto& a) { return !a.second; });
+    }
+};
+
+using window_map = std::unordered_map<const memory_region*, std::vector<std::pair<u128, u128>>>;
+
+/// Maps a change of [lo, hi) in `x`'s coordinates to the windows it touches
+/// in each flat-view root of `out`: up through containers (adding the
+/// region's address) and through the aliases that show `x` (subtracting
+/// their offset). False when there are too many to track.
+/// The window is clipped to each region it passes through, except the one
+/// it was recorded in: that region may just have shrunk, and its old extent
+/// must be rendered again too.
+inline bool map_change_up(const memory_region* x, i128 lo, i128 hi, window_map& out,
+                          std::size_t& budget, bool recorded_here = false) {
+    lo = std::max<i128>(lo, 0);
+    hi = std::min<i128>(hi, recorded_here ? i128(u128_2_64) : i128(x->size()));
+    if (lo >= hi) return true;
+    if (budget == 0) return false;
+    --budget;
+    if (auto it = out.find(x); it != out.end()) {
+        const i128 a = std::max<i128>(lo + i128(x->addr()), 0);
+        const i128 b = std::min<i128>(hi + i128(x->addr()), i128(u128_2_64));
+        if (a < b) it->second.emplace_back(u128(a), u128(b));
+    }
+    if (const memory_region* c = x->container())
+        if (!map_change_up(c, lo + i128(x->addr()), hi + i128(x->addr()), out, budget)) return false;
+    bool ok = true;
+    x->for_each_alias_user([&](const memory_region& a) {
+        if (ok) ok = map_change_up(&a, lo - i128(a.alias_offset()), hi - i128(a.alias_offset()), out, budget);
+    });
+    return ok;
+}
+
+inline void tell_listeners(address_space& as, const view_diff& d);
+
+} // namespace detail
+
 inline void detail::render_all_address_spaces() {
-    // One render per distinct flat-view root; the views are shared.
-    std::unordered_map<memory_region*, ref_ptr<flat_view>> views;
-    struct change {
-        address_space* as;
-        flat_view* next;
+    auto& core = detail::memory_core::get();
+    const std::vector<change_window> changes = std::move(core.windows);
+    const bool full = core.full;
+    core.windows.clear();
+    core.full = false;
+
+    // Address spaces grouped by flat-view root: one view per group.
+    struct group {
+        memory_region* physmr;
+        flat_view* base = nullptr; // a current view of a member, rendered from physmr
+        ref_ptr<flat_view> next;
+        view_diff diff; // base -> next
     };
-    std::vector<change> changes;
+    std::vector<group> groups;
+    std::vector<std::pair<address_space*, std::size_t>> members;
+    window_map windows;
     for (address_space& as : address_space::registry()) {
         memory_region* physmr = flat_view_root(as.root_);
+        auto g = std::find_if(groups.begin(), groups.end(), [&](const group& x) { return x.physmr == physmr; });
+        if (g == groups.end()) {
+            groups.push_back(group{physmr, nullptr, {}, {}});
+            g = groups.end() - 1;
+            if (physmr) windows[physmr];
+        }
         flat_view* cur = as.current_.load(std::memory_order_relaxed);
-        ref_ptr<flat_view>& v = views[physmr];
-        if (!v) {
-            if (!physmr) {
-                v = address_space::empty_view();
+        if (!g->base && physmr && cur->root() == physmr && cur->root_addr() == physmr->addr())
+            g->base = cur;
+        members.emplace_back(&as, static_cast<std::size_t>(g - groups.begin()));
+    }
+    std::size_t budget = 4096;
+    bool incremental = !full;
+    for (const change_window& c : changes)
+        if (incremental && !map_change_up(c.in, c.lo, c.hi, windows, budget, true)) incremental = false;
+
+    for (group& g : groups) {
+        if (!g.physmr) {
+            g.next = address_space::empty_view();
+            continue;
+        }
+        if (!incremental || !g.base) {
+            g.next = render_flat_view(g.physmr);
+            if (g.base && g.base->ranges() == g.next->ranges()) g.next = g.base;
+            continue;
+        }
+        auto& w = windows[g.physmr];
+        if (w.empty()) {
+            g.next = g.base;
+            continue;
+        }
+        std::sort(w.begin(), w.end());
+        std::vector<std::pair<u128, u128>> merged;
+        for (const auto& x : w) {
+            if (!merged.empty() && x.first <= merged.back().second)
+                merged.back().second = std::max(merged.back().second, x.second);
+            else
+                merged.push_back(x);
+        }
+        std::vector<flat_range> fresh;
+        for (const auto& [lo, hi] : merged) {
+            std::vector<flat_range> part = render_window(*g.physmr, lo, hi);
+            fresh.insert(fresh.end(), part.begin(), part.end());
+        }
+        g.next = g.base->splice(merged, fresh, [&](const std::vector<flat_range>& o, const std::vector<flat_range>& n) {
+            g.diff.add(o, n);
+        });
+        if (!g.diff.changes()) g.next = g.base; // same content: keep sharing the old view
+        if (core.verify_incremental) {
+            const ref_ptr<flat_view> want = render_flat_view(g.physmr);
+            auto dump = [](const flat_view& v) {
+                std::string out;
+                for (const flat_range& r : v.ranges())
+                    out += fmt::format("  {:016x}-{:016x} {} @{:x}{}{}\n", r.start, r.last(),
+                                       r.mr->region_name(), r.offset_in_region,
+                                       r.readonly ? " ro" : "", r.nonvolatile ? " nv" : "");
+                return out;
+            };
+            std::string wins;
+            for (const auto& [lo, hi] : merged) wins += fmt::format(" [{}, {})", detail::hex(lo), detail::hex(hi));
+            QOMEM_ASSERT(want->ranges() == g.next->ranges(),
+                         "incremental view of '{}' differs from a full render\nwindows:{}\nbefore:\n{}"
+                         "incremental:\n{}full:\n{}",
+                         g.physmr->region_name(), wins, dump(*g.base), dump(*g.next), dump(*want));
+        }
+    }
+
+    for (auto& [as, gi] : members) {
+        group& g = groups[gi];
+        flat_view* cur = as->current_.load(std::memory_order_relaxed);
+        if (cur == g.next.get()) continue;
+        if (!as->listeners_.empty()) {
+            if (incremental && cur == g.base) {
+                tell_listeners(*as, g.diff);
             } else {
-                v = render_flat_view(physmr);
-                // Unchanged content: keep the published view, so nothing is
-                // reported and every address space keeps sharing it.
-                if (cur->root() == physmr && cur->ranges() == v->ranges()) v = cur;
+                view_diff d;
+                d.add(cur->ranges(), g.next->ranges());
+                tell_listeners(*as, d);
             }
         }
-        if (cur != v.get()) changes.push_back({&as, v.get()});
+        as->publish(g.next.get());
     }
-    for (const change& c : changes) {
-        address_space& as = *c.as;
-        if (!as.listeners_.empty()) {
-            const auto& old_r = as.current_.load(std::memory_order_relaxed)->ranges();
-            const auto& new_r = c.next->ranges();
-            for (memory_listener& l : as.listeners_) l.begin();
-            // Pass 1: ranges gone or changed, deleted in reverse priority.
-            std::vector<memory_section> dels, adds_and_nops;
-            std::vector<bool> is_nop;
-            std::size_t i = 0, j = 0;
-            while (i < old_r.size() || j < new_r.size()) {
-                const flat_range* o = i < old_r.size() ? &old_r[i] : nullptr;
-                const flat_range* n = j < new_r.size() ? &new_r[j] : nullptr;
-                if (o && n && *o == *n) {
-                    adds_and_nops.push_back(address_space::section_of(*n));
-                    is_nop.push_back(true);
-                    ++i;
-                    ++j;
-                } else if (o && (!n || o->start < n->start || o->start == n->start)) {
-                    dels.push_back(address_space::section_of(*o));
-                    ++i;
-                } else {
-                    adds_and_nops.push_back(address_space::section_of(*n));
-                    is_nop.push_back(false);
-                    ++j;
-                }
-            }
-            for (auto it = as.listeners_.rbegin(); it != as.listeners_.rend(); ++it)
-                for (const memory_section& s : dels) it->region_del(s);
-            for (memory_listener& l : as.listeners_)
-                for (std::size_t k = 0; k < adds_and_nops.size(); ++k) {
-                    if (is_nop[k])
-                        l.region_nop(adds_and_nops[k]);
-                    else
-                        l.region_add(adds_and_nops[k]);
-                }
-            for (memory_listener& l : as.listeners_) l.commit();
+    // Retired views are freed by RCU. Freed regions may mark the topology
+    // changed again: memory_core::commit loops until it settles.
+}
+
+inline void detail::tell_listeners(address_space& as, const view_diff& d) {
+    if (!d.changes()) return;
+    for (memory_listener& l : as.listeners_) l.begin();
+    // Every deletion first, in descending priority; then additions and
+    // unchanged ranges in address order, in ascending priority.
+    // Section by section, each told to every listener (QEMU's order).
+    for (const memory_section& s : d.dels)
+        for (auto it = as.listeners_.rbegin(); it != as.listeners_.rend(); ++it) it->region_del(s);
+    for (const auto& [s, nop] : d.adds)
+        for (memory_listener& l : as.listeners_) {
+            if (nop)
+                l.region_nop(s);
+            else
+                l.region_add(s);
         }
-        as.publish(c.next);
-    }
-    // Dropping `views` releases only the renders nobody took; retired views
-    // are freed by RCU. Freed regions may mark the topology changed again:
-    // memory_core::commit loops until it settles.
+    for (memory_listener& l : as.listeners_) l.commit();
 }
 
 inline void address_space::add_listener(memory_listener& l) {

@@ -1,5 +1,6 @@
 // qomem/flat_view.hpp — flattening a region tree into sorted,
-// non-overlapping ranges, exactly as QEMU renders it.
+// non-overlapping ranges, exactly as QEMU renders it, and updating a
+// rendered view in place of re-rendering it.
 //
 //     qomem::ref_ptr<qomem::flat_view> v = qomem::render_flat_view(root);
 //     for (const qomem::flat_range& r : v->ranges())
@@ -16,16 +17,25 @@
 // the path; adjacent ranges of the same region with contiguous offsets and
 // equal attributes merge.
 //
-// A flat view holds a reference (memory_region_ref) to its root and to the
-// region of every range, so the regions it points into stay valid as long as
-// the view does.
+// Every address is decided on its own by those rules, so rendering a window
+// of the space gives exactly the full render's ranges inside it. A commit
+// therefore re-renders only the windows a change touched and splices them
+// into the previous view (`splice`): the ranges live in immutable chunks of
+// at most 64, shared between the old and the new view, so a commit costs
+// O(changed ranges + number of chunks), not O(ranges).
+//
+// A flat view holds a reference (memory_region_ref) to its root and, through
+// its chunks, to the region of every range, so the regions it points into
+// stay valid as long as the view does.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <map>
+#include <utility>
 #include <vector>
 
 #include <boost/intrusive_ptr.hpp>
@@ -53,26 +63,150 @@ struct flat_range {
         return mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
                romd_mode == o.romd_mode;
     }
+    /// True when `next` continues this range (QEMU's merge rule).
+    bool can_merge(const flat_range& next) const noexcept {
+        return end() == u128(next.start) && same_attributes(next) &&
+               u128(offset_in_region) + size == u128(next.offset_in_region);
+    }
     friend bool operator==(const flat_range& a, const flat_range& b) noexcept {
         return a.start == b.start && a.size == b.size && a.offset_in_region == b.offset_in_region &&
                a.same_attributes(b);
     }
 };
 
+namespace detail {
+
+/// An immutable run of at most `chunk_max` ranges, shared between views.
+class range_chunk {
+public:
+    static constexpr std::size_t chunk_max = 64;
+
+    explicit range_chunk(std::vector<flat_range> ranges) : ranges_(std::move(ranges)) {
+        starts_.reserve(ranges_.size());
+        for (const flat_range& r : ranges_) {
+            starts_.push_back(r.start);
+            memory_region_ref(*r.mr);
+        }
+    }
+    ~range_chunk() {
+        for (const flat_range& r : ranges_) memory_region_unref(*r.mr);
+    }
+    range_chunk(const range_chunk&) = delete;
+    range_chunk& operator=(const range_chunk&) = delete;
+
+    const std::vector<flat_range>& ranges() const noexcept { return ranges_; }
+    const std::vector<hwaddr>& starts() const noexcept { return starts_; }
+
+    friend void intrusive_ptr_add_ref(const range_chunk* c) noexcept {
+        c->refs_.fetch_add(1, std::memory_order_relaxed);
+    }
+    friend void intrusive_ptr_release(const range_chunk* c) {
+        if (c->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete c;
+    }
+
+private:
+    mutable std::atomic<std::uint32_t> refs_{0};
+    std::vector<flat_range> ranges_;
+    std::vector<hwaddr> starts_;
+};
+
+using chunk_ptr = boost::intrusive_ptr<range_chunk>;
+
+/// Splits sorted ranges into chunks.
+inline void append_chunks(std::vector<chunk_ptr>& out, std::vector<flat_range>&& ranges) {
+    const std::size_t n = ranges.size();
+    if (n == 0) return;
+    const std::size_t count = (n + range_chunk::chunk_max - 1) / range_chunk::chunk_max;
+    const std::size_t per = (n + count - 1) / count;
+    for (std::size_t i = 0; i < n; i += per) {
+        const std::size_t e = std::min(n, i + per);
+        out.emplace_back(new range_chunk(std::vector<flat_range>(
+            std::make_move_iterator(ranges.begin() + static_cast<std::ptrdiff_t>(i)),
+            std::make_move_iterator(ranges.begin() + static_cast<std::ptrdiff_t>(e)))));
+    }
+}
+
+/// Appends `r`, merging it into the previous range when QEMU would.
+inline void push_merged(std::vector<flat_range>& out, const flat_range& r) {
+    if (!out.empty() && out.back().can_merge(r))
+        out.back().size += r.size;
+    else
+        out.push_back(r);
+}
+
+} // namespace detail
+
 /// An immutable rendered view, shared by every address space that reaches the
 /// same flat-view root. Reference-counted (boost::intrusive_ptr).
 class flat_view {
 public:
-    /// Takes memory_region_ref on `root` (if any) and on each range's region.
+    /// All the ranges of a view, in address order (a light view object:
+    /// valid while the flat view is).
+    class range_list {
+    public:
+        class iterator {
+        public:
+            using iterator_category = std::forward_iterator_tag;
+            using value_type = flat_range;
+            using difference_type = std::ptrdiff_t;
+            using pointer = const flat_range*;
+            using reference = const flat_range&;
+            iterator() noexcept = default;
+            iterator(const flat_view* v, std::size_t c, std::size_t i) noexcept : v_(v), c_(c), i_(i) {}
+            reference operator*() const noexcept { return v_->chunks_[c_]->ranges()[i_]; }
+            pointer operator->() const noexcept { return &**this; }
+            iterator& operator++() noexcept {
+                if (++i_ == v_->chunks_[c_]->ranges().size()) {
+                    ++c_;
+                    i_ = 0;
+                }
+                return *this;
+            }
+            iterator operator++(int) noexcept {
+                iterator t = *this;
+                ++*this;
+                return t;
+            }
+            friend bool operator==(const iterator& a, const iterator& b) noexcept {
+                return a.c_ == b.c_ && a.i_ == b.i_;
+            }
+
+        private:
+            const flat_view* v_ = nullptr;
+            std::size_t c_ = 0, i_ = 0;
+        };
+
+        explicit range_list(const flat_view& v) noexcept : v_(&v) {}
+        iterator begin() const noexcept { return {v_, 0, 0}; }
+        iterator end() const noexcept { return {v_, v_->chunks_.size(), 0}; }
+        std::size_t size() const noexcept { return v_->size_; }
+        bool empty() const noexcept { return v_->size_ == 0; }
+        /// The i-th range. O(log chunks).
+        const flat_range& operator[](std::size_t i) const noexcept {
+            const auto it = std::upper_bound(v_->prefix_.begin(), v_->prefix_.end(), i);
+            const std::size_t c = static_cast<std::size_t>(it - v_->prefix_.begin()) - 1;
+            return v_->chunks_[c]->ranges()[i - v_->prefix_[c]];
+        }
+        const flat_range& front() const noexcept { return (*this)[0]; }
+        const flat_range& back() const noexcept { return (*this)[size() - 1]; }
+        friend bool operator==(const range_list& a, const range_list& b) noexcept {
+            return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+        }
+
+    private:
+        const flat_view* v_;
+    };
+
+    /// A view of sorted, merged `ranges`. Takes memory_region_ref on `root`
+    /// (if any) and on each range's region.
     flat_view(memory_region* root, std::vector<flat_range> ranges)
-        : root_(root), ranges_(std::move(ranges)) {
-        starts_.reserve(ranges_.size());
-        for (const flat_range& r : ranges_) starts_.push_back(r.start);
+        : root_(root), root_addr_(root ? root->addr() : 0) {
+        detail::append_chunks(chunks_, std::move(ranges));
+        index();
         if (root_) memory_region_ref(*root_);
-        for (const flat_range& r : ranges_) memory_region_ref(*r.mr);
     }
     ~flat_view() {
-        for (const flat_range& r : ranges_) memory_region_unref(*r.mr);
+        chunks_.clear();
         if (root_) memory_region_unref(*root_);
     }
     flat_view(const flat_view&) = delete;
@@ -80,14 +214,20 @@ public:
 
     /// The flat-view root it was rendered from (null: the empty view).
     memory_region* root() const noexcept { return root_; }
-    const std::vector<flat_range>& ranges() const noexcept { return ranges_; }
+    range_list ranges() const noexcept { return range_list(*this); }
+    std::size_t chunk_count() const noexcept { return chunks_.size(); }
+    /// The root's address when the view was rendered (rendering adds it, so
+    /// a moved root needs a full render).
+    hwaddr root_addr() const noexcept { return root_addr_; }
 
-    /// The range containing `addr`, or null. O(log n) over a compact array
-    /// of start addresses.
+    /// The range containing `addr`, or null. O(log n).
     const flat_range* lookup(hwaddr addr) const noexcept {
-        const auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
-        if (it == starts_.begin()) return nullptr;
-        const flat_range& r = ranges_[static_cast<std::size_t>(it - starts_.begin()) - 1];
+        const auto c = std::upper_bound(chunk_starts_.begin(), chunk_starts_.end(), addr);
+        if (c == chunk_starts_.begin()) return nullptr;
+        const detail::range_chunk& ch = *chunks_[static_cast<std::size_t>(c - chunk_starts_.begin()) - 1];
+        const auto& st = ch.starts();
+        const auto it = std::upper_bound(st.begin(), st.end(), addr);
+        const flat_range& r = ch.ranges()[static_cast<std::size_t>(it - st.begin()) - 1];
         return r.contains(addr) ? &r : nullptr;
     }
 
@@ -104,18 +244,25 @@ public:
 
     /// The first range starting above `addr` (for skipping a hole), or null.
     const flat_range* next_after(hwaddr addr) const noexcept {
-        const auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
-        return it == starts_.end() ? nullptr
-                                   : &ranges_[static_cast<std::size_t>(it - starts_.begin())];
+        const std::size_t i = upper_index(addr);
+        return i == size_ ? nullptr : &ranges()[i];
     }
 
-    /// Index of the first range whose end is above `addr` (ranges_.size() if none).
+    /// Index of the first range whose end is above `addr` (size if none).
     std::size_t first_ending_after(hwaddr addr) const noexcept {
-        auto it = std::upper_bound(starts_.begin(), starts_.end(), addr);
-        std::size_t i = static_cast<std::size_t>(it - starts_.begin());
-        if (i > 0 && ranges_[i - 1].end() > addr) --i;
+        std::size_t i = upper_index(addr);
+        if (i > 0 && ranges()[i - 1].end() > addr) --i;
         return i;
     }
+
+    /// A new view: this one with each window of `windows` (sorted, disjoint,
+    /// [lo, hi) pairs) replaced by the matching ranges of `fresh` (sorted,
+    /// merged, each inside its window), sharing every chunk the windows do
+    /// not touch. For each rebuilt stretch, `on_change(old, new)` receives
+    /// the old and the new ranges there (for listeners).
+    template <class OnChange>
+    ref_ptr<flat_view> splice(const std::vector<std::pair<u128, u128>>& windows,
+                              const std::vector<flat_range>& fresh, OnChange&& on_change) const;
 
     friend void intrusive_ptr_add_ref(const flat_view* v) noexcept {
         v->refs_.fetch_add(1, std::memory_order_relaxed);
@@ -125,12 +272,129 @@ public:
     }
 
 private:
+    flat_view(memory_region* root, hwaddr root_addr, std::vector<detail::chunk_ptr> chunks)
+        : root_(root), root_addr_(root_addr), chunks_(std::move(chunks)) {
+        index();
+        if (root_) memory_region_ref(*root_);
+    }
+    void index() {
+        chunk_starts_.clear();
+        prefix_.clear();
+        size_ = 0;
+        for (const auto& c : chunks_) {
+            chunk_starts_.push_back(c->starts().front());
+            prefix_.push_back(size_);
+            size_ += c->ranges().size();
+        }
+    }
+    /// Index of the first range starting above `addr`.
+    std::size_t upper_index(hwaddr addr) const noexcept {
+        const auto c = std::upper_bound(chunk_starts_.begin(), chunk_starts_.end(), addr);
+        if (c == chunk_starts_.begin()) return 0;
+        const std::size_t ci = static_cast<std::size_t>(c - chunk_starts_.begin()) - 1;
+        const auto& st = chunks_[ci]->starts();
+        return prefix_[ci] + static_cast<std::size_t>(std::upper_bound(st.begin(), st.end(), addr) - st.begin());
+    }
+    std::size_t chunk_of(std::size_t i) const noexcept {
+        return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) - prefix_.begin()) - 1;
+    }
+
     mutable std::atomic<std::uint32_t> refs_{0};
     mutable std::atomic<const flat_range*> mru_{nullptr};
     memory_region* root_;
-    std::vector<flat_range> ranges_;
-    std::vector<hwaddr> starts_;
+    hwaddr root_addr_; // the root's address when rendered: rendering adds it
+    std::vector<detail::chunk_ptr> chunks_;
+    std::vector<hwaddr> chunk_starts_;
+    std::vector<std::size_t> prefix_; // ranges before each chunk
+    std::size_t size_ = 0;
 };
+
+template <class OnChange>
+ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& windows,
+                                     const std::vector<flat_range>& fresh, OnChange&& on_change) const {
+    std::vector<detail::chunk_ptr> out;
+    out.reserve(chunks_.size() + 4);
+    std::size_t next_chunk = 0; // first chunk of this view not yet copied or rebuilt
+    std::size_t wi = 0, fi = 0;
+    while (wi < windows.size()) {
+        // Chunks touching window wi: from the one holding the first range that
+        // ends at or after lo (a range ending exactly at lo may merge) to the
+        // one holding the last range starting at or before hi.
+        auto chunk_span = [&](u128 lo, u128 hi) {
+            std::size_t first = size_, last = size_;
+            if (size_ > 0) {
+                std::size_t i0 = lo == 0 ? 0 : first_ending_after(static_cast<hwaddr>(lo - 1));
+                if (i0 == size_) i0 = size_ - 1;
+                std::size_t i1 = hi >= u128_2_64 ? size_ : upper_index(static_cast<hwaddr>(hi));
+                i1 = i1 == 0 ? 0 : i1 - 1;
+                first = chunk_of(std::min(i0, i1));
+                last = chunk_of(std::max(i0, i1));
+            }
+            return std::pair{first, last};
+        };
+        auto [c0, c1] = chunk_span(windows[wi].first, windows[wi].second);
+        std::size_t wend = wi + 1;
+        // Windows whose chunks touch or overlap this stretch are rebuilt with it.
+        while (wend < windows.size() && size_ > 0) {
+            auto [d0, d1] = chunk_span(windows[wend].first, windows[wend].second);
+            if (d0 > c1 + 1) break;
+            c1 = std::max(c1, d1);
+            ++wend;
+        }
+        if (size_ > 0) c0 = std::max(c0, next_chunk);
+        for (; size_ > 0 && next_chunk < c0; ++next_chunk) out.push_back(chunks_[next_chunk]);
+
+        std::vector<flat_range> old_span;
+        if (size_ > 0)
+            for (std::size_t c = c0; c <= c1; ++c)
+                old_span.insert(old_span.end(), chunks_[c]->ranges().begin(), chunks_[c]->ranges().end());
+        // The old ranges cut to what lies outside the windows...
+        std::vector<flat_range> outside;
+        std::size_t w = wi;
+        for (const flat_range& r : old_span) {
+            while (w < wend && windows[w].second <= r.start) ++w;
+            u128 pos = r.start;
+            const u128 end = r.end();
+            for (std::size_t k = w; pos < end;) {
+                if (k < wend && windows[k].first < end) {
+                    if (windows[k].first > pos) {
+                        flat_range piece = r;
+                        piece.start = static_cast<hwaddr>(pos);
+                        piece.size = windows[k].first - pos;
+                        piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                        outside.push_back(piece);
+                    }
+                    pos = std::max(pos, windows[k].second);
+                    ++k;
+                } else {
+                    flat_range piece = r;
+                    piece.start = static_cast<hwaddr>(pos);
+                    piece.size = end - pos;
+                    piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                    outside.push_back(piece);
+                    pos = end;
+                }
+            }
+        }
+        // ...and the fresh ranges of these windows, in address order, merged
+        // where QEMU merges.
+        std::vector<flat_range> new_span;
+        new_span.reserve(outside.size() + 8);
+        const u128 last_hi = windows[wend - 1].second;
+        std::size_t oi = 0;
+        while (oi < outside.size() || (fi < fresh.size() && u128(fresh[fi].start) < last_hi)) {
+            const bool take_fresh = fi < fresh.size() && u128(fresh[fi].start) < last_hi &&
+                                    (oi == outside.size() || fresh[fi].start < outside[oi].start);
+            detail::push_merged(new_span, take_fresh ? fresh[fi++] : outside[oi++]);
+        }
+        on_change(old_span, new_span);
+        detail::append_chunks(out, std::move(new_span));
+        if (size_ > 0) next_chunk = c1 + 1;
+        wi = wend;
+    }
+    for (; next_chunk < chunks_.size(); ++next_chunk) out.push_back(chunks_[next_chunk]);
+    return ref_ptr<flat_view>(new flat_view(root_, root_addr_, std::move(out)));
+}
 
 namespace detail {
 
@@ -155,7 +419,7 @@ public:
                    readonly, nonvolatile);
             return;
         }
-        mr.for_each_subregion([&](const memory_region& sub) {
+        mr.for_each_subregion_in(lo - base, hi - base, [&](const memory_region& sub) {
             render(sub, base, clip_lo, clip_hi, readonly, nonvolatile);
         });
         if (!mr.terminates()) return;
@@ -166,17 +430,8 @@ public:
     std::vector<flat_range> finish() {
         std::vector<flat_range> out;
         out.reserve(ranges_.size());
-        for (auto& [start, r] : ranges_) {
-            if (!out.empty()) {
-                flat_range& prev = out.back();
-                if (prev.end() == u128(r.start) && prev.same_attributes(r) &&
-                    u128(prev.offset_in_region) + prev.size == u128(r.offset_in_region)) {
-                    prev.size += r.size;
-                    continue;
-                }
-            }
-            out.push_back(r);
-        }
+        for (auto& [start, r] : ranges_) push_merged(out, r);
+        ranges_.clear();
         return out;
     }
 
@@ -246,10 +501,10 @@ inline memory_region* flat_view_root(memory_region* mr) noexcept {
         if (mr->terminates()) return mr;
         memory_region* only = nullptr;
         unsigned enabled = 0;
-        mr->for_each_subregion([&](memory_region& sub) {
-            if (!sub.enabled()) return;
-            ++enabled;
+        mr->any_subregion([&](memory_region& sub) {
+            if (!sub.enabled()) return false;
             only = &sub;
+            return ++enabled > 1; // two are enough to know
         });
         if (enabled == 0) return nullptr;
         if (enabled == 1 && only->addr() == 0 && only->size() <= mr->size()) {
@@ -261,15 +516,19 @@ inline memory_region* flat_view_root(memory_region* mr) noexcept {
     return nullptr;
 }
 
+/// Renders [lo, hi) of the flat view of `root` (rendered as given, from base
+/// 0): the full render's ranges inside the window, merged.
+inline std::vector<flat_range> render_window(const memory_region& root, u128 lo, u128 hi) {
+    detail::flat_renderer r;
+    r.render(root, 0, lo, hi, false, false);
+    return r.finish();
+}
+
 /// Renders the flat view of `root` (not a flat-view root lookup: `root` is
 /// rendered as given, from base 0 over the whole 64-bit space).
 inline ref_ptr<flat_view> render_flat_view(memory_region* root) {
     std::vector<flat_range> ranges;
-    if (root) {
-        detail::flat_renderer r;
-        r.render(*root, 0, 0, u128_2_64, false, false);
-        ranges = r.finish();
-    }
+    if (root) ranges = render_window(*root, 0, u128_2_64);
     return ref_ptr<flat_view>(new flat_view(root, std::move(ranges)));
 }
 

@@ -32,11 +32,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <string>
 #include <string_view>
 #include <unordered_set>
@@ -93,30 +95,74 @@ private:
 
 namespace detail {
 
+/// A part of the map that changed: [lo, hi) in the local coordinates of
+/// region `in` (offsets from its origin, where its subregions are placed).
+struct change_window {
+    const memory_region* in;
+    i128 lo;
+    i128 hi;
+};
+
 /// Transaction depth and commit machinery shared by every region and
 /// address space (QEMU's globals). One writer at a time.
 struct memory_core {
     unsigned depth = 0;
     bool pending = false;
     bool committing = false;
-    /// Re-renders every address space; installed by the first address space.
+    /// The changes since the last commit; `full` when there were too many to
+    /// track (every view is then rendered anew).
+    std::vector<change_window> windows;
+    bool full = false;
+    static constexpr std::size_t max_windows = 1024;
+    /// When set (tests), every incrementally updated view is checked against
+    /// a full render, and a difference is reported as a failed assertion.
+    bool verify_incremental = false;
+    /// Re-renders what changed; installed by the first address space.
     void (*render_all)() = nullptr;
+    /// Ownerless regions removed inside a transaction: nothing counts the
+    /// published view's use of them, so they are kept (one object reference
+    /// each) until the commit has replaced that view.
+    std::vector<object*> held_until_commit;
 
     static memory_core& get() noexcept {
         static memory_core c;
         return c;
     }
-    void changed() {
+    /// Records a change of [lo, hi) in `in`'s coordinates, and commits it
+    /// unless a transaction is open.
+    void changed(const memory_region* in, i128 lo, i128 hi) {
+        if (!full) {
+            if (windows.size() < max_windows)
+                windows.push_back({in, lo, hi});
+            else {
+                full = true;
+                windows.clear();
+            }
+        }
         pending = true;
         if (depth == 0) commit();
     }
+    /// Asks for a commit without a change of its own (a new address space).
+    void touch() {
+        pending = true;
+        if (depth == 0) commit();
+    }
+    /// Forgets windows in a region that is being freed (it is unreachable;
+    /// its removal from its container recorded a window there).
+    void forget(const memory_region* mr) noexcept {
+        std::erase_if(windows, [&](const change_window& w) { return w.in == mr; });
+    }
     void commit() {
-        if (committing || !render_all) return; // the running commit loops again
+        if (committing) return; // the running commit loops again
         committing = true;
         try {
-            while (pending) {
+            while (pending || !held_until_commit.empty()) {
                 pending = false;
-                render_all();
+                if (render_all) render_all();
+                else windows.clear();
+                // Releasing may free regions, which may change the topology
+                // again: loop until it settles.
+                for (object* o : std::exchange(held_until_commit, {})) o->unref();
             }
         } catch (...) {
             committing = false;
@@ -216,7 +262,7 @@ public:
     /// The device whose MMIO re-entrancy guard covers this region (the owner,
     /// when it is a device and the region is MMIO), or null.
     const device* guarded_device() const noexcept {
-        return guard_enabled_ ? guard_device_ : nullptr;
+        return guard_enabled_ && !readonly_ ? guard_device_ : nullptr;
     }
     /// Opts this region out of (or back into) the re-entrancy guard, for a
     /// device that legitimately accesses its own MMIO from its handlers.
@@ -247,6 +293,28 @@ public:
         for (const memory_region& s : subregions_) f(const_cast<memory_region&>(s));
     }
     std::size_t subregion_count() const noexcept { return subregions_.size(); }
+
+    /// Calls f(memory_region&) in render order until it returns true;
+    /// returns whether it did.
+    template <class F>
+    bool any_subregion(F&& f) const {
+        for (const memory_region& s : subregions_)
+            if (f(const_cast<memory_region&>(s))) return true;
+        return false;
+    }
+
+    /// Calls f(memory_region&) in render order for each subregion that may
+    /// intersect [lo, hi) of this region's coordinates (a superset: callers
+    /// still clip). A container with many subregions answers from an address
+    /// index instead of walking them all.
+    template <class F>
+    void for_each_subregion_in(i128 lo, i128 hi, F&& f) const;
+
+    /// Calls f(memory_region&) for each alias that targets this region.
+    template <class F>
+    void for_each_alias_user(F&& f) const {
+        for (memory_region* a : alias_users_) f(*a);
+    }
 
     /// Host memory of a RAM-backed region (RAM, ROM, ROM device, RAM device),
     /// reserving it on first use for anonymous RAM; null for other kinds.
@@ -336,7 +404,21 @@ private:
     memory_region* alias_ = nullptr;
     hwaddr alias_offset_ = 0;
     sub_list subregions_;
-    std::uint32_t alias_users_ = 0;   // aliases targeting this region
+    std::vector<memory_region*> alias_users_; // aliases targeting this region
+    std::uint64_t add_seq_ = 0;               // when added to its container
+    // Address index of the subregions (kept for every container; used when
+    // it has many): small ones by address, and the few huge ones apart.
+    std::multimap<hwaddr, memory_region*> by_addr_;
+    std::vector<memory_region*> huge_subregions_;
+    u128 max_small_size_ = 0;
+    static constexpr u128 huge_size = u128(1) << 32;
+    static constexpr std::size_t index_threshold = 16;
+    void index_insert(memory_region& sub);
+    void index_erase(memory_region& sub);
+    /// Records that [lo, hi) of this region's own coordinates changed.
+    void changed_inside(i128 lo, i128 hi) const { detail::memory_core::get().changed(this, lo, hi); }
+    /// Records that this region's whole extent changed.
+    void changed_whole() const { changed_inside(0, i128(size_)); }
     std::uint32_t as_root_users_ = 0; // address spaces rooted here
     const detail::ops_table* ops_ = nullptr;
     void* opaque_ = nullptr;
@@ -524,11 +606,12 @@ inline memory_region::memory_region(const init_args& a)
     }
     if (alias_) {
         memory_region_ref(*alias_);
-        ++alias_->alias_users_;
+        alias_->alias_users_.push_back(this);
     }
 }
 
 inline memory_region::~memory_region() {
+    detail::memory_core::get().forget(this);
     // An ownerless region is not counted by the flat views that point to it:
     // wait until no reader can still be using an old view that does.
     if (!counted_ && !rcu::in_read_section()) rcu::synchronize();
@@ -538,9 +621,10 @@ inline memory_region::~memory_region() {
     if (!subregions_.empty()) {
         memory_transaction tx;
         while (!subregions_.empty()) del_subregion(subregions_.front());
+        detail::memory_core::get().forget(this);
     }
     if (alias_) {
-        --alias_->alias_users_;
+        std::erase(alias_->alias_users_, this);
         memory_region_unref(*std::exchange(alias_, nullptr));
     }
     unmap_backing();
@@ -642,9 +726,55 @@ inline bool memory_region::reaches(const memory_region& target) const {
 inline void memory_region::insert_sorted(memory_region& sub) {
     // Descending priority; a newcomer goes before the first sibling whose
     // priority it equals or beats, so among equals the last added wins.
+    static std::uint64_t next_seq = 0;
+    sub.add_seq_ = ++next_seq;
     auto it = subregions_.begin();
     while (it != subregions_.end() && it->priority_ > sub.priority_) ++it;
     subregions_.insert(it, sub);
+    index_insert(sub);
+}
+
+inline void memory_region::index_insert(memory_region& sub) {
+    if (sub.size_ > huge_size) {
+        huge_subregions_.push_back(&sub);
+    } else {
+        by_addr_.emplace(sub.addr_, &sub);
+        if (sub.size_ > max_small_size_) max_small_size_ = sub.size_;
+    }
+}
+
+inline void memory_region::index_erase(memory_region& sub) {
+    if (auto h = std::find(huge_subregions_.begin(), huge_subregions_.end(), &sub);
+        h != huge_subregions_.end()) {
+        huge_subregions_.erase(h);
+        return;
+    }
+    auto [b, e] = by_addr_.equal_range(sub.addr_);
+    for (auto it = b; it != e; ++it)
+        if (it->second == &sub) {
+            by_addr_.erase(it);
+            return;
+        }
+}
+
+template <class F>
+void memory_region::for_each_subregion_in(i128 lo, i128 hi, F&& f) const {
+    if (subregions_.size() <= index_threshold) {
+        for (const memory_region& s : subregions_) f(const_cast<memory_region&>(s));
+        return;
+    }
+    // Candidates from the index, then back into render order.
+    std::vector<memory_region*> found(huge_subregions_.begin(), huge_subregions_.end());
+    if (hi > 0 && lo < i128(u128_2_64)) {
+        const i128 from = lo - i128(max_small_size_);
+        auto it = from <= 0 ? by_addr_.begin() : by_addr_.lower_bound(static_cast<hwaddr>(from));
+        for (; it != by_addr_.end() && i128(it->first) < hi; ++it)
+            if (i128(it->first) + i128(it->second->size_) > lo) found.push_back(it->second);
+    }
+    std::sort(found.begin(), found.end(), [](const memory_region* a, const memory_region* b) {
+        return a->priority_ != b->priority_ ? a->priority_ > b->priority_ : a->add_seq_ > b->add_seq_;
+    });
+    for (memory_region* s : found) f(*s);
 }
 
 inline void memory_region::add_subregion(hwaddr offset, memory_region& sub, std::int32_t priority) {
@@ -662,61 +792,76 @@ inline void memory_region::add_subregion(hwaddr offset, memory_region& sub, std:
     sub.addr_ = offset;
     sub.priority_ = priority;
     insert_sorted(sub);
-    detail::memory_core::get().changed();
+    changed_inside(i128(offset), i128(offset) + i128(sub.size_));
 }
 
 inline void memory_region::del_subregion(memory_region& sub) {
     QOMEM_ASSERT(sub.container_ == this, "region '{}' is not a subregion of '{}'", sub.name_,
                  name_);
     subregions_.erase(subregions_.iterator_to(sub));
+    index_erase(sub);
     sub.container_ = nullptr;
-    detail::memory_core::get().changed();
+    auto& core = detail::memory_core::get();
+    if (!sub.counted_ && core.depth > 0 && sub.ref_count() > 0) {
+        sub.ref();
+        core.held_until_commit.push_back(&sub);
+    }
+    changed_inside(i128(sub.addr_), i128(sub.addr_) + i128(sub.size_));
     memory_region_unref(sub);
 }
 
 inline void memory_region::set_enabled(bool enabled) {
     if (enabled == enabled_) return;
     enabled_ = enabled;
-    detail::memory_core::get().changed();
+    changed_whole();
 }
 
 inline void memory_region::set_readonly(bool readonly) {
     if (readonly == readonly_) return;
     readonly_ = readonly;
-    detail::memory_core::get().changed();
+    changed_whole();
 }
 
 inline void memory_region::set_nonvolatile(bool nonvolatile) {
     if (nonvolatile == nonvolatile_) return;
     nonvolatile_ = nonvolatile;
-    detail::memory_core::get().changed();
+    changed_whole();
 }
 
 inline void memory_region::set_romd(bool romd) {
     QOMEM_ASSERT(is_rom_device(), "set_romd on '{}', which is not a ROM device", name_);
     if (romd == romd_mode_) return;
     romd_mode_ = romd;
-    detail::memory_core::get().changed();
+    changed_whole();
 }
 
 inline void memory_region::set_address(hwaddr addr) {
     if (addr == addr_) return;
     if (!container_) {
+        // A root moves everything it renders: render its views anew.
         addr_ = addr;
+        auto& core = detail::memory_core::get();
+        core.full = true;
+        core.windows.clear();
+        core.changed(this, 0, 0);
         return;
     }
     memory_region& c = *container_;
+    const i128 old_lo = i128(addr_);
     c.subregions_.erase(c.subregions_.iterator_to(*this));
+    c.index_erase(*this);
     addr_ = addr;
     c.insert_sorted(*this);
-    detail::memory_core::get().changed();
+    memory_transaction tx;
+    c.changed_inside(old_lo, old_lo + i128(size_));
+    c.changed_inside(i128(addr), i128(addr) + i128(size_));
 }
 
 inline void memory_region::set_alias_offset(hwaddr offset) {
     QOMEM_ASSERT(alias_, "set_alias_offset on '{}', which is not an alias", name_);
     if (offset == alias_offset_) return;
     alias_offset_ = offset;
-    detail::memory_core::get().changed();
+    changed_whole();
 }
 
 inline void memory_region::set_size(u128 size) {
@@ -727,8 +872,16 @@ inline void memory_region::set_size(u128 size) {
         throw region_error(fmt::format("region '{}': cannot grow RAM from {} to {} bytes", name_,
                                        detail::hex(backing_size_), detail::hex(size)));
     if (size == size_) return;
+    const u128 old = size_;
+    if (container_) container_->index_erase(*this);
     size_ = size;
-    detail::memory_core::get().changed();
+    if (container_) container_->index_insert(*this);
+    // In its container's coordinates, which stay put if the region moves
+    // before the commit; and in its own, which reach the views rendered
+    // from it and the aliases showing it.
+    memory_transaction tx;
+    if (container_) container_->changed_inside(i128(addr_), i128(addr_) + i128(std::max(old, size)));
+    changed_inside(0, i128(std::max(old, size)));
 }
 
 inline void memory_region::on_unparent() {
@@ -756,8 +909,8 @@ inline void memory_region::check_finalizable() const {
                  container_ ? container_->name_ : std::string());
     QOMEM_ASSERT(as_root_users_ == 0, "region '{}' freed while still the root of {} address space(s)",
                  name_, as_root_users_);
-    QOMEM_ASSERT(alias_users_ == 0, "region '{}' freed while {} alias(es) still point to it", name_,
-                 alias_users_);
+    QOMEM_ASSERT(alias_users_.empty(), "region '{}' freed while {} alias(es) still point to it",
+                 name_, alias_users_.size());
 }
 
 } // namespace qomem

@@ -168,11 +168,12 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
                                  bool is_write, mem_attrs attrs) {
     const memory_region& mr = *fr.mr;
     const bool plain_ram = mr.is_ram() && !mr.is_ram_device();
-    if (attrs.memory && !plain_ram) {
+    if (attrs.memory && !mr.is_ram()) { // RAM devices are RAM here, as in QEMU
         if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
         return memtx_access_error;
     }
-    if (is_write ? plain_ram : (plain_ram || mr.is_romd())) {
+    // Direct: RAM, ROMD reads, and debug writes (loaders) into ROMD memory.
+    if (is_write ? (plain_ram || (attrs.debug && mr.is_romd())) : (plain_ram || mr.is_romd())) {
         std::byte* host;
         try {
             host = mr.host_ptr();
@@ -183,7 +184,7 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
         const auto n = static_cast<std::size_t>(len);
         if (!is_write) {
             std::memcpy(buf, host + offset, n);
-        } else if (!(mr.readonly() || fr.readonly) || attrs.debug) {
+        } else if (!(mr.readonly() || fr.readonly || mr.is_romd()) || attrs.debug) {
             std::memcpy(host + offset, buf, n);
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
         } // else: a ROM ignores the guest's writes
