@@ -211,8 +211,8 @@ private:
 // References and the lifetime model
 // ============================================================================
 
-TEST_CASE("memory_region_ref refs an owned region itself and leaves its owner's count alone; "
-          "on an ownerless region it changes nothing",
+TEST_CASE("memory_region_ref refs an owned region itself and leaves its owner's count alone, "
+          "and changes nothing on an ownerless region",
           "[memory_region][lifetime]") {
     qomem_test::leak_check leaks;
     auto root = qomem::container::make_root();
@@ -273,7 +273,7 @@ TEST_CASE("memory_region_ref refs an owned region itself and leaves its owner's 
     }
 }
 
-TEST_CASE("while its owner is in the tree a region is held by the owner's child property; "
+TEST_CASE("while its owner is in the tree a region is held by the owner's child property, and "
           "unparenting the owner unparents its regions, each of which then holds the owner "
           "until it is freed, so the owner is finalized after its regions",
           "[memory_region][lifetime]") {
@@ -395,8 +395,8 @@ TEST_CASE("no cycle: a container and its subregion with the same owner are freed
     CHECK(qomem::live_object_count() == 1); // the root container
 }
 
-TEST_CASE("no cycle: a device whose DMA address space is rooted at its own region is freed, "
-          "because it destroys the address space when unrealized; regions first",
+TEST_CASE("no cycle: a device whose DMA address space is rooted at its own region is freed "
+          "after its regions, because it destroys the address space when unrealized",
           "[memory_region][lifetime][cycle]") {
     qomem_test::leak_check leaks;
     qomem_test::event_recorder rec;
@@ -830,7 +830,7 @@ TEST_CASE("flat view: a subregion is cut at its container's end, and a terminati
 }
 
 TEST_CASE("flat view: an alias shows its target at the alias's place from alias_offset on, "
-          "ignoring the target's own placement; offsets of chained aliases add up",
+          "ignoring the target's own placement, and offsets of chained aliases add up",
           "[flat_view][alias]") {
     qomem_test::leak_check leaks;
     auto dev = qomem::make<qomem::device>();
@@ -873,7 +873,8 @@ TEST_CASE("flat view: an alias shows its target at the alias's place from alias_
               "  0000000000200000-000000000020ffff (prio 3, ram): ram\n"
               "\n");
         ram->set_address(0x300000);
-        CHECK(ranges_of(as) == strings{"0-7fff ram", "100000-107fff ram @8000", "300000-30ffff ram"});
+        CHECK(ranges_of(as) ==
+              strings{"0-7fff ram", "100000-107fff ram @8000", "300000-30ffff ram"});
     }
     SECTION("an alias of an alias, and set_alias_offset on the inner one") {
         auto page = qomem::make_alias(*dev, "ram-hi-page", *hi, 0x1000, 0x1000);
@@ -900,7 +901,7 @@ TEST_CASE("flat view: an alias shows its target at the alias's place from alias_
 }
 
 TEST_CASE("flat view: readonly and nonvolatile are inherited down through aliases and "
-          "containers; readonly shows as rom, nonvolatile as an nv- prefix",
+          "containers, showing readonly as rom and nonvolatile as an nv- prefix",
           "[flat_view][mtree]") {
     qomem_test::leak_check leaks;
     auto dev = qomem::make<qomem::device>();
@@ -1014,7 +1015,8 @@ TEST_CASE("flat view: adjacent ranges of one region merge only when their offset
 
     SECTION("different readonly") {
         m1->set_readonly(true);
-        CHECK(ranges_of(as) == strings{"10000-10fff m", "11000-11fff m @1000 ro", "12000-12fff m @2000"});
+        CHECK(ranges_of(as) ==
+              strings{"10000-10fff m", "11000-11fff m @1000 ro", "12000-12fff m @2000"});
     }
     SECTION("different nonvolatile") {
         m2->set_nonvolatile(true);
@@ -1082,7 +1084,7 @@ TEST_CASE("flat view: a disabled region renders nothing, subtree included, and d
 }
 
 TEST_CASE("flat view: set_address re-adds the region, which becomes the last added of its "
-          "priority; the same address changes nothing",
+          "priority, while the same address changes nothing",
           "[flat_view]") {
     qomem_test::leak_check leaks;
     auto dev = qomem::make<qomem::device>();
@@ -1109,8 +1111,8 @@ TEST_CASE("flat view: set_address re-adds the region, which becomes the last add
     }
 }
 
-TEST_CASE("flat view: set_size shrinks or grows a region; RAM cannot grow past its backing and "
-          "no region past 2^64",
+TEST_CASE("flat view: set_size shrinks or grows a region, but RAM cannot grow past its backing "
+          "and no region past 2^64",
           "[flat_view]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
@@ -1218,7 +1220,8 @@ TEST_CASE("address spaces that reach the same flat-view root share one flat view
         CHECK(ranges_of(dma) == strings{"0-fff r0", "2000-2fff r1", "4000-4fff r2"});
     }
     SECTION("an alias with an offset renders its own view") {
-        auto shifted = qomem::make_alias(*dev, "sys-shifted", *sys, 0x1000, qomem::u128_2_64 - 0x1000);
+        auto shifted =
+            qomem::make_alias(*dev, "sys-shifted", *sys, 0x1000, qomem::u128_2_64 - 0x1000);
         qomem::address_space memory(*sys, "memory");
         qomem::address_space sh(*shifted, "shifted");
         CHECK(sh.view() != memory.view());
@@ -1371,7 +1374,8 @@ TEST_CASE("flat view: regions of 2^64 bytes and regions ending exactly at 2^64",
         sys->add_subregion(0xfffffffffffff800, *over, 1);
         CHECK(ranges_of(as) ==
               strings{"0-fff low", "1000-ffffffffffffefff bg @1000",
-                      "fffffffffffff000-fffffffffffff7ff top", "fffffffffffff800-ffffffffffffffff over"});
+                      "fffffffffffff000-fffffffffffff7ff top",
+                      "fffffffffffff800-ffffffffffffffff over"});
         CHECK_THAT(tree_text({&as}),
                    Catch::Contains("\n[DETECTED OVERFLOW!]     "
                                    "fffffffffffff800-00000000000017ff (prio 1, i/o): over\n"));

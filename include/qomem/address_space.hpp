@@ -141,30 +141,28 @@ public:
     /// RAM by memcpy (guest writes to ROM are ignored unless attrs.debug);
     /// MMIO through the region's ops with its access rules; holes read as
     /// zero. Returns the OR of every piece's result (memtx_ok = 0).
-    memtx_result rw(hwaddr addr, void* buf, u128 len, bool is_write, mem_attrs attrs = {}) {
+    memtx_result rw(hwaddr addr, void* buf, std::size_t len, bool is_write, mem_attrs attrs = {}) {
         rcu::read_guard g;
         return detail::access_view(*current(), addr, static_cast<std::byte*>(buf), len, is_write,
                                    attrs);
     }
-    memtx_result read(hwaddr addr, void* buf, u128 len, mem_attrs attrs = {}) {
+    memtx_result read(hwaddr addr, void* buf, std::size_t len, mem_attrs attrs = {}) {
         rcu::read_guard g;
         const flat_view& v = *current();
-        // The common case, kept short: all of it in one RAM range.
-        if (const flat_range* fr = v.lookup_cached(addr); fr && fr->mr->is_direct_read() &&
-                                                          !attrs.memory && u128(addr) + len <= fr->end()) {
-            if (std::byte* host = fr->mr->host_ptr_if_mapped()) {
-                std::memcpy(buf, host + (addr - fr->start + fr->offset_in_region),
-                            static_cast<std::size_t>(len));
-                return memtx_ok;
-            }
+        // The common case, kept short: all of it in one directly readable
+        // RAM range (64-bit arithmetic only).
+        if (const flat_range* fr = v.lookup_cached(addr);
+            fr && fr->host_base && len - 1 <= fr->last() - addr && len != 0 && !attrs.memory) {
+            std::memcpy(buf, fr->host_base + addr, len);
+            return memtx_ok;
         }
         return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
     }
-    memtx_result write(hwaddr addr, const void* buf, u128 len, mem_attrs attrs = {}) {
+    memtx_result write(hwaddr addr, const void* buf, std::size_t len, mem_attrs attrs = {}) {
         return rw(addr, const_cast<void*>(buf), len, true, attrs);
     }
     /// Writes even to ROM (QEMU's address_space_write_rom), for loaders.
-    memtx_result write_rom(hwaddr addr, const void* buf, u128 len) {
+    memtx_result write_rom(hwaddr addr, const void* buf, std::size_t len) {
         mem_attrs a;
         a.debug = true;
         return write(addr, buf, len, a);
@@ -249,6 +247,24 @@ private:
     std::vector<std::pair<std::uint64_t, std::function<void()>>> clients_;
     std::uint64_t next_client_ = 1;
 };
+
+/// Waits until no reader can hold a retired flat view (rcu::synchronize),
+/// then finalizes what other threads released last (see
+/// memory_region_unref), until nothing is left. Writer only; not inside a
+/// read section. Call it before counting live objects in a test, or before
+/// tearing down a machine that other threads used.
+inline void memory_synchronize() {
+    auto& core = detail::memory_core::get();
+    core.note_writer();
+    for (;;) {
+        rcu::synchronize();
+        {
+            std::lock_guard lock(core.deferred_mutex);
+            if (core.deferred.empty()) return;
+        }
+        core.release_deferred();
+    }
+}
 
 /// QEMU's memory_region_find: `addr` is relative to `mr`; it is converted to
 /// an absolute address through the container chain, whose top must be the
@@ -556,7 +572,9 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
         m.mr_ = &mr;
         m.offset_ = xlat;
     } else {
-        // Bounce: take what is left of the budget, up to `len`.
+        // Bounce: take what is left of the budget, up to `len` and to the end
+        // of this range (QEMU clips it there too).
+        len = static_cast<hwaddr>(std::min<u128>(len, fr->end() - addr));
         std::size_t used = bounce_used_.load(std::memory_order_relaxed);
         std::size_t take;
         for (;;) {

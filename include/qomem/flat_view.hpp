@@ -55,10 +55,17 @@ struct flat_range {
     bool readonly = false;
     bool nonvolatile = false;
     bool romd_mode = true;
+    /// For directly readable RAM whose memory is reserved: the host address
+    /// of guest address 0 of this range's mapping (host + offset - start, in
+    /// modular arithmetic), so a read is one addition. Null otherwise. Not
+    /// part of the range's identity (operator== ignores it).
+    std::byte* host_base = nullptr;
 
     u128 end() const noexcept { return u128(start) + size; }
-    hwaddr last() const noexcept { return static_cast<hwaddr>(end() - 1); }
-    bool contains(hwaddr a) const noexcept { return a >= start && u128(a) < end(); }
+    hwaddr last() const noexcept { return start + (static_cast<hwaddr>(size) - 1); }
+    /// 64-bit only: size is never 0, and its low 64 bits minus 1 are the
+    /// span even for a 2^64-byte range.
+    bool contains(hwaddr a) const noexcept { return a - start <= static_cast<hwaddr>(size) - 1; }
     bool same_attributes(const flat_range& o) const noexcept {
         return mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
                romd_mode == o.romd_mode;
@@ -358,7 +365,7 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
             for (std::size_t k = w; pos < end;) {
                 if (k < wend && windows[k].first < end) {
                     if (windows[k].first > pos) {
-                        flat_range piece = r;
+                        flat_range piece = r; // host_base stays valid: same mapping
                         piece.start = static_cast<hwaddr>(pos);
                         piece.size = windows[k].first - pos;
                         piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
@@ -468,6 +475,19 @@ private:
         r.readonly = readonly;
         r.nonvolatile = nonvolatile;
         r.romd_mode = mr.romd_mode();
+        if (mr.is_direct_read()) {
+            std::byte* host = mr.host_ptr_if_mapped();
+            if (!host) {
+                try {
+                    host = mr.host_ptr(); // reserve now (MAP_NORESERVE): reads need it
+                } catch (const region_error&) {
+                    host = nullptr; // too large to reserve: accesses report an error
+                }
+            }
+            if (host)
+                r.host_base = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(host) +
+                                                           r.offset_in_region - r.start);
+        }
         ranges_.emplace(r.start, r);
     }
 
@@ -484,15 +504,20 @@ private:
 /// shared empty view). Address spaces with the same flat-view root share one
 /// flat view.
 ///
-/// Deliberate difference from QEMU: a step is not taken out of a region that
+/// Deliberate differences from QEMU: a step is not taken out of a region that
 /// is readonly or nonvolatile, because QEMU loses that flag when it skips the
-/// node (its rendered view then shows the target writable). Captured machines
-/// never set those flags on such nodes, so the output is QEMU's there.
+/// node (its rendered view then shows the target writable); and a step
+/// through an alias is taken only into a target placed at address 0, because
+/// rendering from the target adds its address (QEMU's view is then shifted).
+/// Captured machines have neither case, so the output is QEMU's there.
 inline memory_region* flat_view_root(memory_region* mr) noexcept {
     while (mr && mr->enabled()) {
         if (mr->readonly() || mr->nonvolatile()) return mr;
         if (memory_region* target = mr->alias()) {
-            if (mr->alias_offset() == 0 && mr->size() >= target->size()) {
+            // Only into a target placed at 0: rendering adds the root's own
+            // address, and the alias shows the target at 0 (QEMU does not
+            // check this and shifts such a view; qomem does not).
+            if (mr->alias_offset() == 0 && mr->size() >= target->size() && target->addr() == 0) {
                 mr = target;
                 continue;
             }

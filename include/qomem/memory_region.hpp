@@ -39,7 +39,9 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <string_view>
 #include <unordered_set>
 #include <utility>
@@ -130,20 +132,37 @@ struct memory_core {
     }
     /// Records a change of [lo, hi) in `in`'s coordinates, and commits it
     /// unless a transaction is open.
-    void changed(const memory_region* in, i128 lo, i128 hi) {
-        if (!full) {
-            if (windows.size() < max_windows)
-                windows.push_back({in, lo, hi});
-            else {
-                full = true;
-                windows.clear();
-            }
-        }
-        pending = true;
-        if (depth == 0) commit();
+    void changed(const memory_region* in, i128 lo, i128 hi);
+
+    /// The thread making topology changes (QEMU's big-lock holder): the last
+    /// one that changed or committed anything. Regions whose last reference
+    /// is dropped on another thread are finalized by it (release_deferred).
+    std::atomic<std::thread::id> writer{};
+    void note_writer() noexcept { writer.store(std::this_thread::get_id(), std::memory_order_relaxed); }
+    bool on_writer() const noexcept {
+        const std::thread::id w = writer.load(std::memory_order_relaxed);
+        return w == std::thread::id{} || w == std::this_thread::get_id();
     }
+    std::mutex deferred_mutex;
+    std::vector<object*> deferred; ///< each holds a last reference
+    /// Drops the last references handed over by other threads. Writer only.
+    void release_deferred() {
+        for (;;) {
+            std::vector<object*> batch;
+            {
+                std::lock_guard lock(deferred_mutex);
+                batch.swap(deferred);
+            }
+            if (batch.empty()) return;
+            for (object* o : batch) o->unref();
+        }
+    }
+    /// Counted regions named by pending windows, referenced until the commit
+    /// has used the windows (so none is freed in between).
+    std::vector<object*> window_refs;
     /// Asks for a commit without a change of its own (a new address space).
     void touch() {
+        note_writer();
         pending = true;
         if (depth == 0) commit();
     }
@@ -154,14 +173,17 @@ struct memory_core {
     }
     void commit() {
         if (committing) return; // the running commit loops again
+        note_writer();
         committing = true;
         try {
-            while (pending || !held_until_commit.empty()) {
+            release_deferred();
+            while (pending || !held_until_commit.empty() || !window_refs.empty()) {
                 pending = false;
                 if (render_all) render_all();
                 else windows.clear();
                 // Releasing may free regions, which may change the topology
                 // again: loop until it settles.
+                for (object* o : std::exchange(window_refs, {})) o->unref();
                 for (object* o : std::exchange(held_until_commit, {})) o->unref();
             }
         } catch (...) {
@@ -277,6 +299,7 @@ public:
     bool test_and_clear_dirty(hwaddr offset, hwaddr len);
     /// Marks [offset, offset+len) dirty if logging is on (cheap when off).
     void mark_dirty(hwaddr offset, hwaddr len) noexcept {
+        rcu::read_guard g; // the bitmap is freed through RCU
         std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
         if (!bits || len == 0) return;
         mark_dirty_slow(bits, offset, len);
@@ -320,6 +343,10 @@ public:
     /// reserving it on first use for anonymous RAM; null for other kinds.
     /// Thread-safe. Throws: region_error if the reservation fails.
     std::byte* host_ptr() const;
+    /// False for host memory mapped without write permission (a read-only
+    /// shared-memory mapping): then not even a debug write may store to it.
+    bool host_writable() const noexcept { return host_writable_; }
+    void set_host_writable(bool writable) noexcept { host_writable_ = writable; }
     /// The host memory if already reserved (null otherwise); never maps.
     std::byte* host_ptr_if_mapped() const noexcept { return host_.load(std::memory_order_acquire); }
 
@@ -433,6 +460,7 @@ public:
 
 private:
     bool owns_mapping_ = false;
+    bool host_writable_ = true;
     int fd_ = -1;
     std::uint64_t fd_offset_ = 0;
     bool fd_shared_ = true;
@@ -444,8 +472,21 @@ inline void memory_region_ref(memory_region& mr) {
     if (mr.counted_) mr.ref();
 }
 /// Drops a reference taken by memory_region_ref; may finalize the region.
+/// Any thread: when the last reference is dropped on a thread other than the
+/// writer (e.g. a vCPU ending a DMA mapping of an unplugged device's RAM),
+/// the finalization is handed to the writer, which runs it at its next
+/// commit or memory_synchronize(): finalizing changes topology state that
+/// only the writer may touch.
 inline void memory_region_unref(memory_region& mr) {
-    if (mr.counted_) mr.unref();
+    if (!mr.counted_) return;
+    if (mr.unref_unless_last()) return;
+    auto& core = detail::memory_core::get();
+    if (core.on_writer()) {
+        mr.unref();
+    } else {
+        std::lock_guard lock(core.deferred_mutex);
+        core.deferred.push_back(&mr);
+    }
 }
 
 /// A move-only holder of one memory_region_ref.
@@ -611,17 +652,24 @@ inline memory_region::memory_region(const init_args& a)
 }
 
 inline memory_region::~memory_region() {
-    detail::memory_core::get().forget(this);
-    // An ownerless region is not counted by the flat views that point to it:
-    // wait until no reader can still be using an old view that does.
-    if (!counted_ && !rcu::in_read_section()) rcu::synchronize();
-    // Not visible anywhere: no container, not a root (checked), so its
-    // subregions can be detached in one transaction.
-    enabled_ = false;
-    if (!subregions_.empty()) {
-        memory_transaction tx;
-        while (!subregions_.empty()) del_subregion(subregions_.front());
+    // An ownerless region is not counted by the flat views or the change
+    // windows that point to it; only the writer frees one. Forget its windows
+    // and wait until no reader can still be using an old view showing it.
+    if (!counted_) {
         detail::memory_core::get().forget(this);
+        if (!rcu::in_read_section()) rcu::synchronize();
+    }
+    // Unreachable now (no container, not a root, no alias to it: all
+    // checked), so detaching the subregions changes no flat view and needs no
+    // commit.
+    enabled_ = false;
+    by_addr_.clear();
+    huge_subregions_.clear();
+    while (!subregions_.empty()) {
+        memory_region& sub = subregions_.front();
+        subregions_.pop_front();
+        sub.container_ = nullptr;
+        memory_region_unref(sub);
     }
     if (alias_) {
         std::erase(alias_->alias_users_, this);
@@ -629,6 +677,24 @@ inline memory_region::~memory_region() {
     }
     unmap_backing();
     delete[] dirty_.exchange(nullptr);
+}
+
+inline void detail::memory_core::changed(const memory_region* in, i128 lo, i128 hi) {
+    note_writer();
+    if (!full) {
+        if (windows.size() < max_windows) {
+            windows.push_back({in, lo, hi});
+            if (in->counted()) {
+                memory_region_ref(*const_cast<memory_region*>(in));
+                window_refs.push_back(const_cast<memory_region*>(in));
+            }
+        } else {
+            full = true;
+            windows.clear();
+        }
+    }
+    pending = true;
+    if (depth == 0) commit();
 }
 
 inline void memory_region::set_dirty_log(bool on) {
@@ -655,6 +721,7 @@ inline void memory_region::mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwa
 }
 
 inline bool memory_region::test_and_clear_dirty(hwaddr offset, hwaddr len) {
+    rcu::read_guard g; // the bitmap is freed through RCU
     std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
     if (!bits || len == 0) return false;
     bool dirty = false;

@@ -129,6 +129,18 @@ public:
         }
     }
 
+    /// Drops a reference unless it is the last one (kref's "put unless last"):
+    /// returns false, changing nothing, when the caller holds the last
+    /// reference, so that the caller can arrange for the final unref to run
+    /// elsewhere. Complexity: a compare-and-swap loop.
+    bool unref_unless_last() noexcept {
+        auto c = ref_.load(std::memory_order_relaxed);
+        while (c > 1)
+            if (ref_.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel, std::memory_order_relaxed))
+                return true;
+        return false;
+    }
+
     /// The current count (racy by nature when other threads hold references).
     std::uint32_t ref_count() const noexcept { return ref_.load(std::memory_order_relaxed); }
 

@@ -18,7 +18,8 @@
 // when no reader is inside a section that began at or before e. On Linux the
 // reader's publication needs no hardware fence: the writer forces one on every
 // running thread with membarrier(2) before it scans (the asymmetric-fence
-// scheme); where membarrier is unavailable readers use a full fence.
+// scheme); where membarrier is unavailable (or under ThreadSanitizer) readers
+// publish their epoch with a seq_cst store instead.
 //
 // Reclamation runs on the writer: at each retire (whatever is already safe)
 // and in synchronize(). Nothing is reclaimed on a reader's path, so a reader's
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <mutex>
 #include <thread>
@@ -47,6 +49,7 @@ namespace detail {
 struct reader_record {
     std::atomic<std::uint64_t> epoch{0}; // 0: quiescent
     unsigned nesting = 0;
+    bool registered = false;
 };
 
 struct retired_entry {
@@ -55,55 +58,70 @@ struct retired_entry {
     void* p;
 };
 
+/// Global state, constant-initialised (no guard on the reader's path).
 struct state {
     std::atomic<std::uint64_t> global_epoch{1};
     std::mutex readers_mutex;
     std::vector<reader_record*> readers;
     std::mutex retired_mutex;
     std::vector<retired_entry> retired;
-    bool asymmetric = false;
+    /// Set once, before the first reader registers: readers then need only
+    /// a compiler barrier, the writer forcing the fence with membarrier(2).
+    std::atomic<int> asymmetric{-1}; // -1: not yet probed
 
-    state() {
-#if defined(__NR_membarrier)
+    bool probe_asymmetric() noexcept {
+        int a = asymmetric.load(std::memory_order_acquire);
+        if (a >= 0) return a != 0;
+        a = 0;
+#if defined(__NR_membarrier) && !defined(__SANITIZE_THREAD__)
+        // (ThreadSanitizer does not model membarrier: it gets the plain
+        // seq_cst protocol.)
         const long cmds = ::syscall(__NR_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
         if (cmds > 0 && (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
             ::syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
-            asymmetric = true;
+            a = 1;
 #endif
+        int expected = -1;
+        asymmetric.compare_exchange_strong(expected, a, std::memory_order_acq_rel);
+        return asymmetric.load(std::memory_order_acquire) != 0;
     }
-    static state& get() {
-        static state s;
-        return s;
-    }
-    /// Makes every reader's epoch store visible to this thread.
-    void heavy_fence() const noexcept {
+    /// Makes every reader's epoch store visible to this thread. Without
+    /// membarrier the readers' stores and this thread's loads are seq_cst,
+    /// which orders them already.
+    void heavy_fence() noexcept {
 #if defined(__NR_membarrier)
-        if (asymmetric) {
+        if (asymmetric.load(std::memory_order_relaxed) == 1)
             ::syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
-            return;
-        }
 #endif
-        std::atomic_thread_fence(std::memory_order_seq_cst);
     }
 };
 
-struct thread_reader {
-    reader_record record;
-    thread_reader() {
-        state& s = state::get();
-        std::lock_guard lock(s.readers_mutex);
-        s.readers.push_back(&record);
-    }
-    ~thread_reader() {
-        state& s = state::get();
-        std::lock_guard lock(s.readers_mutex);
-        s.readers.erase(std::find(s.readers.begin(), s.readers.end(), &record));
+inline constinit state global_state{};
+inline thread_local constinit reader_record this_thread_reader{};
+
+/// Unregisters the thread's record when the thread exits.
+struct reader_registration {
+    ~reader_registration() {
+        std::lock_guard lock(global_state.readers_mutex);
+        std::erase(global_state.readers, &this_thread_reader);
+        this_thread_reader.registered = false;
     }
 };
+
+[[gnu::noinline]] inline void register_reader() {
+    global_state.probe_asymmetric();
+    thread_local reader_registration unregister_at_exit;
+    (void)unregister_at_exit;
+    std::lock_guard lock(global_state.readers_mutex);
+    global_state.readers.push_back(&this_thread_reader);
+    this_thread_reader.registered = true;
+}
 
 inline reader_record& this_reader() noexcept {
-    thread_local thread_reader r;
-    return r.record;
+    reader_record& r = this_thread_reader;
+    if (!r.registered) [[unlikely]]
+        register_reader();
+    return r;
 }
 
 /// The oldest epoch a reader is in (UINT64_MAX when none is).
@@ -122,30 +140,37 @@ inline std::uint64_t oldest_active_epoch(state& s) {
     return oldest;
 }
 
+[[noreturn, gnu::noinline]] inline void unbalanced_unlock() {
+    QOMEM_ASSERT(false, "rcu::read_unlock without a read section on this thread");
+    std::abort();
+}
+
 } // namespace detail
 
 /// Enters a read section (nestable). Wait-free.
 inline void read_lock() noexcept {
     detail::reader_record& r = detail::this_reader();
     if (r.nesting++ == 0) {
-        detail::state& s = detail::state::get();
-        r.epoch.store(s.global_epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
-        if (s.asymmetric)
+        const std::uint64_t e = detail::global_state.global_epoch.load(std::memory_order_relaxed);
+        if (detail::global_state.asymmetric.load(std::memory_order_relaxed) == 1) {
+            r.epoch.store(e, std::memory_order_relaxed);
             std::atomic_signal_fence(std::memory_order_seq_cst);
-        else
-            std::atomic_thread_fence(std::memory_order_seq_cst);
+        } else {
+            r.epoch.store(e, std::memory_order_seq_cst);
+        }
     }
 }
 
 /// Leaves a read section. Requires (asserted): one is open on this thread.
 inline void read_unlock() {
-    detail::reader_record& r = detail::this_reader();
-    QOMEM_ASSERT(r.nesting > 0, "rcu::read_unlock without a read section on this thread");
+    detail::reader_record& r = detail::this_thread_reader;
+    if (r.nesting == 0) [[unlikely]]
+        detail::unbalanced_unlock();
     if (--r.nesting == 0) r.epoch.store(0, std::memory_order_release);
 }
 
 /// True inside a read section on this thread.
-inline bool in_read_section() noexcept { return detail::this_reader().nesting > 0; }
+inline bool in_read_section() noexcept { return detail::this_thread_reader.nesting > 0; }
 
 /// RAII read section.
 class read_guard {
@@ -159,7 +184,7 @@ public:
 /// Reclaims every retired object no reader can still see. Runs the reclaim
 /// functions on this thread, outside any lock (they may retire more).
 inline void reclaim() {
-    detail::state& s = detail::state::get();
+    detail::state& s = detail::global_state;
     std::vector<detail::retired_entry> ready;
     {
         std::lock_guard lock(s.retired_mutex);
@@ -179,7 +204,7 @@ inline void reclaim() {
 /// Retires `p`: `fn(p)` runs once no reader that might have seen `p` is left.
 /// Call after unpublishing `p`. Reclaims whatever is already safe.
 inline void retire(void* p, void (*fn)(void*)) {
-    detail::state& s = detail::state::get();
+    detail::state& s = detail::global_state;
     const std::uint64_t stamp = s.global_epoch.fetch_add(1, std::memory_order_seq_cst);
     {
         std::lock_guard lock(s.retired_mutex);
@@ -193,7 +218,7 @@ inline void retire(void* p, void (*fn)(void*)) {
 /// wait for itself).
 inline void synchronize() {
     QOMEM_ASSERT(!in_read_section(), "rcu::synchronize inside a read section would never end");
-    detail::state& s = detail::state::get();
+    detail::state& s = detail::global_state;
     for (;;) {
         reclaim();
         {

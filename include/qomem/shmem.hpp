@@ -168,6 +168,7 @@ public:
 protected:
     ~virtio_shmem() override;
     void on_unparent() override;
+    after_free_action after_free() noexcept override;
 
 public:
     bool follows_owner_out_of_tree() const noexcept override { return true; }
@@ -185,6 +186,7 @@ private:
     memory_region* region_ = nullptr;
     std::size_t max_mappings_ = 4096;
     std::map<std::uint64_t, shmem_mapping*> mappings_; // by offset; active and lingering
+    object* held_owner_ = nullptr; // the device, held once unparented from it
 };
 
 /// A VIRTIO device with shared memory regions (transport-independent).
@@ -287,11 +289,22 @@ inline virtio_shmem::~virtio_shmem() {
 
 inline void virtio_shmem::on_unparent() {
     ref();
+    // Like a memory region: once out of the tree it holds its device, so the
+    // device is finalized after it (and after any mapping DMA still holds).
+    if (object* owner = parent(); owner && owner->ref_count() > 0) {
+        owner->ref();
+        held_owner_ = owner;
+    }
     unmap_all();
     if (region_->container()) region_->container()->del_subregion(*region_);
     if (region_->parent()) unparent(*region_);
     object::on_unparent();
     unref();
+}
+
+inline object::after_free_action virtio_shmem::after_free() noexcept {
+    if (!held_owner_) return {};
+    return {[](object* o) { o->unref(); }, held_owner_};
 }
 
 inline std::size_t virtio_shmem::active_mappings() const noexcept {
@@ -341,12 +354,13 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
     if (mappings_.size() >= max_mappings_)
         refuse(reason::too_many_mappings,
                fmt::format("already {} mappings, the limit", mappings_.size()));
-    if (fd < 0 || ::fcntl(fd, F_GETFD) == -1)
-        refuse(reason::bad_fd, fmt::format("fd {} is not an open file descriptor", fd));
-    // A mapping past the end of a file faults (SIGBUS) on access: refuse it
-    // for regular files (memfds included), whose size is known.
+    // One fstat both checks the fd and tells a regular file's size: a
+    // mapping past the end of a file faults (SIGBUS) on access, so refuse it
+    // for regular files (memfds included).
     struct stat st {};
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+    if (fd < 0 || ::fstat(fd, &st) != 0)
+        refuse(reason::bad_fd, fmt::format("fd {} is not an open file descriptor", fd));
+    if (S_ISREG(st.st_mode) &&
         fd_offset + len > static_cast<std::uint64_t>(st.st_size))
         refuse(reason::out_of_bounds,
                fmt::format("fd {} range 0x{:x}..0x{:x} is past the end of the file (size 0x{:x})", fd,
@@ -364,20 +378,27 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
                fmt::format("mmap of fd {} at fd offset 0x{:x}, length 0x{:x} failed: {}", fd,
                            fd_offset, len, std::strerror(err)));
     }
-    // The bookkeeping below only allocates; undo the mmap if it throws.
+    // The bookkeeping below only allocates. Publish the mapping last; if
+    // anything throws, unparenting and dropping the mapping undoes it all
+    // (its finalization puts PROT_NONE back).
+    ref_ptr<shmem_mapping> m;
     try {
-        auto m = make<shmem_mapping>(*this, shm_offset, len, writable);
+        m = make<shmem_mapping>(*this, shm_offset, len, writable);
         memory_region::init_args a{region_owner(*m), fmt::format("{}-map@0x{:x}", name_, shm_offset),
                                    region_kind::ram, len};
         a.host = where;
         m->region_ = detail::make_region(a).get();
-        if (!writable) m->region_->set_readonly(true);
+        if (!writable) {
+            m->region_->set_readonly(true);
+            m->region_->set_host_writable(false); // PROT_READ: not even a debug write
+        }
         region_->add_child("mapping[*]", *m);
         mappings_.emplace(shm_offset, m.get());
         region_->add_subregion(shm_offset, *m->region_);
         return *m; // region_ holds it as a child
     } catch (...) {
-        detail::reserve_again(where, len);
+        if (m && m->parent()) unparent(*m);
+        if (!m) detail::reserve_again(where, len);
         throw;
     }
 }

@@ -34,6 +34,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstddef>
@@ -566,7 +567,9 @@ public:
         : dev_(&dev), dma_(&dma), limits_(limits) {}
 
     /// The largest payload worth receiving.
-    std::size_t max_payload() const noexcept { return mem_access_header_size + limits_.max_mem_access; }
+    std::size_t max_payload() const noexcept {
+        return std::max<std::size_t>(sizeof(mmap_payload), mem_access_header_size + limits_.max_mem_access);
+    }
 
     /// Decodes and applies one message; returns the reply to send, if any.
     /// A message that does not decode is answered with an error (EINVAL) when

@@ -174,17 +174,20 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
     }
     // Direct: RAM, ROMD reads, and debug writes (loaders) into ROMD memory.
     if (is_write ? (plain_ram || (attrs.debug && mr.is_romd())) : (plain_ram || mr.is_romd())) {
-        std::byte* host;
-        try {
-            host = mr.host_ptr();
-        } catch (const region_error&) {
-            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
-            return memtx_error;
+        std::byte* host = fr.host_base ? fr.host_base + (fr.start - fr.offset_in_region) : nullptr;
+        if (!host) {
+            try {
+                host = mr.host_ptr();
+            } catch (const region_error&) {
+                if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+                return memtx_error;
+            }
         }
         const auto n = static_cast<std::size_t>(len);
         if (!is_write) {
             std::memcpy(buf, host + offset, n);
-        } else if (!(mr.readonly() || fr.readonly || mr.is_romd()) || attrs.debug) {
+        } else if (!(mr.readonly() || fr.readonly || mr.is_romd()) ||
+                   (attrs.debug && mr.host_writable())) {
             std::memcpy(host + offset, buf, n);
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
         } // else: a ROM ignores the guest's writes

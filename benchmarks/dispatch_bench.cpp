@@ -1,0 +1,451 @@
+// Dispatch: 8-byte RAM reads and DMA map + unmap through an address space,
+// against a sorted vector + memcpy and against Unicorn 2's uc_mem_read.
+//
+// The layout, the same for every implementation: N RAM regions of 4 KiB at
+// 0x10000000 + i * 0x2000 (a 4 KiB hole after each), every 8-byte word
+// holding (region index << 32 | offset) so each read is checked once in
+// setup. Addresses come from one precomputed array (16 Ki entries, fixed
+// seed): uniformly random 8-byte-aligned words of uniformly random regions.
+//
+//   dispatch/read_random/{qomem,baseline_vector,unicorn}/N     N = 16, 1000
+//   dispatch/read_repeated/{qomem,baseline_vector,unicorn}/N   one address, over and over
+//   dispatch/dma_map_unmap/{qomem,baseline_vector}/N           as.map(4 KiB) + as.unmap
+//   dispatch/read_2threads/{writer,no_writer}                  2 readers, 16 regions; a
+//       writer thread toggling an unrelated region's set_enabled every 100 us, or none
+//
+// qomem's regions are owned by a device, so DMA takes real (atomic)
+// references; the vector baseline's DMA takes an atomic pair on a per-region
+// count. Targets (issue 6): see benchmarks/report.py.
+//
+// Nothing here is large enough to need shrinking for CI's smoke run
+// (QOMEM_BENCH_SMOKE=1): --benchmark_min_time alone keeps it short.
+#include <sys/prctl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <typeinfo>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+#include <fmt/format.h>
+#include <unicorn/unicorn.h>
+
+#include <qomem/address_space.hpp>
+#include <qomem/device.hpp>
+#include <qomem/memory_region.hpp>
+#include <qomem/rcu.hpp>
+
+namespace {
+
+using qomem::hwaddr;
+
+// ---- the layout ---------------------------------------------------------------
+
+constexpr hwaddr region_base = 0x1000'0000;
+constexpr hwaddr region_stride = 0x2000;
+constexpr std::size_t region_size = 0x1000;
+constexpr std::size_t address_count = std::size_t(1) << 14; // a power of two
+constexpr hwaddr toggle_addr = 0xf000'0000; // the writer's unrelated region
+
+hwaddr region_start(std::size_t i) { return region_base + i * region_stride; }
+
+std::uint64_t expected_word(hwaddr a) {
+    const hwaddr rel = a - region_base;
+    return (std::uint64_t(rel / region_stride) << 32) | (rel % region_stride);
+}
+
+void fill_region(std::byte* host, std::size_t index) {
+    for (std::size_t off = 0; off < region_size; off += 8) {
+        const std::uint64_t w = (std::uint64_t(index) << 32) | off;
+        std::memcpy(host + off, &w, 8);
+    }
+}
+
+/// `address_count` random 8-byte-aligned words, uniformly over `regions`.
+std::vector<hwaddr> random_words(std::size_t regions, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<std::size_t> region(0, regions - 1);
+    std::uniform_int_distribution<std::size_t> word(0, region_size / 8 - 1);
+    std::vector<hwaddr> out(address_count);
+    for (hwaddr& a : out) a = region_start(region(rng)) + word(rng) * 8;
+    return out;
+}
+
+/// `address_count` random region starts (DMA of whole regions).
+std::vector<hwaddr> random_starts(std::size_t regions, std::uint64_t seed) {
+    std::vector<hwaddr> out = random_words(regions, seed);
+    for (hwaddr& a : out) a = region_start((a - region_base) / region_stride);
+    return out;
+}
+
+// ---- one live fixture at a time -------------------------------------------------
+//
+// Fixtures are built once and reused by the consecutive benchmarks (and the
+// repetitions) that want the same one. Only one exists at a time: every
+// qomem address space alive is re-rendered on every commit, so a leftover
+// machine would bias the next one.
+
+class fixture_slot {
+public:
+    template <class T>
+    T& get(std::size_t n, bool extra = false) {
+        if (type_ != &typeid(T) || n_ != n || extra_ != extra) {
+            clear();
+            obj_ = std::make_shared<T>(n, extra);
+            type_ = &typeid(T);
+            n_ = n;
+            extra_ = extra;
+        }
+        return *static_cast<T*>(obj_.get());
+    }
+    void clear() {
+        obj_.reset();
+        type_ = nullptr;
+    }
+
+private:
+    std::shared_ptr<void> obj_;
+    const std::type_info* type_ = nullptr;
+    std::size_t n_ = 0;
+    bool extra_ = false;
+};
+
+fixture_slot& slot() {
+    static fixture_slot s;
+    return s;
+}
+
+/// N RAM regions owned by a device in an ownerless system container, and
+/// one address space; `with_toggle` adds the writer's unrelated region.
+struct qomem_machine {
+    qomem_machine(std::size_t n, bool with_toggle) {
+        qomem::memory_transaction tx; // one render for the whole build
+        for (std::size_t i = 0; i < n; ++i) {
+            auto r = qomem::make_ram(*dev, fmt::format("ram{}", i), region_size);
+            fill_region(r->host_ptr(), i);
+            sys->add_subregion(region_start(i), *r);
+        }
+        if (with_toggle) {
+            auto t = qomem::make_ram(*dev, "toggle", region_size);
+            toggle = t.get(); // the device holds it
+            sys->add_subregion(toggle_addr, *t);
+        }
+        as.emplace(*sys, "memory");
+    }
+    /// The address space first (it holds the root), then the root, whose
+    /// destruction drops its subregion references, then the device, which
+    /// frees the regions.
+    ~qomem_machine() {
+        as.reset();
+        sys.reset();
+        dev.reset();
+    }
+    qomem_machine(const qomem_machine&) = delete;
+    qomem_machine& operator=(const qomem_machine&) = delete;
+
+    std::uint64_t read(hwaddr a) {
+        std::uint64_t v = 0;
+        benchmark::DoNotOptimize(as->read(a, &v, 8));
+        return v;
+    }
+
+    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
+    qomem::ref_ptr<qomem::memory_region> sys =
+        qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    qomem::memory_region* toggle = nullptr;
+    std::optional<qomem::address_space> as;
+};
+
+/// The baseline an emulator author writes by hand: a sorted vector of
+/// region starts, std::upper_bound, a host pointer per region and a count
+/// per region for DMA.
+struct vector_machine {
+    vector_machine(std::size_t n, bool)
+        : host_(new std::byte[n * region_size]), refs(new std::atomic<std::uint32_t>[n]) {
+        starts.reserve(n);
+        hosts.reserve(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            starts.push_back(region_start(i));
+            hosts.push_back(host_.get() + i * region_size);
+            fill_region(hosts.back(), i);
+            refs[i].store(1, std::memory_order_relaxed);
+        }
+    }
+
+    /// The index of the region holding [a, a + len), or npos.
+    std::size_t find(hwaddr a, std::size_t len) const {
+        const auto it = std::upper_bound(starts.begin(), starts.end(), a);
+        if (it == starts.begin()) return npos;
+        const auto i = static_cast<std::size_t>(it - starts.begin()) - 1;
+        return a - starts[i] + len <= region_size ? i : npos;
+    }
+    std::uint64_t read(hwaddr a) const {
+        std::uint64_t v = 0;
+        const std::size_t i = find(a, 8);
+        if (i != npos) std::memcpy(&v, hosts[i] + (a - starts[i]), 8);
+        return v;
+    }
+
+    static constexpr std::size_t npos = ~std::size_t(0);
+    std::unique_ptr<std::byte[]> host_;
+    std::vector<hwaddr> starts;
+    std::vector<std::byte*> hosts;
+    std::unique_ptr<std::atomic<std::uint32_t>[]> refs;
+};
+
+void uc_check(uc_err e, const char* what) {
+    if (e != UC_ERR_OK) throw std::runtime_error(fmt::format("{}: {}", what, uc_strerror(e)));
+}
+
+/// Unicorn 2 (x86-64) with the same layout, each region a uc_mem_map.
+struct unicorn_machine {
+    unicorn_machine(std::size_t n, bool) {
+        uc_engine* raw = nullptr;
+        uc_check(uc_open(UC_ARCH_X86, UC_MODE_64, &raw), "uc_open");
+        uc.reset(raw);
+        std::vector<std::byte> page(region_size);
+        for (std::size_t i = 0; i < n; ++i) {
+            uc_check(uc_mem_map(uc.get(), region_start(i), region_size, UC_PROT_ALL), "uc_mem_map");
+            fill_region(page.data(), i);
+            uc_check(uc_mem_write(uc.get(), region_start(i), page.data(), region_size), "uc_mem_write");
+        }
+    }
+    std::uint64_t read(hwaddr a) const {
+        std::uint64_t v = 0;
+        benchmark::DoNotOptimize(uc_mem_read(uc.get(), a, &v, 8));
+        return v;
+    }
+    struct closer {
+        void operator()(uc_engine* u) const noexcept { uc_close(u); }
+    };
+    std::unique_ptr<uc_engine, closer> uc;
+};
+
+/// Builds (or reuses) a fixture; on failure marks the benchmark skipped.
+template <class T>
+T* acquire(benchmark::State& state, std::size_t n) {
+    try {
+        return &slot().get<T>(n);
+    } catch (const std::exception& e) {
+        state.SkipWithError(e.what());
+        return nullptr;
+    }
+}
+
+/// Every implementation must read what the layout says, or its timing
+/// means nothing.
+template <class M>
+bool verified(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
+    for (std::size_t i = 0; i < std::min<std::size_t>(addrs.size(), 256); ++i)
+        if (m.read(addrs[i]) != expected_word(addrs[i])) {
+            state.SkipWithError(fmt::format("wrong value read at {:#x}", addrs[i]).c_str());
+            return false;
+        }
+    return true;
+}
+
+// ---- reads -------------------------------------------------------------------------
+
+enum class pattern { random, repeated };
+
+std::vector<hwaddr> addresses_for(pattern p, std::size_t n) {
+    std::vector<hwaddr> a = random_words(n, 42);
+    if (p == pattern::repeated) a.resize(1);
+    return a;
+}
+
+template <class M>
+void read_loop(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
+    if (!verified(state, m, addrs)) return;
+    const hwaddr* a = addrs.data();
+    const std::size_t mask = addrs.size() - 1; // a power of two (or 0)
+    std::size_t i = 0;
+    for (auto _ : state) {
+        benchmark::DoNotOptimize(m.read(a[i & mask]));
+        ++i;
+    }
+    state.SetItemsProcessed(state.iterations());
+    state.counters["regions"] = static_cast<double>(state.range(0));
+}
+
+template <class M>
+void read_bench(benchmark::State& state, pattern p) {
+    const auto n = static_cast<std::size_t>(state.range(0));
+    const std::vector<hwaddr> addrs = addresses_for(p, n);
+    if (M* m = acquire<M>(state, n)) read_loop(state, *m, addrs);
+}
+
+// ---- DMA -----------------------------------------------------------------------------
+
+void dma_qomem(benchmark::State& state) {
+    const auto n = static_cast<std::size_t>(state.range(0));
+    const std::vector<hwaddr> addrs = random_starts(n, 7);
+    qomem_machine* m = acquire<qomem_machine>(state, n);
+    if (!m) return;
+    {
+        qomem::dma_mapping probe = m->as->map(addrs[0], region_size, false);
+        if (probe.size() != region_size || probe.bounced()) {
+            state.SkipWithError("map did not give a direct 4 KiB mapping");
+            return;
+        }
+        m->as->unmap(probe, 0);
+    }
+    qomem::address_space& as = *m->as;
+    std::size_t i = 0;
+    for (auto _ : state) {
+        qomem::dma_mapping mapping = as.map(addrs[i & (address_count - 1)], region_size, false);
+        benchmark::DoNotOptimize(mapping.data());
+        as.unmap(mapping, 0);
+        ++i;
+    }
+    state.SetItemsProcessed(state.iterations());
+    state.counters["regions"] = static_cast<double>(n);
+}
+
+void dma_vector(benchmark::State& state) {
+    const auto n = static_cast<std::size_t>(state.range(0));
+    const std::vector<hwaddr> addrs = random_starts(n, 7);
+    vector_machine* m = acquire<vector_machine>(state, n);
+    if (!m) return;
+    std::size_t i = 0;
+    for (auto _ : state) {
+        const hwaddr a = addrs[i & (address_count - 1)];
+        const std::size_t r = m->find(a, region_size);
+        if (r != vector_machine::npos) {
+            m->refs[r].fetch_add(1, std::memory_order_relaxed);
+            std::byte* p = m->hosts[r] + (a - m->starts[r]);
+            benchmark::DoNotOptimize(p);
+            m->refs[r].fetch_sub(1, std::memory_order_acq_rel);
+        }
+        ++i;
+    }
+    state.SetItemsProcessed(state.iterations());
+    state.counters["regions"] = static_cast<double>(n);
+}
+
+// ---- two readers, with and without a writer ------------------------------------------
+
+constexpr std::size_t threaded_regions = 16;
+constexpr auto writer_period = std::chrono::microseconds(100);
+
+/// Commits a topology change every `writer_period` (set_enabled of a region
+/// no reader touches), sleeping in between, until destroyed.
+class topology_writer {
+public:
+    explicit topology_writer(qomem::memory_region& r) : thread_([this, &r] { run(r); }) {}
+    ~topology_writer() {
+        stop_.store(true, std::memory_order_relaxed);
+        thread_.join();
+    }
+    topology_writer(const topology_writer&) = delete;
+    topology_writer& operator=(const topology_writer&) = delete;
+    std::uint64_t commits() const noexcept { return commits_.load(std::memory_order_relaxed); }
+
+private:
+    void run(qomem::memory_region& r) {
+        ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL); // wake on time, not 50 us late
+        using clock = std::chrono::steady_clock;
+        auto next = clock::now();
+        bool on = true;
+        while (!stop_.load(std::memory_order_relaxed)) {
+            next += writer_period;
+            if (const auto now = clock::now(); next < now) next = now; // late: no burst
+            std::this_thread::sleep_until(next);
+            on = !on;
+            r.set_enabled(on);
+            commits_.fetch_add(1, std::memory_order_relaxed);
+        }
+        if (!on) r.set_enabled(true);
+    }
+
+    std::atomic<bool> stop_{false};
+    std::atomic<std::uint64_t> commits_{0};
+    std::thread thread_; // last: starts once the counters exist
+};
+
+// Set up by the Setup hook, on the main thread, before the reader threads start.
+qomem_machine* g_threaded = nullptr;
+std::unique_ptr<topology_writer> g_writer;
+std::vector<hwaddr> g_thread_addrs[2];
+
+void threaded_setup(const benchmark::State&, bool writer) {
+    g_threaded = &slot().get<qomem_machine>(threaded_regions, true);
+    for (std::size_t t = 0; t < 2; ++t) g_thread_addrs[t] = random_words(threaded_regions, 100 + t);
+    if (writer) g_writer = std::make_unique<topology_writer>(*g_threaded->toggle);
+}
+void setup_with_writer(const benchmark::State& s) { threaded_setup(s, true); }
+void setup_without_writer(const benchmark::State& s) { threaded_setup(s, false); }
+void threaded_teardown(const benchmark::State&) { g_writer.reset(); }
+
+void read_2threads(benchmark::State& state) {
+    qomem_machine& m = *g_threaded;
+    const std::vector<hwaddr>& addrs = g_thread_addrs[state.thread_index() & 1];
+    const std::uint64_t commits_before = g_writer ? g_writer->commits() : 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    std::size_t i = 0;
+    for (auto _ : state) {
+        benchmark::DoNotOptimize(m.read(addrs[i & (address_count - 1)]));
+        ++i;
+    }
+    state.SetItemsProcessed(state.iterations());
+    if (state.thread_index() == 0) {
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const std::uint64_t commits = g_writer ? g_writer->commits() - commits_before : 0;
+        state.counters["writer_commits_per_s"] = secs > 0 ? static_cast<double>(commits) / secs : 0;
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+    using benchmark::RegisterBenchmark;
+    for (const std::int64_t n : {16, 1000}) {
+        // Grouped by fixture, so each is built once.
+        RegisterBenchmark("dispatch/read_random/qomem", read_bench<qomem_machine>, pattern::random)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/read_repeated/qomem", read_bench<qomem_machine>, pattern::repeated)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/dma_map_unmap/qomem", dma_qomem)->Arg(n);
+        RegisterBenchmark("dispatch/read_random/baseline_vector", read_bench<vector_machine>,
+                          pattern::random)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/read_repeated/baseline_vector", read_bench<vector_machine>,
+                          pattern::repeated)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/dma_map_unmap/baseline_vector", dma_vector)->Arg(n);
+        RegisterBenchmark("dispatch/read_random/unicorn", read_bench<unicorn_machine>, pattern::random)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/read_repeated/unicorn", read_bench<unicorn_machine>,
+                          pattern::repeated)
+            ->Arg(n);
+    }
+    RegisterBenchmark("dispatch/read_2threads/no_writer", read_2threads)
+        ->Setup(setup_without_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
+    RegisterBenchmark("dispatch/read_2threads/writer", read_2threads)
+        ->Setup(setup_with_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
+
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+
+    slot().clear();
+    qomem::rcu::synchronize();
+    if (const std::size_t n = qomem::live_object_count()) {
+        std::fprintf(stderr, "dispatch_bench: %zu qomem object(s) leaked\n", n);
+        return 1;
+    }
+    return 0;
+}
