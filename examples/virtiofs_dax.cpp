@@ -211,13 +211,7 @@ int backend(vu::channel ch) {
 
     auto window = [](std::uint64_t fd_offset, std::uint64_t shm_offset, std::uint64_t len,
                      std::uint64_t flags) {
-        vu::mmap_payload m{};
-        m.shmid = dax_shmid;
-        m.fd_offset = fd_offset;
-        m.shm_offset = shm_offset;
-        m.len = len;
-        m.flags = flags;
-        return m;
+        return vu::make_mmap_payload(dax_shmid, fd_offset, shm_offset, len, flags);
     };
     constexpr std::uint64_t ro = static_cast<std::uint64_t>(qomem::shmem_flags::read);
     constexpr std::uint64_t rw = static_cast<std::uint64_t>(qomem::shmem_flags::read_write);

@@ -190,16 +190,6 @@ bytes_t reencode(const vu::backend_message& m) {
 
 // ---- inputs ------------------------------------------------------------------------------
 
-vu::mmap_payload mmap_of(std::uint8_t shmid, std::uint64_t fd_offset, std::uint64_t shm_offset,
-                         std::uint64_t len, std::uint64_t flags) {
-    vu::mmap_payload m{};
-    m.shmid = shmid;
-    m.fd_offset = fd_offset;
-    m.shm_offset = shm_offset;
-    m.len = len;
-    m.flags = flags;
-    return m;
-}
 
 /// A valid encoding of a random request, aimed at the fuzz rig: shmids 0-2,
 /// page-aligned offsets around the regions, addresses in and around the
@@ -211,12 +201,12 @@ bytes_t valid_message(rng& r) {
     switch (r.below(5)) {
     case 0:
     case 1: // maps are what change state: make them common
-        return vu::encode_shmem_map(mmap_of(static_cast<std::uint8_t>(r.below(3)), P * r.below(3),
+        return vu::encode_shmem_map(vu::make_mmap_payload(static_cast<std::uint8_t>(r.below(3)), P * r.below(3),
                                             P * r.below(36), P * (1 + r.below(4)), r.pick(flag_values)),
                                     nr);
     case 2:
         return vu::encode_shmem_unmap(
-            mmap_of(static_cast<std::uint8_t>(r.below(2)), 0, P * r.below(36), P * (1 + r.below(4)), 0), nr);
+            vu::make_mmap_payload(static_cast<std::uint8_t>(r.below(2)), 0, P * r.below(36), P * (1 + r.below(4)), 0), nr);
     case 3: {
         const std::uint32_t size = r.one_in(8) ? static_cast<std::uint32_t>(1 + r.below(4096))
                                                : static_cast<std::uint32_t>(1 + r.below(64));
@@ -483,7 +473,7 @@ TEST_CASE("fuzz: the front-end answers every message correctly with a real devic
             bytes_t input;
             if (!active.empty() && r.one_in(12)) {
                 const auto& [offset, length] = active[r.below(active.size())];
-                input = vu::encode_shmem_unmap(mmap_of(0, 0, offset, length, 0), r.one_in(2));
+                input = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, offset, length, 0), r.one_in(2));
             } else {
                 input = r.one_in(3) ? valid_message(r) : random_input(r);
             }

@@ -162,16 +162,6 @@ bytes_t pread_bytes(int fd, std::uint64_t offset, std::size_t n) {
     return out;
 }
 
-vu::mmap_payload mmap_of(std::uint8_t shmid, std::uint64_t fd_offset, std::uint64_t shm_offset,
-                         std::uint64_t len, std::uint64_t flags) {
-    vu::mmap_payload m{};
-    m.shmid = shmid;
-    m.fd_offset = fd_offset;
-    m.shm_offset = shm_offset;
-    m.len = len;
-    m.flags = flags;
-    return m;
-}
 
 vu::raw_message raw(bytes_t bytes, std::vector<vu::unique_fd> fds = {}) {
     return vu::raw_message{std::move(bytes), std::move(fds)};
@@ -308,7 +298,7 @@ TEST_CASE("wire layouts are pinned: 12-byte header, 40-byte VhostUserMMap, 72-by
     static_assert(static_cast<std::uint32_t>(vu::request::get_shmem_config) == 44);
 
     // Every byte of an encoded SHMEM_MAP, little-endian, no holes.
-    vu::mmap_payload m = mmap_of(3, 0x1122334455667788, 0x0102030405060708, 0xa0b0c0d0e0f00010, 3);
+    vu::mmap_payload m = vu::make_mmap_payload(3, 0x1122334455667788, 0x0102030405060708, 0xa0b0c0d0e0f00010, 3);
     const bytes_t b = vu::encode_shmem_map(m, true);
     // clang-format off
     const std::array<std::uint8_t, 52> expected{
@@ -354,7 +344,7 @@ TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") 
     const std::size_t fds_before = count_open_fds();
     SECTION("SHMEM_MAP, with its fd, with and without need-reply") {
         for (bool need_reply : {false, true}) {
-            vu::mmap_payload m = mmap_of(7, 0x3000, 0x7000, 0x2000, rw);
+            vu::mmap_payload m = vu::make_mmap_payload(7, 0x3000, 0x7000, 0x2000, rw);
             m.padding[3] = 0x5a; // padding is carried as received
             vu::unique_fd fd = some_fd();
             const int number = fd.get();
@@ -378,7 +368,7 @@ TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") 
         }
     }
     SECTION("SHMEM_UNMAP") {
-        const vu::mmap_payload m = mmap_of(1, 0, 0x10000, 0x1000, 0);
+        const vu::mmap_payload m = vu::make_mmap_payload(1, 0, 0x10000, 0x1000, 0);
         vu::backend_message d = vu::decode_backend_message(vu::encode_shmem_unmap(m, true), {});
         auto* body = std::get_if<vu::shmem_unmap_request>(&d.body);
         REQUIRE(body);
@@ -426,8 +416,8 @@ TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") 
 
 TEST_CASE("the decoder refuses each hostile input with its reason, closing every fd", "[vhost-user]") {
     const std::size_t fds_before = count_open_fds();
-    const bytes_t map = vu::encode_shmem_map(mmap_of(0, 0, 0, 0x1000, rw), true);
-    const bytes_t unmap = vu::encode_shmem_unmap(mmap_of(0, 0, 0, 0x1000, 0), true);
+    const bytes_t map = vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, 0x1000, rw), true);
+    const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 0, 0x1000, 0), true);
     const bytes_t read = vu::encode_mem_read(0x1000, 16);
     const bytes_t write = vu::encode_mem_write(0x1000, pattern(1, 16), true);
 
@@ -538,7 +528,7 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
         // SHMEM_MAP with need-reply: success 0, the fd closed, the guest sees the file.
         vu::unique_fd given = dup_fd();
         const int given_number = given.get();
-        CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(mmap_of(0, P, 2 * P, 2 * P, rw), true),
+        CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, P, 2 * P, 2 * P, rw), true),
                                       std::move(given))),
                         req_map) == 0);
         CHECK(fe.last_error().empty());
@@ -550,36 +540,36 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
                               file.begin() + static_cast<std::ptrdiff_t>(3 * P)));
 
         // Without need-reply: applied, nothing to send.
-        CHECK(!fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 8 * P, P, rw), false), dup_fd())));
+        CHECK(!fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 8 * P, P, rw), false), dup_fd())));
         CHECK(r.shm_a().active_mappings() == 2);
 
         SECTION("refused requests: an errno for each kind of refusal, nothing changed") {
             const auto map_reply = [&](const vu::mmap_payload& m) {
                 return u64_reply(fe.handle(raw(vu::encode_shmem_map(m, true), dup_fd())), req_map);
             };
-            CHECK(map_reply(mmap_of(0, 0, 2 * P, P, rw)) == EEXIST);
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 2 * P, P, rw)) == EEXIST);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("overlaps"));
-            CHECK(map_reply(mmap_of(5, 0, 0, P, rw)) == ENOENT);
+            CHECK(map_reply(vu::make_mmap_payload(5, 0, 0, P, rw)) == ENOENT);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("shmid 5"));
-            CHECK(map_reply(mmap_of(0, 0, 0x800, P, rw)) == EINVAL);
-            CHECK(map_reply(mmap_of(0, 0, 0, P, 0x10)) == EINVAL);
-            CHECK(map_reply(mmap_of(0, 0, 0, 0, rw)) == EINVAL);
-            CHECK(map_reply(mmap_of(0, 0, 16 * P, P, rw)) == EINVAL);
-            CHECK(map_reply(mmap_of(0, 4 * P, 0, P, rw)) == EINVAL); // past the end of the file
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 0x800, P, rw)) == EINVAL);
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, P, 0x10)) == EINVAL);
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, 0, rw)) == EINVAL);
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 16 * P, P, rw)) == EINVAL);
+            CHECK(map_reply(vu::make_mmap_payload(0, 4 * P, 0, P, rw)) == EINVAL); // past the end of the file
             r.shm_a().set_max_mappings(2);
-            CHECK(map_reply(mmap_of(0, 0, 0, P, rw)) == ENOSPC);
+            CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, P, rw)) == ENOSPC);
             r.shm_a().set_max_mappings(4096);
             // A pipe cannot be mapped: the mmap fails, reported as ENOMEM.
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 0, P, 1), true), some_fd())),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, 1), true), some_fd())),
                             req_map) == ENOMEM);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("mmap"));
             // UNMAP of something that is not exactly one mapping.
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(mmap_of(0, 0, 2 * P, P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, P, 0), true))),
                             req_unmap) == EINVAL);
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(mmap_of(3, 0, 2 * P, 2 * P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(3, 0, 2 * P, 2 * P, 0), true))),
                             req_unmap) == ENOENT);
             // Without need-reply a refusal is silent, but recorded.
-            CHECK(!fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 2 * P, P, rw), false), dup_fd())));
+            CHECK(!fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 2 * P, P, rw), false), dup_fd())));
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("overlaps"));
             CHECK(r.shm_a().active_mappings() == 2);
             CHECK(r.shm_a().live_mappings() == 2);
@@ -591,19 +581,19 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
             two.push_back(some_fd());
             const int n0 = two[0].get(), n1 = two[1].get();
             CHECK(
-                u64_reply(fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 0, P, rw), true), std::move(two))),
+                u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, rw), true), std::move(two))),
                           req_map) == EINVAL);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("2 fd(s)"));
             CHECK(!fd_is_open(n0));
             CHECK(!fd_is_open(n1));
             // SHMEM_MAP without its fd.
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 0, P, rw), true))), req_map) ==
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, rw), true))), req_map) ==
                   EINVAL);
             // The same without need-reply: no answer.
-            CHECK(!fe.handle(raw(vu::encode_shmem_map(mmap_of(0, 0, 0, P, rw), false))));
+            CHECK(!fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, rw), false))));
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("0 fd(s) attached"));
             // Need-reply on a message with a bad version is still answered.
-            bytes_t bad = vu::encode_shmem_unmap(mmap_of(0, 0, 2 * P, 2 * P, 0), true);
+            bytes_t bad = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true);
             put_u32(bad, 4, 0x8 | 0x2);
             CHECK(u64_reply(fe.handle(raw(bad)), req_unmap) == EINVAL);
             // Unknown request with need-reply: answered under its own id.
@@ -670,9 +660,9 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
                                   bar_b + 3 * P + 100) == msg);
         }
         SECTION("SHMEM_UNMAP: success, then the guest no longer sees it") {
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(mmap_of(0, 0, 2 * P, 2 * P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true))),
                             req_unmap) == 0);
-            CHECK(!fe.handle(raw(vu::encode_shmem_unmap(mmap_of(0, 0, 8 * P, P, 0), false))));
+            CHECK(!fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 8 * P, P, 0), false))));
             CHECK(fe.last_error().empty());
             std::uint64_t v;
             CHECK(r.as->read(bar_a + 2 * P, &v, 8) == qomem::memtx_decode_error);
@@ -911,13 +901,13 @@ TEST_CASE("a real back-end process maps a memfd, reads and writes guest memory, 
 
         const bytes_t config_request = vu::encode_get_shmem_config();
         const bytes_t config_reply = vu::encode_shmem_config_reply(fe.shmem_config());
-        const bytes_t map = vu::encode_shmem_map(mmap_of(0, 0, 2 * P, 2 * P, rw), true);
+        const bytes_t map = vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, rw), true);
         const bytes_t write_own = vu::encode_mem_write(bar_a + 2 * P + 16, hello, true);
         const bytes_t read_own = vu::encode_mem_read(bar_a + 2 * P, 64, false);
         const bytes_t write_other = vu::encode_mem_write(bar_b + P + 8, fallback, true);
         const bytes_t read_other = vu::encode_mem_read(bar_b + P, 32, true);
         const bytes_t read_hole = vu::encode_mem_read(bar_a + 8 * P, 16, false);
-        const bytes_t unmap = vu::encode_shmem_unmap(mmap_of(0, 0, 2 * P, 2 * P, 0), true);
+        const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true);
 
         const bytes_t ok_map = vu::encode_u64_reply(req_map, 0);
         const bytes_t eexist_map = vu::encode_u64_reply(req_map, EEXIST);

@@ -84,6 +84,7 @@ public:
 
 private:
     friend class address_space;
+    void end_direct(hwaddr access_len) noexcept;
     address_space* as_ = nullptr;
     std::byte* ptr_ = nullptr;
     hwaddr len_ = 0;
@@ -116,7 +117,9 @@ public:
 
     /// Unregisters, drops the reference to the root and retires the flat
     /// view (freed, with the region references it holds, once no reader uses
-    /// it). Requires (asserted): no listener registered, no mapping live.
+    /// it). Requires (asserted): no listener registered, no bounce mapping
+    /// live (a direct mapping of RAM may outlive the address space: it holds
+    /// its region, and its unmap touches nothing else).
     ~address_space();
 
     address_space(const address_space&) = delete;
@@ -310,7 +313,7 @@ inline address_space::address_space(memory_region& root, std::string name)
 inline address_space::~address_space() {
     QOMEM_ASSERT(listeners_.empty(), "address space '{}' destroyed with {} listener(s) registered",
                  name_, listeners_.size());
-    QOMEM_ASSERT(live_mappings_.load() == 0, "address space '{}' destroyed with {} live DMA mapping(s)",
+    QOMEM_ASSERT(live_mappings_.load() == 0, "address space '{}' destroyed with {} live bounce mapping(s)",
                  name_, live_mappings_.load());
     registry().erase(registry().iterator_to(*this));
     --root_->as_root_users_;
@@ -551,11 +554,13 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
                                  : plain_ram || mr.is_romd();
     if (!direct && attrs.memory) return m; // only RAM may answer
     if (direct) {
-        std::byte* host;
-        try {
-            host = mr.host_ptr();
-        } catch (const region_error&) {
-            return m;
+        std::byte* host = fr->host_base ? fr->host_base + (fr->start - fr->offset_in_region) : nullptr;
+        if (!host) {
+            try {
+                host = mr.host_ptr();
+            } catch (const region_error&) {
+                return m;
+            }
         }
         // Extend across following ranges of the same region that continue it.
         u128 done = std::min<u128>(len, fr->end() - addr);
@@ -596,7 +601,9 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
     m.addr_ = addr;
     m.attrs_ = attrs;
     m.is_write_ = is_write;
-    live_mappings_.fetch_add(1, std::memory_order_relaxed);
+    // Only a bounce mapping uses this address space again at its unmap (the
+    // budget, the write-back): only those must not outlive it.
+    if (m.bounce_) live_mappings_.fetch_add(1, std::memory_order_relaxed);
     return m;
 }
 
@@ -605,25 +612,39 @@ inline void address_space::unmap(dma_mapping& m, hwaddr access_len) {
                  name_);
     QOMEM_ASSERT(access_len <= m.len_, "unmap access_len {} exceeds the mapped length {}",
                  access_len, m.len_);
+    if (!m.bounce_) {
+        m.end_direct(access_len);
+        return;
+    }
     memory_region* mr = std::exchange(m.mr_, nullptr);
     std::byte* ptr = std::exchange(m.ptr_, nullptr);
     m.as_ = nullptr;
     live_mappings_.fetch_sub(1, std::memory_order_relaxed);
-    if (m.bounce_) {
-        if (m.is_write_ && access_len) rw(m.addr_, ptr, access_len, true, m.attrs_);
-        ::operator delete(ptr);
-        bounce_used_.fetch_sub(m.len_, std::memory_order_acq_rel);
-        notify_map_clients();
-    } else if (m.is_write_ && access_len) {
-        mr->mark_dirty(m.offset_, access_len);
-    }
+    if (m.is_write_ && access_len) rw(m.addr_, ptr, access_len, true, m.attrs_);
+    ::operator delete(ptr);
+    bounce_used_.fetch_sub(m.len_, std::memory_order_acq_rel);
     m.len_ = 0;
+    notify_map_clients();
+    memory_region_unref(*mr);
+}
+
+inline void dma_mapping::end_direct(hwaddr access_len) noexcept {
+    memory_region* mr = std::exchange(mr_, nullptr);
+    ptr_ = nullptr;
+    as_ = nullptr;
+    if (is_write_ && access_len) mr->mark_dirty(offset_, access_len);
+    len_ = 0;
     memory_region_unref(*mr);
 }
 
 inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) noexcept {
     if (this != &o) {
-        if (as_) as_->unmap(*this, len_);
+        if (ptr_) {
+            if (bounce_)
+                as_->unmap(*this, is_write_ ? len_ : 0);
+            else
+                end_direct(is_write_ ? len_ : 0);
+        }
         as_ = std::exchange(o.as_, nullptr);
         ptr_ = std::exchange(o.ptr_, nullptr);
         len_ = std::exchange(o.len_, 0);
@@ -638,7 +659,11 @@ inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) noexcept {
 }
 
 inline dma_mapping::~dma_mapping() {
-    if (as_) as_->unmap(*this, is_write_ ? len_ : 0);
+    if (!ptr_) return;
+    if (bounce_)
+        as_->unmap(*this, is_write_ ? len_ : 0);
+    else
+        end_direct(is_write_ ? len_ : 0); // never touches the address space
 }
 
 inline std::uint64_t address_space::register_map_client(std::function<void()> retry) {

@@ -96,6 +96,13 @@ static_assert(sizeof(mmap_payload) == 40 && offsetof(mmap_payload, fd_offset) ==
                   offsetof(mmap_payload, flags) == 32 && std::is_trivially_copyable_v<mmap_payload>,
               "VhostUserMMap must have no padding holes");
 
+/// A VhostUserMMap with zero padding.
+constexpr mmap_payload make_mmap_payload(std::uint8_t shmid, std::uint64_t fd_offset,
+                                         std::uint64_t shm_offset, std::uint64_t len,
+                                         std::uint64_t flags) noexcept {
+    return mmap_payload{shmid, {}, fd_offset, shm_offset, len, flags};
+}
+
 /// The reply to GET_SHMEM_CONFIG.
 struct shmem_config_payload {
     std::uint32_t nregions;
