@@ -149,17 +149,19 @@ public:
         return detail::access_view(*current(), addr, static_cast<std::byte*>(buf), len, is_write,
                                    attrs);
     }
-    memtx_result read(hwaddr addr, void* buf, std::size_t len, mem_attrs attrs = {}) {
+    /// Kept short: everything but a read within one RAM range goes out of line.
+    memtx_result read(hwaddr addr, void* buf, std::size_t len,
+                      mem_attrs attrs = {}) {
         rcu::read_guard g;
         const flat_view& v = *current();
-        // The common case, kept short: all of it in one directly readable
-        // RAM range (64-bit arithmetic only).
+        // The common case: all of it in one directly readable RAM range
+        // (64-bit arithmetic only).
         if (const flat_range* fr = v.lookup_cached(addr);
-            fr && fr->host_base && len - 1 <= fr->last() - addr && len != 0 && !attrs.memory) {
+            fr && fr->host_base && len != 0 && len - 1 <= fr->last() - addr && !attrs.memory) [[likely]] {
             std::memcpy(buf, fr->host_base + addr, len);
             return memtx_ok;
         }
-        return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
+        return read_slow(v, addr, buf, len, attrs);
     }
     memtx_result write(hwaddr addr, const void* buf, std::size_t len, mem_attrs attrs = {}) {
         return rw(addr, const_cast<void*>(buf), len, true, attrs);
@@ -233,6 +235,10 @@ private:
                                       &memory_listener::hook_>>;
 
     void publish(flat_view* v);
+    [[gnu::noinline]] static memtx_result read_slow(const flat_view& v, hwaddr addr, void* buf,
+                                                    std::size_t len, mem_attrs attrs) {
+        return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
+    }
     static memory_section section_of(const flat_range& r) noexcept {
         return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
     }

@@ -119,6 +119,21 @@ private:
 
 using chunk_ptr = boost::intrusive_ptr<range_chunk>;
 
+/// The number of elements of sorted `a[0, n)` that are <= key (std::upper_bound's
+/// index), without data-dependent branches: guest addresses are random
+/// enough that a branchy search mispredicts at every step.
+inline std::size_t upper_index(const hwaddr* a, std::size_t n, hwaddr key) noexcept {
+    if (n == 0) return 0;
+    const hwaddr* base = a;
+    while (n > 1) {
+        const std::size_t half = n / 2;
+        base += static_cast<std::size_t>(base[half - 1] <= key) * half; // no branch
+
+        n -= half;
+    }
+    return static_cast<std::size_t>(base - a) + static_cast<std::size_t>(*base <= key);
+}
+
 /// Splits sorted ranges into chunks.
 inline void append_chunks(std::vector<chunk_ptr>& out, std::vector<flat_range>&& ranges) {
     const std::size_t n = ranges.size();
@@ -229,12 +244,11 @@ public:
 
     /// The range containing `addr`, or null. O(log n).
     const flat_range* lookup(hwaddr addr) const noexcept {
-        const auto c = std::upper_bound(chunk_starts_.begin(), chunk_starts_.end(), addr);
-        if (c == chunk_starts_.begin()) return nullptr;
-        const detail::range_chunk& ch = *chunks_[static_cast<std::size_t>(c - chunk_starts_.begin()) - 1];
+        const std::size_t c = detail::upper_index(chunk_starts_.data(), chunk_starts_.size(), addr);
+        if (c == 0) return nullptr;
+        const detail::range_chunk& ch = *chunks_[c - 1];
         const auto& st = ch.starts();
-        const auto it = std::upper_bound(st.begin(), st.end(), addr);
-        const flat_range& r = ch.ranges()[static_cast<std::size_t>(it - st.begin()) - 1];
+        const flat_range& r = ch.ranges()[detail::upper_index(st.data(), st.size(), addr) - 1];
         return r.contains(addr) ? &r : nullptr;
     }
 
@@ -296,11 +310,10 @@ private:
     }
     /// Index of the first range starting above `addr`.
     std::size_t upper_index(hwaddr addr) const noexcept {
-        const auto c = std::upper_bound(chunk_starts_.begin(), chunk_starts_.end(), addr);
-        if (c == chunk_starts_.begin()) return 0;
-        const std::size_t ci = static_cast<std::size_t>(c - chunk_starts_.begin()) - 1;
-        const auto& st = chunks_[ci]->starts();
-        return prefix_[ci] + static_cast<std::size_t>(std::upper_bound(st.begin(), st.end(), addr) - st.begin());
+        const std::size_t c = detail::upper_index(chunk_starts_.data(), chunk_starts_.size(), addr);
+        if (c == 0) return 0;
+        const auto& st = chunks_[c - 1]->starts();
+        return prefix_[c - 1] + detail::upper_index(st.data(), st.size(), addr);
     }
     std::size_t chunk_of(std::size_t i) const noexcept {
         return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) - prefix_.begin()) - 1;

@@ -144,8 +144,8 @@ struct memory_core {
         return w == std::thread::id{} || w == std::this_thread::get_id();
     }
     std::mutex deferred_mutex;
-    std::vector<object*> deferred; ///< each holds a last reference
-    /// Drops the last references handed over by other threads. Writer only.
+    std::vector<object*> deferred; ///< dropped to zero (drop_ref), not yet finalized
+    /// Finalizes what other threads released last. Writer only.
     void release_deferred() {
         for (;;) {
             std::vector<object*> batch;
@@ -154,7 +154,7 @@ struct memory_core {
                 batch.swap(deferred);
             }
             if (batch.empty()) return;
-            for (object* o : batch) o->unref();
+            for (object* o : batch) o->finalize_dropped();
         }
     }
     /// Counted regions named by pending windows, referenced until the commit
@@ -466,6 +466,20 @@ private:
     bool fd_shared_ = true;
 };
 
+namespace detail {
+/// Finalizes a region whose last reference was just dropped: here on the
+/// writer's thread, else handed over to the writer.
+[[gnu::noinline]] inline void release_last(memory_region& mr) {
+    auto& core = memory_core::get();
+    if (core.on_writer()) {
+        mr.finalize_dropped();
+    } else {
+        std::lock_guard lock(core.deferred_mutex);
+        core.deferred.push_back(&mr);
+    }
+}
+} // namespace detail
+
 /// Takes a reference to the region itself (never its owner). Ownerless
 /// regions are not counted: one branch.
 inline void memory_region_ref(memory_region& mr) {
@@ -479,14 +493,8 @@ inline void memory_region_ref(memory_region& mr) {
 /// only the writer may touch.
 inline void memory_region_unref(memory_region& mr) {
     if (!mr.counted_) return;
-    if (mr.unref_unless_last()) return;
-    auto& core = detail::memory_core::get();
-    if (core.on_writer()) {
-        mr.unref();
-    } else {
-        std::lock_guard lock(core.deferred_mutex);
-        core.deferred.push_back(&mr);
-    }
+    if (mr.drop_ref()) [[unlikely]]
+        detail::release_last(mr);
 }
 
 /// A move-only holder of one memory_region_ref.

@@ -129,16 +129,28 @@ public:
         }
     }
 
-    /// Drops a reference unless it is the last one (kref's "put unless last"):
-    /// returns false, changing nothing, when the caller holds the last
-    /// reference, so that the caller can arrange for the final unref to run
-    /// elsewhere. Complexity: a compare-and-swap loop.
-    bool unref_unless_last() noexcept {
-        auto c = ref_.load(std::memory_order_relaxed);
-        while (c > 1)
-            if (ref_.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel, std::memory_order_relaxed))
-                return true;
-        return false;
+    /// Drops a reference without finalizing: returns true when it was the
+    /// last one, and the caller must then call finalize_dropped() — on the
+    /// thread where finalizing is allowed (a memory region's last reference
+    /// dropped by a vCPU is finalized by the topology writer). Until then the
+    /// object is dead: nothing may take a reference to it.
+    /// Requires (asserted): the count is not already zero.
+    bool drop_ref() {
+        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
+        if (old == 0) [[unlikely]] {
+            ref_.fetch_add(1, std::memory_order_relaxed);
+            dead_ref_failure("unref");
+        }
+        return old == 1;
+    }
+
+    /// Finalizes an object whose last reference drop_ref() dropped, with the
+    /// same checks and effects as the last unref().
+    void finalize_dropped() {
+        ref_.store(1, std::memory_order_relaxed);
+        check_last_unref();
+        ref_.store(0, std::memory_order_relaxed);
+        finalize();
     }
 
     /// The current count (racy by nature when other threads hold references).
