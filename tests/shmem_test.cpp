@@ -53,12 +53,7 @@ namespace Catch {
 template <>
 struct StringMaker<qomem::shmem_error::reason> {
     static std::string convert(qomem::shmem_error::reason r) {
-        static constexpr std::array names{"unknown_shmid",     "zero_length", "unaligned",  "overflow",
-                                          "out_of_bounds",     "overlap",     "bad_fd",     "bad_flags",
-                                          "too_many_mappings", "mmap_failed", "not_mapped", "duplicate_shmid",
-                                          "bad_size"};
-        const auto i = static_cast<std::size_t>(r);
-        return i < names.size() ? names[i] : "reason " + std::to_string(i);
+        return std::string(qomem::shmem_error::name(r));
     }
 };
 template <>

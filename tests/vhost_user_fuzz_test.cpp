@@ -168,13 +168,7 @@ std::optional<preason> model_verdict(const bytes_t& b, std::size_t nfds, std::ui
     }
 }
 
-const char* reason_name(preason r) {
-    static constexpr std::array names{
-        "truncated_header", "size_mismatch", "unknown_request", "bad_version", "bad_flags",
-        "missing_fd",       "extra_fds",     "oversized",       "bad_payload", "io"};
-    const auto i = static_cast<std::size_t>(r);
-    return i < names.size() ? names[i] : "?";
-}
+std::string_view reason_name(preason r) { return vu::protocol_error::name(r); }
 
 /// The bytes a decoded message encodes back to.
 bytes_t reencode(const vu::backend_message& m) {

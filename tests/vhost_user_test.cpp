@@ -51,11 +51,7 @@ namespace Catch {
 template <>
 struct StringMaker<qomem::vhost_user::protocol_error::reason> {
     static std::string convert(qomem::vhost_user::protocol_error::reason r) {
-        static constexpr std::array names{
-            "truncated_header", "size_mismatch", "unknown_request", "bad_version", "bad_flags",
-            "missing_fd",       "extra_fds",     "oversized",       "bad_payload", "io"};
-        const auto i = static_cast<std::size_t>(r);
-        return i < names.size() ? names[i] : "reason " + std::to_string(i);
+        return std::string(qomem::vhost_user::protocol_error::name(r));
     }
 };
 template <>

@@ -42,6 +42,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -80,6 +81,15 @@ public:
     };
     shmem_error(reason r, const std::string& what) : error(what), reason_(r) {}
     reason why() const noexcept { return reason_; }
+    /// The reason's name ("unknown_shmid", ...), for messages and tests.
+    static constexpr std::string_view name(reason r) noexcept {
+        constexpr std::string_view names[] = {
+            "unknown_shmid", "zero_length", "unaligned",  "overflow",        "out_of_bounds",
+            "overlap",       "bad_fd",      "bad_flags",  "too_many_mappings", "mmap_failed",
+            "not_mapped",    "duplicate_shmid", "bad_size"};
+        const auto i = static_cast<std::size_t>(r);
+        return i < std::size(names) ? names[i] : std::string_view("unknown reason");
+    }
 
 private:
     reason reason_;

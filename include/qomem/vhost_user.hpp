@@ -43,6 +43,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -135,6 +136,15 @@ public:
     };
     protocol_error(reason r, const std::string& what) : error(what), reason_(r) {}
     reason why() const noexcept { return reason_; }
+    /// The reason's name ("truncated_header", ...), for messages and tests.
+    static constexpr std::string_view name(reason r) noexcept {
+        constexpr std::string_view names[] = {"truncated_header", "size_mismatch", "unknown_request",
+                                              "bad_version",      "bad_flags",     "missing_fd",
+                                              "extra_fds",        "oversized",     "bad_payload",
+                                              "io"};
+        const auto i = static_cast<std::size_t>(r);
+        return i < std::size(names) ? names[i] : std::string_view("unknown reason");
+    }
 
 private:
     reason reason_;
