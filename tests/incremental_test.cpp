@@ -7,6 +7,7 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -242,4 +243,67 @@ TEST_CASE("a commit on a large view shares the chunks it did not touch", "[flat_
     CHECK(&before->ranges()[1000] == &after->ranges()[1000]);
     CHECK(after->chunk_count() <= before->chunk_count() + 1);
     root->del_subregion(*extra);
+}
+
+TEST_CASE("a listener that throws during a commit does not leave the view stale: the next commit "
+          "renders everything",
+          "[flat_view][incremental][listener]") {
+    qomem_test::leak_check leaks;
+    struct thrower : qomem::memory_listener {
+        bool armed = false;
+        void region_add(const qomem::memory_section&) override {
+            if (armed) {
+                armed = false;
+                throw std::runtime_error("listener failed");
+            }
+        }
+    };
+    auto owner = qomem::make<qomem::device>();
+    auto root = qomem::make_container(*owner, "root", qomem::u128_2_64);
+    auto a = qomem::make_ram(*owner, "a", 0x1000);
+    auto b = qomem::make_ram(*owner, "b", 0x1000);
+    root->add_subregion(0, *qomem::make_ram(*owner, "z", 0x1000));
+    {
+        qomem::address_space as(*root, "as");
+        thrower l;
+        as.add_listener(l);
+        l.armed = true;
+        CHECK_THROWS_AS(root->add_subregion(0x1000, *a), std::runtime_error);
+        root->add_subregion(0x5000, *b); // an unrelated change, committed later
+        const auto want = qomem::render_flat_view(qomem::flat_view_root(root.get()));
+        CHECK(as.view()->ranges() == want->ranges());
+        std::uint32_t v = 0x12345678;
+        CHECK(as.write(0x1000, &v, 4) == qomem::memtx_ok); // `a` is visible
+        as.remove_listener(l);
+    }
+}
+
+TEST_CASE("del_subregion whose commit throws still drops the container's reference", "[incremental][lifetime]") {
+    qomem_test::leak_check leaks;
+    struct thrower : qomem::memory_listener {
+        bool armed = false;
+        void region_del(const qomem::memory_section&) override {
+            if (armed) {
+                armed = false;
+                throw std::runtime_error("listener failed");
+            }
+        }
+    };
+    auto sysdev = qomem::make<qomem::device>();
+    auto root = qomem::make_container(*sysdev, "root", qomem::u128_2_64);
+    root->add_subregion(0, *qomem::make_ram(*sysdev, "z", 0x1000));
+    auto dev = qomem::make<qomem::device>();
+    auto ram = qomem::make_ram(*dev, "ram", 0x1000);
+    root->add_subregion(0x1000, *ram);
+    {
+        qomem::address_space as(*root, "as");
+        thrower l;
+        as.add_listener(l);
+        l.armed = true;
+        CHECK_THROWS_AS(root->del_subregion(*ram), std::runtime_error);
+        as.remove_listener(l);
+    }
+    qomem::memory_synchronize();
+    CHECK(ram->container() == nullptr);
+    CHECK(ram->ref_count() == 2); // the handle and the owner's child property
 }

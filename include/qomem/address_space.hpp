@@ -132,11 +132,13 @@ public:
     /// space that has the same flat-view root).
     ref_ptr<flat_view> view() const {
         rcu::read_guard g;
-        return ref_ptr<flat_view>(current_.load(std::memory_order_acquire));
+        return ref_ptr<flat_view>(current_.load(std::memory_order_seq_cst));
     }
     /// The current flat view without a reference: valid only inside an RCU
     /// read section (rcu::read_guard) on this thread.
-    const flat_view* current() const noexcept { return current_.load(std::memory_order_acquire); }
+    /// (seq_cst: ordered after the read section's epoch store even where that
+    /// store is not followed by a fence; a plain load on x86 and ARMv8.)
+    const flat_view* current() const noexcept { return current_.load(std::memory_order_seq_cst); }
 
     // ---- access (any thread, lock-free) ----------------------------------
 
@@ -257,14 +259,16 @@ private:
     std::uint64_t next_client_ = 1;
 };
 
-/// Waits until no reader can hold a retired flat view (rcu::synchronize),
-/// then finalizes what other threads released last (see
+/// Commits what is pending (outside a transaction), waits until no reader
+/// can hold a retired flat view (rcu::synchronize), then finalizes what
+/// other threads released last (see
 /// memory_region_unref), until nothing is left. Writer only; not inside a
 /// read section. Call it before counting live objects in a test, or before
 /// tearing down a machine that other threads used.
 inline void memory_synchronize() {
     auto& core = detail::memory_core::get();
     core.note_writer();
+    if (core.pending && core.depth == 0) core.commit(); // e.g. after a failed commit
     for (;;) {
         rcu::synchronize();
         {
@@ -313,7 +317,16 @@ inline address_space::address_space(memory_region& root, std::string name)
     registry().push_back(*this);
     auto& core = detail::memory_core::get();
     core.render_all = &detail::render_all_address_spaces;
-    core.touch(); // renders the new space's view (or shares an existing one)
+    try {
+        core.touch(); // renders the new space's view (or shares an existing one)
+    } catch (...) {
+        // No destructor will run: undo the registration.
+        registry().erase(registry().iterator_to(*this));
+        --root.as_root_users_;
+        publish(nullptr);
+        memory_region_unref(root);
+        throw;
+    }
 }
 
 inline address_space::~address_space() {
@@ -329,7 +342,7 @@ inline address_space::~address_space() {
 
 inline void address_space::publish(flat_view* v) {
     if (v) intrusive_ptr_add_ref(v);
-    flat_view* old = current_.exchange(v, std::memory_order_acq_rel);
+    flat_view* old = current_.exchange(v, std::memory_order_seq_cst);
     if (old)
         rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
@@ -556,8 +569,8 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
     memory_region& mr = *fr->mr;
     const hwaddr xlat = addr - fr->start + fr->offset_in_region;
     const bool plain_ram = mr.is_ram() && !mr.is_ram_device();
-    const bool direct = is_write ? plain_ram && !mr.readonly() && !fr->readonly
-                                 : plain_ram || mr.is_romd();
+    const bool direct = is_write ? plain_ram && !fr->readonly
+                                 : plain_ram || (mr.is_rom_device() && fr->romd_mode);
     if (!direct && attrs.memory) return m; // only RAM may answer
     if (direct) {
         std::byte* host = fr->host_base ? fr->host_base + (fr->start - fr->offset_in_region) : nullptr;

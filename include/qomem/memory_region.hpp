@@ -187,7 +187,15 @@ struct memory_core {
                 for (object* o : std::exchange(held_until_commit, {})) o->unref();
             }
         } catch (...) {
+            // The failed render consumed the windows: views may now lag the
+            // topology. Render everything at the next commit.
             committing = false;
+            full = true;
+            windows.clear();
+            pending = true;
+            // The windows are gone, so are the reasons to hold their regions.
+            for (object* o : std::exchange(window_refs, {})) o->unref();
+            for (object* o : std::exchange(held_until_commit, {})) o->unref();
             throw;
         }
         committing = false;
@@ -265,13 +273,13 @@ public:
     hwaddr addr() const noexcept { return addr_; }
     std::int32_t priority() const noexcept { return priority_; }
     bool enabled() const noexcept { return enabled_; }
-    bool readonly() const noexcept { return readonly_; }
+    bool readonly() const noexcept { return readonly_.load(std::memory_order_relaxed); }
     bool nonvolatile() const noexcept { return nonvolatile_; }
-    bool romd_mode() const noexcept { return romd_mode_; }
+    bool romd_mode() const noexcept { return romd_mode_.load(std::memory_order_relaxed); }
     bool terminates() const noexcept { return terminates_; }
     bool is_ram() const noexcept { return ram_; }
     bool is_rom_device() const noexcept { return kind_ == region_kind::rom_device; }
-    bool is_romd() const noexcept { return is_rom_device() && romd_mode_; }
+    bool is_romd() const noexcept { return is_rom_device() && romd_mode(); }
     bool is_ram_device() const noexcept { return kind_ == region_kind::ram_device; }
     /// RAM-like regions whose bytes are read directly (RAM, ROM, ROMD reads).
     bool is_direct_read() const noexcept { return (ram_ && !is_ram_device()) || is_romd(); }
@@ -284,7 +292,7 @@ public:
     /// The device whose MMIO re-entrancy guard covers this region (the owner,
     /// when it is a device and the region is MMIO), or null.
     const device* guarded_device() const noexcept {
-        return guard_enabled_ && !readonly_ ? guard_device_ : nullptr;
+        return guard_enabled_ && !readonly() ? guard_device_ : nullptr;
     }
     /// Opts this region out of (or back into) the re-entrancy guard, for a
     /// device that legitimately accesses its own MMIO from its handlers.
@@ -419,10 +427,10 @@ private:
     region_kind kind_;
     bool terminates_ = false;
     bool ram_ = false;
-    bool readonly_ = false;
+    std::atomic<bool> readonly_{false}; // read by readers (re-entrancy guard)
     bool nonvolatile_ = false;
     bool enabled_ = true;
-    bool romd_mode_ = true;
+    std::atomic<bool> romd_mode_{true};
     u128 size_ = 0;
     u128 backing_size_ = 0;
     hwaddr addr_ = 0;
@@ -624,7 +632,7 @@ inline memory_region::memory_region(const init_args& a)
     case region_kind::container:
         break;
     case region_kind::rom:
-        readonly_ = true;
+        readonly_.store(true, std::memory_order_relaxed);
         [[fallthrough]];
     case region_kind::ram:
         ram_ = true;
@@ -777,7 +785,7 @@ inline const char* memory_region::type_string() const noexcept {
     if (alias_) return alias_->type_string();
     if (is_ram_device()) return "ramd";
     if (is_romd()) return "romd";
-    if (ram_ && readonly_) return "rom";
+    if (ram_ && readonly()) return "rom";
     if (ram_) return "ram";
     return "i/o";
 }
@@ -881,7 +889,12 @@ inline void memory_region::del_subregion(memory_region& sub) {
         sub.ref();
         core.held_until_commit.push_back(&sub);
     }
-    changed_inside(i128(sub.addr_), i128(sub.addr_) + i128(sub.size_));
+    try {
+        changed_inside(i128(sub.addr_), i128(sub.addr_) + i128(sub.size_));
+    } catch (...) {
+        memory_region_unref(sub); // the container's reference: sub is out already
+        throw;
+    }
     memory_region_unref(sub);
 }
 
@@ -892,8 +905,8 @@ inline void memory_region::set_enabled(bool enabled) {
 }
 
 inline void memory_region::set_readonly(bool readonly) {
-    if (readonly == readonly_) return;
-    readonly_ = readonly;
+    if (readonly == readonly_.load(std::memory_order_relaxed)) return;
+    readonly_.store(readonly, std::memory_order_relaxed);
     changed_whole();
 }
 
@@ -905,8 +918,8 @@ inline void memory_region::set_nonvolatile(bool nonvolatile) {
 
 inline void memory_region::set_romd(bool romd) {
     QOMEM_ASSERT(is_rom_device(), "set_romd on '{}', which is not a ROM device", name_);
-    if (romd == romd_mode_) return;
-    romd_mode_ = romd;
+    if (romd == romd_mode_.load(std::memory_order_relaxed)) return;
+    romd_mode_.store(romd, std::memory_order_relaxed);
     changed_whole();
 }
 

@@ -98,20 +98,31 @@ struct state {
 
 inline constinit state global_state{};
 inline thread_local constinit reader_record this_thread_reader{};
+/// Set once the thread's unregistration has run (thread exit): a read
+/// section opened later (another thread_local's destructor) registers for
+/// its own duration only.
+inline thread_local constinit bool this_thread_exited = false;
+
+inline void unregister_reader() {
+    std::lock_guard lock(global_state.readers_mutex);
+    std::erase(global_state.readers, &this_thread_reader);
+    this_thread_reader.registered = false;
+}
 
 /// Unregisters the thread's record when the thread exits.
 struct reader_registration {
     ~reader_registration() {
-        std::lock_guard lock(global_state.readers_mutex);
-        std::erase(global_state.readers, &this_thread_reader);
-        this_thread_reader.registered = false;
+        unregister_reader();
+        this_thread_exited = true;
     }
 };
 
 [[gnu::noinline]] inline void register_reader() {
     global_state.probe_asymmetric();
-    thread_local reader_registration unregister_at_exit;
-    (void)unregister_at_exit;
+    if (!this_thread_exited) {
+        thread_local reader_registration unregister_at_exit;
+        (void)unregister_at_exit;
+    }
     std::lock_guard lock(global_state.readers_mutex);
     global_state.readers.push_back(&this_thread_reader);
     this_thread_reader.registered = true;
@@ -166,7 +177,11 @@ inline void read_unlock() {
     detail::reader_record& r = detail::this_thread_reader;
     if (r.nesting == 0) [[unlikely]]
         detail::unbalanced_unlock();
-    if (--r.nesting == 0) r.epoch.store(0, std::memory_order_release);
+    if (--r.nesting == 0) {
+        r.epoch.store(0, std::memory_order_release);
+        if (detail::this_thread_exited) [[unlikely]]
+            detail::unregister_reader();
+    }
 }
 
 /// True inside a read section on this thread.

@@ -173,7 +173,8 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
         return memtx_access_error;
     }
     // Direct: RAM, ROMD reads, and debug writes (loaders) into ROMD memory.
-    if (is_write ? (plain_ram || (attrs.debug && mr.is_romd())) : (plain_ram || mr.is_romd())) {
+    const bool romd = mr.is_rom_device() && fr.romd_mode; // as rendered, not as changed since
+    if (is_write ? (plain_ram || (attrs.debug && romd)) : (plain_ram || romd)) {
         std::byte* host = fr.host_base ? fr.host_base + (fr.start - fr.offset_in_region) : nullptr;
         if (!host) {
             try {
@@ -186,7 +187,7 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
         const auto n = static_cast<std::size_t>(len);
         if (!is_write) {
             std::memcpy(buf, host + offset, n);
-        } else if (!(mr.readonly() || fr.readonly || mr.is_romd()) ||
+        } else if (!(fr.readonly || romd) ||
                    (attrs.debug && mr.host_writable())) {
             std::memcpy(host + offset, buf, n);
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
