@@ -60,6 +60,10 @@ namespace detail {
 inline void render_all_address_spaces();
 struct view_diff;
 inline void tell_listeners(address_space& as, const view_diff& d);
+/// A flat range as listeners and find() see it.
+inline memory_section section_of(const flat_range& r) noexcept {
+    return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
+}
 } // namespace detail
 
 /// A DMA mapping (QEMU's address_space_map): a host pointer to `size()`
@@ -241,9 +245,6 @@ private:
                                                     std::size_t len, mem_attrs attrs) {
         return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
     }
-    static memory_section section_of(const flat_range& r) noexcept {
-        return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
-    }
     void notify_map_clients();
 
     hook_t hook_;
@@ -360,20 +361,17 @@ struct view_diff {
         auto n = new_r.begin(), ne = new_r.end();
         while (o != oe || n != ne) {
             if (o != oe && n != ne && *o == *n) {
-                adds.emplace_back(section(*n), true);
+                adds.emplace_back(section_of(*n), true);
                 ++o;
                 ++n;
             } else if (o != oe && (n == ne || o->start <= n->start)) {
-                dels.push_back(section(*o));
+                dels.push_back(section_of(*o));
                 ++o;
             } else {
-                adds.emplace_back(section(*n), false);
+                adds.emplace_back(section_of(*n), false);
                 ++n;
             }
         }
-    }
-    static memory_section section(const flat_range& r) noexcept {
-        return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
     }
     bool changes() const noexcept {
         return !dels.empty() ||
@@ -410,8 +408,6 @@ inline bool map_change_up(const memory_region* x, i128 lo, i128 hi, window_map& 
     });
     return ok;
 }
-
-inline void tell_listeners(address_space& as, const view_diff& d);
 
 } // namespace detail
 
@@ -546,14 +542,14 @@ inline void address_space::add_listener(memory_listener& l) {
     listeners_.insert(it, l);
     l.as_ = this;
     l.begin();
-    for (const flat_range& r : current_.load()->ranges()) l.region_add(section_of(r));
+    for (const flat_range& r : current_.load()->ranges()) l.region_add(detail::section_of(r));
     l.commit();
 }
 
 inline void address_space::remove_listener(memory_listener& l) {
     QOMEM_ASSERT(l.as_ == this, "listener is not registered to address space '{}'", name_);
     l.begin();
-    for (const flat_range& r : current_.load()->ranges()) l.region_del(section_of(r));
+    for (const flat_range& r : current_.load()->ranges()) l.region_del(detail::section_of(r));
     l.commit();
     listeners_.erase(listeners_.iterator_to(l));
     l.as_ = nullptr;
@@ -573,7 +569,7 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
                                  : plain_ram || (mr.is_rom_device() && fr->romd_mode);
     if (!direct && attrs.memory) return m; // only RAM may answer
     if (direct) {
-        std::byte* host = fr->host_base ? fr->host_base + (fr->start - fr->offset_in_region) : nullptr;
+        std::byte* host = fr->region_host();
         if (!host) {
             try {
                 host = mr.host_ptr();

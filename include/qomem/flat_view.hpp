@@ -61,6 +61,11 @@ struct flat_range {
     /// part of the range's identity (operator== ignores it).
     std::byte* host_base = nullptr;
 
+    /// The host address of the region's offset 0 (from host_base), or null.
+    std::byte* region_host() const noexcept {
+        return host_base ? host_base + (start - offset_in_region) : nullptr;
+    }
+
     u128 end() const noexcept { return u128(start) + size; }
     hwaddr last() const noexcept { return start + (static_cast<hwaddr>(size) - 1); }
     /// 64-bit only: size is never 0, and its low 64 bits minus 1 are the

@@ -989,7 +989,7 @@ inline void memory_region::on_unparent() {
 
 inline object::after_free_action memory_region::after_free() noexcept {
     if (!holds_owner_) return {};
-    return {[](object* owner) { owner->unref(); }, owner_};
+    return unref_after_free(owner_);
 }
 
 inline void memory_region::check_finalizable() const {

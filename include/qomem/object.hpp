@@ -263,6 +263,10 @@ protected:
         object* arg = nullptr;
     };
     virtual after_free_action after_free() noexcept { return {}; }
+    /// The after_free action that drops one reference to `o` (a held owner).
+    static after_free_action unref_after_free(object* o) noexcept {
+        return {[](object* x) { x->unref(); }, o};
+    }
 
     /// Misuse checks a type adds for the moment its last reference is
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the

@@ -268,7 +268,7 @@ inline void shmem_mapping::on_unparent() {
 }
 
 inline object::after_free_action shmem_mapping::after_free() noexcept {
-    return {[](object* shm) { shm->unref(); }, shm_};
+    return unref_after_free(shm_);
 }
 
 inline virtio_shmem::virtio_shmem(std::uint8_t shmid, std::uint64_t size, std::string name)
@@ -314,7 +314,7 @@ inline void virtio_shmem::on_unparent() {
 
 inline object::after_free_action virtio_shmem::after_free() noexcept {
     if (!held_owner_) return {};
-    return {[](object* o) { o->unref(); }, held_owner_};
+    return unref_after_free(held_owner_);
 }
 
 inline std::size_t virtio_shmem::active_mappings() const noexcept {
@@ -347,19 +347,17 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
                fmt::format("range 0x{:x}..0x{:x} is past the end of the region (size 0x{:x})",
                            shm_offset, shm_offset + len - 1, size_));
     // The nearest mapping at or before the range, and the first after it.
-    auto next = mappings_.lower_bound(shm_offset);
-    if (next != mappings_.end() && next->first < shm_offset + len)
+    auto refuse_overlap = [&](const shmem_mapping& m) {
         refuse(reason::overlap,
                fmt::format("range 0x{:x}..0x{:x} overlaps the mapping at 0x{:x} (length 0x{:x}{})",
-                           shm_offset, shm_offset + len - 1, next->first, next->second->len_,
-                           next->second->active_ ? "" : ", unmapped but still referenced"));
+                           shm_offset, shm_offset + len - 1, m.offset_, m.len_,
+                           m.active_ ? "" : ", unmapped but still referenced"));
+    };
+    auto next = mappings_.lower_bound(shm_offset);
+    if (next != mappings_.end() && next->first < shm_offset + len) refuse_overlap(*next->second);
     if (next != mappings_.begin()) {
         const shmem_mapping& prev = *std::prev(next)->second;
-        if (prev.offset_ + prev.len_ > shm_offset)
-            refuse(reason::overlap,
-                   fmt::format("range 0x{:x}..0x{:x} overlaps the mapping at 0x{:x} (length 0x{:x}{})",
-                               shm_offset, shm_offset + len - 1, prev.offset_, prev.len_,
-                               prev.active_ ? "" : ", unmapped but still referenced"));
+        if (prev.offset_ + prev.len_ > shm_offset) refuse_overlap(prev);
     }
     if (mappings_.size() >= max_mappings_)
         refuse(reason::too_many_mappings,

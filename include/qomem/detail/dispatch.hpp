@@ -175,7 +175,7 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
     // Direct: RAM, ROMD reads, and debug writes (loaders) into ROMD memory.
     const bool romd = mr.is_rom_device() && fr.romd_mode; // as rendered, not as changed since
     if (is_write ? (plain_ram || (attrs.debug && romd)) : (plain_ram || romd)) {
-        std::byte* host = fr.host_base ? fr.host_base + (fr.start - fr.offset_in_region) : nullptr;
+        std::byte* host = fr.region_host();
         if (!host) {
             try {
                 host = mr.host_ptr();
