@@ -42,4 +42,27 @@ public:
     using error::error;
 };
 
+/// A value that a typed property does not accept: a malformed boolean,
+/// number or size, a number out of the property's range, an unknown enum
+/// value, or malformed `name=value,...` text (property.hpp).
+class property_value_error : public property_error {
+public:
+    using property_error::property_error;
+};
+
+/// A type name that names no registered type, names an abstract type, or
+/// names a type other than the one required (type_registry.hpp).
+class type_error : public error {
+public:
+    using error::error;
+};
+
+/// A hotplug request refused (device.hpp, hotplug.hpp): no such device, a
+/// device or bus that is not hot-pluggable, an unplug already in progress,
+/// or a refusal by the hotplug handler.
+class hotplug_error : public error {
+public:
+    using error::error;
+};
+
 } // namespace qomem

@@ -154,7 +154,7 @@ struct memory_core {
                 batch.swap(deferred);
             }
             if (batch.empty()) return;
-            for (object* o : batch) o->finalize_dropped();
+            for (object* o : batch) deferred_finalization::finalize(*o);
         }
     }
     /// Counted regions named by pending windows, referenced until the commit
@@ -480,7 +480,7 @@ namespace detail {
 [[gnu::noinline]] inline void release_last(memory_region& mr) {
     auto& core = memory_core::get();
     if (core.on_writer()) {
-        mr.finalize_dropped();
+        deferred_finalization::finalize(mr);
     } else {
         std::lock_guard lock(core.deferred_mutex);
         core.deferred.push_back(&mr);
