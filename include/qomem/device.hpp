@@ -255,6 +255,8 @@ device& device_add(machine& m, device& dev, bus* b, std::string_view id = {});
 /// hotplug handler's unplug_request; without a guest handshake the unplug
 /// completes at once (complete_unplug). DEVICE_DELETED follows when the
 /// device is finalized.
+/// Effects: marks `dev` unplug_pending() until complete_unplug; references
+/// as complete_unplug when it runs.
 /// Throws: hotplug_error when its bus is not hot-pluggable (no handler), its
 /// class is not hot-pluggable, an unplug is already pending, or it has no
 /// handler; what unplug_request throws (nothing pending then).

@@ -300,8 +300,11 @@ public:
     /// Adds a typed property to this object alone (QEMU's
     /// object_property_add_*), and applies its default if it has one.
     /// Requires (asserted): `def` works on this object's type (or an ancestor).
+    /// Effects: the setter runs once for the default. References: none.
     /// Throws: property_error if the name is taken by an instance or class
     /// property; what the setter throws for the default (nothing changed).
+    /// Complexity: O(1) average plus a scan of the class's properties (as
+    /// every lookup by name that misses the object's own properties).
     void add_property(property_def def);
 
     /// What iteration reports for property `name`, or nullopt if none.
@@ -335,10 +338,13 @@ public:
 
     /// Typed setters, each checked before the setter runs. set_str also sets
     /// an enumeration by value name and a link by path (as set_link_path).
+    /// Effects: the property's setter (for a link: set_link's references;
+    /// for "realized": realize or unrealize).
     /// Throws: property_error when there is no such property, it is read-only
     /// or of another type; property_value_error for a value out of range or
     /// an unknown enum value; path_error as set_link_path; what the setter
     /// throws (a refused realize, say). Nothing changed on a refusal.
+    /// Complexity: a lookup by name (see add_property) plus the setter.
     void set_bool(std::string_view name, bool value);
     void set_int(std::string_view name, std::int64_t value);
     void set_uint(std::string_view name, std::uint64_t value);

@@ -130,6 +130,13 @@ struct type_info {
 struct interface_class {
     const type_info* type = nullptr;          ///< the interface
     const type_info* concrete_type = nullptr; ///< the object type whose class holds it
+
+    interface_class() = default;
+    interface_class(const interface_class&) = default;
+    interface_class& operator=(const interface_class&) = default;
+    /// Virtual: a class object owns its interfaces' class objects through
+    /// this base.
+    virtual ~interface_class() = default;
 };
 
 /// The class object every type shares (QEMU's ObjectClass). Types extend it by

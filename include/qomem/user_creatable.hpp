@@ -40,6 +40,7 @@ struct user_creatable {
 /// order), adds it as child `id` of `parent` and, when it is user_creatable,
 /// completes it.
 /// Effects: `parent` holds the only reference to the returned object.
+/// Complexity: one lookup and setter per setting.
 /// Throws, leaving nothing behind: type_error (unknown, abstract type);
 /// property_error for an unknown or read-only property or an `id` already
 /// used in `parent`; property_value_error for a value or enum value the
@@ -84,6 +85,7 @@ inline container& objects_root(object& in_tree) {
 
 /// QEMU's user_creatable_add_type (-object, object-add): new_with_props
 /// under /objects of `in_tree`'s tree, for a user_creatable type.
+/// Effects: /objects (made if missing) holds the only reference.
 /// Throws, leaving nothing behind: type_error when `type` is unknown, not
 /// user_creatable or abstract; property_value_error for a malformed id (a
 /// letter, then letters, digits, '-', '.', '_'); property_error for an id in
