@@ -33,6 +33,8 @@
 #include <qomem/rcu.hpp>
 #include <qomem/shmem.hpp>
 
+#include "bench_support.hpp"
+
 namespace {
 
 using qomem::hwaddr;
@@ -164,10 +166,5 @@ int main(int argc, char** argv) {
     }
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-    qomem::rcu::synchronize();
-    if (const std::size_t n = qomem::live_object_count()) {
-        std::fprintf(stderr, "shmem_bench: %zu qomem object(s) leaked\n", n);
-        return 1;
-    }
-    return 0;
+    return qomem_bench::leak_status("shmem_bench");
 }

@@ -93,17 +93,8 @@ private:
     qomem::memory_listener& l_;
 };
 
-/// A machine: a device owning the regions, and an ownerless root container.
-struct board {
-    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
-    qomem::ref_ptr<qomem::memory_region> sys =
-        qomem::make_container(nullptr, "system", qomem::u128_2_64);
-};
-
-struct null_regs {
-    std::uint64_t read(hwaddr, unsigned) { return 0; }
-    void write(hwaddr, std::uint64_t, unsigned) {}
-};
+using qomem_test::board;
+using qomem_test::null_regs;
 
 /// The start address of the section an event names ("add 1000-1fff x" -> 0x1000).
 hwaddr start_of(std::string_view event) {
@@ -142,7 +133,7 @@ void check_commit_shape(const strings& ev) {
 } // namespace
 
 TEST_CASE("registering a listener replays the current view as begin, region_add for each "
-          "range in address order, commit; unregistering reports every range as region_del",
+          "range in address order, commit, and unregistering reports every range as region_del",
           "[listener]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;

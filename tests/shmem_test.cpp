@@ -434,7 +434,7 @@ TEST_CASE("map makes a file visible to the guest, and guest writes reach the fil
         {
             const qomem::found_section s = r.as->find(bar_addr + 3 * P, 1); // holds the region
             REQUIRE(s);
-            CHECK(s.mr.get() == &m.region());
+            CHECK(s.mr == &m.region());
             CHECK(s.offset_within_region == P);
         }
 

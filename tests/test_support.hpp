@@ -18,7 +18,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <exception>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -26,8 +28,13 @@
 #include <vector>
 
 #include <catch2/catch.hpp>
+#include <fmt/core.h>
 
 #include <qomem/assert.hpp>
+#include <qomem/device.hpp>
+#include <qomem/memory_ops.hpp>
+#include <qomem/memory_region.hpp>
+#include <qomem/memory_system.hpp>
 #include <qomem/object.hpp>
 
 namespace qomem_test {
@@ -145,5 +152,100 @@ inline std::vector<std::string> only(const std::vector<std::string>& events,
         if (std::string_view(e).substr(0, prefix.size()) == prefix) out.push_back(e);
     return out;
 }
+
+// ---- memory-map rigs --------------------------------------------------------
+
+/// How many live objects of type `type` ("memory-region", ...) exist now.
+inline std::size_t live_count(std::string_view type) {
+    const auto all = qomem::live_objects();
+    const auto it = all.find(type);
+    return it == all.end() ? 0 : it->second;
+}
+
+/// "11 22 33 44": bytes as the guest sees them in a buffer.
+inline std::string bytes(const void* p, std::size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    std::string out;
+    for (std::size_t i = 0; i < n; ++i) {
+        if (i) out += ' ';
+        out += fmt::format("{:02x}", b[i]);
+    }
+    return out;
+}
+
+/// A register file whose byte at offset k is (k & 0xff), in little-endian
+/// order: whatever the access size, the guest's buffer shows the bytes of
+/// the offsets it covers.
+inline std::uint64_t offset_bytes(qomem::hwaddr offset, unsigned size) {
+    std::uint64_t v = 0;
+    for (unsigned k = 0; k < size; ++k) v |= ((offset + k) & 0xff) << (8 * k);
+    return v;
+}
+
+/// The calls an MMIO model received, as "r 0x10/4" and "w 0x10/4=0x1234".
+struct mmio_calls {
+    std::vector<std::string> calls;
+    void note_read(qomem::hwaddr offset, unsigned size) {
+        calls.push_back(fmt::format("r {:#x}/{}", offset, size));
+    }
+    void note_write(qomem::hwaddr offset, std::uint64_t value, unsigned size) {
+        calls.push_back(fmt::format("w {:#x}/{}={:#x}", offset, size, value));
+    }
+};
+
+/// MMIO callbacks that record every call (mmio_calls) and answer reads with
+/// `reader` (zero by default). Access rules and byte order are template
+/// parameters, because QEMU's (and qomem's) are static.
+template <qomem::access_limits Valid = qomem::access_limits{},
+          qomem::access_limits Impl = qomem::access_limits{},
+          qomem::endianness Endian = qomem::endianness::little>
+struct recording_regs : mmio_calls {
+    static constexpr qomem::access_limits valid = Valid;
+    static constexpr qomem::access_limits impl = Impl;
+    static constexpr qomem::endianness endian = Endian;
+
+    std::function<std::uint64_t(qomem::hwaddr, unsigned)> reader = [](qomem::hwaddr, unsigned) {
+        return std::uint64_t{0};
+    };
+    std::uint64_t read(qomem::hwaddr offset, unsigned size) {
+        note_read(offset, size);
+        return reader(offset, size);
+    }
+    void write(qomem::hwaddr offset, std::uint64_t value, unsigned size) {
+        note_write(offset, value, size);
+    }
+};
+
+/// MMIO that answers zero and ignores writes.
+struct null_regs {
+    std::uint64_t read(qomem::hwaddr, unsigned) { return 0; }
+    void write(qomem::hwaddr, std::uint64_t, unsigned) {}
+};
+
+/// A machine: a device owning every region, and an ownerless root container.
+/// The root handle is dropped before the device, which then frees its regions.
+struct board {
+    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
+    qomem::ref_ptr<qomem::memory_region> sys =
+        qomem::make_container(nullptr, "system", qomem::u128_2_64);
+};
+
+/// Turns on memory_system::set_verify_incremental (every incremental commit
+/// checked against a full render) for its lifetime, and restores it after,
+/// also when a check fails.
+class verify_incremental {
+public:
+    explicit verify_incremental(qomem::memory_system& sys = qomem::memory_system::default_system())
+        : sys_(sys), previous_(sys.verify_incremental()) {
+        sys_.set_verify_incremental(true);
+    }
+    ~verify_incremental() { sys_.set_verify_incremental(previous_); }
+    verify_incremental(const verify_incremental&) = delete;
+    verify_incremental& operator=(const verify_incremental&) = delete;
+
+private:
+    qomem::memory_system& sys_;
+    bool previous_;
+};
 
 } // namespace qomem_test

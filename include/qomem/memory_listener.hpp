@@ -20,23 +20,30 @@
 // registration order. A section handed to a callback always belongs to a view
 // that is still alive (the old view is released only after the callbacks).
 //
-// Callbacks run on the thread that commits, with the topology lock held (the
-// writer's side); they may change the topology, which is then committed again
-// after the current commit.
+// Callbacks run on the thread that commits, which holds the memory system's
+// writer role (memory_system::lock); they may change the topology, which is
+// then committed again after the current commit.
 #pragma once
 
 #include <cstdint>
 
 #include <boost/intrusive/list.hpp>
 
-#include <qomem/detail/int128.hpp>
+#include <qomem/assert.hpp>
+#include <qomem/types.hpp>
 
 namespace qomem {
 
 class memory_region;
 class address_space;
+class memory_system;
+namespace detail {
+struct view_slot;
+}
 
-/// One range of a flat view, as listeners and find() see it.
+/// One range of a flat view, as listeners and find() see it (QEMU's
+/// MemoryRegionSection). A plain description: it holds no reference (find()
+/// returns one together with a reference, see address_space.hpp).
 struct memory_section {
     memory_region* mr = nullptr;
     hwaddr offset_within_address_space = 0;
@@ -63,13 +70,24 @@ public:
     virtual void commit() {}
 
 protected:
-    /// Destroying a listener that is still registered is a bug: the hook is a
-    /// safe_link hook, which asserts.
-    ~memory_listener() = default;
+    /// Requires (asserted, never compiled out): not registered to an address
+    /// space, which would otherwise call into a destroyed object.
+    ~memory_listener() noexcept(false) {
+        QOMEM_ASSERT(!as_, "memory listener at {} destroyed while still registered to an "
+                           "address space",
+                     static_cast<const void*>(this));
+    }
 
 private:
     friend class address_space;
-    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::safe_link>> hook_;
+    friend class memory_system;
+    friend struct detail::view_slot;
+    using hook_type =
+        boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>;
+    hook_type hook_;
+    /// The listeners of one address space, in priority order.
+    using list_type = boost::intrusive::list<
+        memory_listener, boost::intrusive::member_hook<memory_listener, hook_type, &memory_listener::hook_>>;
     unsigned priority_;
     address_space* as_ = nullptr;
 };

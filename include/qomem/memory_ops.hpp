@@ -26,7 +26,7 @@
 #include <concepts>
 #include <cstdint>
 
-#include <qomem/detail/int128.hpp>
+#include <qomem/types.hpp>
 
 namespace qomem {
 
@@ -85,17 +85,23 @@ template <class T>
 concept MemoryRegionOps = (detail::plain_read<T> || detail::attrs_read<T>) &&
                           (detail::plain_write<T> || detail::attrs_write<T>);
 
-namespace detail {
-
-/// The per-type table a region points to.
-struct ops_table {
+/// A MemoryRegionOps type with its type erased: one static table per ops
+/// type, which a region points to together with the ops object. Made by
+/// `region_ops::of<Ops>()`; users never fill one in.
+struct region_ops {
     memtx_result (*read)(void*, hwaddr, std::uint64_t*, unsigned, mem_attrs);
     memtx_result (*write)(void*, hwaddr, std::uint64_t, unsigned, mem_attrs);
     bool (*accepts)(void*, hwaddr, unsigned, bool, mem_attrs); ///< null: accept all
     access_limits valid;
     access_limits impl;
     endianness endian;
+
+    /// The table of `Ops` (defined below).
+    template <class Ops>
+    static constexpr const region_ops* of() noexcept;
 };
+
+namespace detail {
 
 template <class T>
 constexpr access_limits valid_of() {
@@ -149,9 +155,16 @@ struct ops_thunks {
     }
     static_assert(!(impl_of<T>().unaligned && !valid_of<T>().unaligned),
                   "MemoryRegionOps: impl.unaligned requires valid.unaligned (as in QEMU)");
-    static constexpr ops_table table{&read, &write, has_accepts ? &accepts : nullptr,
+    static constexpr region_ops table{&read, &write, has_accepts ? &accepts : nullptr,
                                      valid_of<T>(), impl_of<T>(), endian_of<T>()};
 };
 
 } // namespace detail
+
+template <class Ops>
+constexpr const region_ops* region_ops::of() noexcept {
+    static_assert(MemoryRegionOps<Ops>, "region_ops::of<Ops>: Ops must meet qomem::MemoryRegionOps");
+    return &detail::ops_thunks<Ops>::table;
+}
+
 } // namespace qomem

@@ -3,6 +3,7 @@
 //     fmt::print("{}", qomem::info_mtree({.flatview = true}));          // info mtree -f
 //     fmt::print("{}", qomem::info_mtree({.disabled = true}));          // info mtree -D
 //     fmt::print("{}", qomem::info_mtree(spaces, {.owner = true}));     // only these spaces
+//     fmt::print("{}", qomem::info_mtree(m.memory(), {}));              // a machine's system
 //
 // The formats are QEMU's (HMP `info mtree [-f] [-o] [-D]`): 16-digit hex
 // addresses, inclusive ends, "(prio N, [nv-]type): name", " @offset" for flat
@@ -193,11 +194,16 @@ inline std::string info_mtree(std::span<const address_space* const> spaces,
     return out;
 }
 
-/// `info mtree` over every address space, oldest first.
-inline std::string info_mtree(const mtree_options& opt = {}) {
+/// `info mtree` over every address space of `sys`, oldest first. Writer role.
+inline std::string info_mtree(const memory_system& sys, const mtree_options& opt = {}) {
     std::vector<const address_space*> spaces;
-    address_space::for_each([&](const address_space& as) { spaces.push_back(&as); });
+    sys.for_each_address_space([&](const address_space& as) { spaces.push_back(&as); });
     return info_mtree(spaces, opt);
+}
+
+/// `info mtree` over every address space of the default memory system.
+inline std::string info_mtree(const mtree_options& opt = {}) {
+    return info_mtree(memory_system::default_system(), opt);
 }
 
 } // namespace qomem

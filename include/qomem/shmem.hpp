@@ -41,6 +41,7 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -51,6 +52,7 @@
 #include <qomem/device.hpp>
 #include <qomem/error.hpp>
 #include <qomem/memory_region.hpp>
+#include <qomem/memory_system.hpp>
 
 namespace qomem {
 
@@ -285,7 +287,7 @@ inline virtio_shmem::virtio_shmem(std::uint8_t shmid, std::uint64_t size, std::s
     base_ = static_cast<std::byte*>(p);
     memory_region::init_args a{region_owner(*this), name_, region_kind::reservation, size};
     try {
-        region_ = detail::make_region(a).get(); // this object holds it as a child
+        region_ = make_region(a).get(); // this object holds it as a child
     } catch (...) {
         ::munmap(base_, static_cast<std::size_t>(size_));
         throw;
@@ -395,7 +397,7 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
         memory_region::init_args a{region_owner(*m), fmt::format("{}-map@0x{:x}", name_, shm_offset),
                                    region_kind::ram, len};
         a.host = where;
-        m->region_ = detail::make_region(a).get();
+        m->region_ = make_region(a).get();
         if (!writable) {
             m->region_->set_readonly(true);
             m->region_->set_host_writable(false); // PROT_READ: not even a debug write
@@ -426,7 +428,8 @@ inline void virtio_shmem::unmap(std::uint64_t shm_offset, std::uint64_t len) {
 }
 
 inline void virtio_shmem::unmap_all() {
-    memory_transaction tx;
+    std::optional<memory_transaction> tx; // in the region's memory system, if it has one
+    if (memory_system* sys = region_->system()) tx.emplace(*sys);
     std::vector<shmem_mapping*> active;
     for (const auto& [off, m] : mappings_)
         if (m->active_) active.push_back(m);
