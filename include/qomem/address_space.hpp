@@ -143,7 +143,7 @@ public:
         // (64-bit arithmetic only).
         if (const flat_range* fr = v.lookup_cached(addr);
             fr && fr->host_base && len != 0 && len - 1 <= fr->last() - addr && !attrs.memory) [[likely]] {
-            std::memcpy(buf, fr->host_base + addr, len);
+            std::memcpy(buf, fr->host_at(addr), len);
             return memtx_ok;
         }
         return read_slow(v, addr, buf, len, attrs);

@@ -49,14 +49,20 @@ struct flat_range {
     bool nonvolatile = false;
     bool romd_mode = true;
     /// For directly readable RAM whose memory is reserved: the host address
-    /// of guest address 0 of this range's mapping (host + offset - start, in
-    /// modular arithmetic), so a read is one addition. Null otherwise. Not
+    /// of guest address 0 of this range's mapping (host + offset - start,
+    /// modulo 2^64: an integer, since as a pointer it would usually point
+    /// outside any object), so that a read is one addition; 0 otherwise. Not
     /// part of the range's identity (operator== ignores it).
-    std::byte* host_base = nullptr;
+    std::uintptr_t host_base = 0;
 
+    /// The host address of guest address `a` (inside the range), through
+    /// host_base. Requires: host_base != 0.
+    std::byte* host_at(hwaddr a) const noexcept {
+        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a));
+    }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {
-        return host_base ? host_base + (start - offset_in_region) : nullptr;
+        return host_base ? host_at(start - offset_in_region) : nullptr;
     }
 
     // The one definition of direct access: which accesses are a memcpy of

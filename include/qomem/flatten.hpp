@@ -108,8 +108,7 @@ private:
             // Reserve now (MAP_NORESERVE): a read is then one addition.
             std::byte* host = range_host(r);
             if (host)
-                r.host_base = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(host) +
-                                                           r.offset_in_region - r.start);
+                r.host_base = reinterpret_cast<std::uintptr_t>(host) + r.offset_in_region - r.start;
         }
         ranges_.emplace(r.start, r);
     }

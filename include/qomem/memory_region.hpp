@@ -351,6 +351,10 @@ private:
     }
     /// Records that this region's whole extent changed.
     void changed_whole() const { changed_inside(0, i128(size_)); }
+    /// Unless `same`, runs `set` and records the whole extent as changed,
+    /// under the writer role (topology state is the writer's).
+    template <class Set>
+    void change_whole(bool same, Set&& set);
     /// Finalizes a region whose last reference was dropped (memory_system
     /// calls it on the writer).
     void finalize_now() { finalize_dropped(); }
@@ -818,33 +822,30 @@ inline void memory_region::del_subregion(memory_region& sub) {
     memory_region_unref(sub);
 }
 
-inline void memory_region::set_enabled(bool enabled) {
+template <class Set>
+void memory_region::change_whole(bool same, Set&& set) {
+    if (same) return;
     detail::writer_hold w(log_);
-    if (enabled == enabled_) return;
-    enabled_ = enabled;
+    set();
     changed_whole();
+}
+
+inline void memory_region::set_enabled(bool enabled) {
+    change_whole(enabled == enabled_, [&] { enabled_ = enabled; });
 }
 
 inline void memory_region::set_readonly(bool readonly) {
-    detail::writer_hold w(log_);
-    if (readonly == readonly_.load(std::memory_order_relaxed)) return;
-    readonly_.store(readonly, std::memory_order_relaxed);
-    changed_whole();
+    change_whole(readonly == this->readonly(),
+                 [&] { readonly_.store(readonly, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_nonvolatile(bool nonvolatile) {
-    detail::writer_hold w(log_);
-    if (nonvolatile == nonvolatile_) return;
-    nonvolatile_ = nonvolatile;
-    changed_whole();
+    change_whole(nonvolatile == nonvolatile_, [&] { nonvolatile_ = nonvolatile; });
 }
 
 inline void memory_region::set_romd(bool romd) {
     QOMEM_ASSERT(is_rom_device(), "set_romd on '{}', which is not a ROM device", name_);
-    detail::writer_hold w(log_);
-    if (romd == romd_mode_.load(std::memory_order_relaxed)) return;
-    romd_mode_.store(romd, std::memory_order_relaxed);
-    changed_whole();
+    change_whole(romd == romd_mode(), [&] { romd_mode_.store(romd, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_address(hwaddr addr) {
@@ -868,10 +869,7 @@ inline void memory_region::set_address(hwaddr addr) {
 
 inline void memory_region::set_alias_offset(hwaddr offset) {
     QOMEM_ASSERT(alias_, "set_alias_offset on '{}', which is not an alias", name_);
-    detail::writer_hold w(log_);
-    if (offset == alias_offset_) return;
-    alias_offset_ = offset;
-    changed_whole();
+    change_whole(offset == alias_offset_, [&] { alias_offset_ = offset; });
 }
 
 inline void memory_region::set_size(u128 size) {
