@@ -493,7 +493,7 @@ private:
         r.readonly = readonly;
         r.nonvolatile = nonvolatile;
         r.romd_mode = mr.romd_mode();
-        if (mr.is_direct_read()) {
+        if (mr.is_direct_read() && !mr.backing_may_shrink()) { // h-vhost: no fast path for shrinkable files
             std::byte* host = mr.host_ptr_if_mapped();
             if (!host) {
                 try {

@@ -256,6 +256,9 @@ public:
         /// Priority of a region that is never added to a container (a root
         /// may carry one; it shows in the flat view). add_subregion sets it.
         std::int32_t priority = 0;
+        /// RAM whose file another process can shrink (a vhost-user back-end's
+        /// SHMEM_MAP): accesses copy under a SIGBUS guard (detail/fault_guard.hpp).
+        bool backing_may_shrink = false;
     };
 
     /// Constructs a region; prefer the make_* functions, which also attach it.
@@ -357,6 +360,15 @@ public:
     void set_host_writable(bool writable) noexcept { host_writable_ = writable; }
     /// The host memory if already reserved (null otherwise); never maps.
     std::byte* host_ptr_if_mapped() const noexcept { return host_.load(std::memory_order_acquire); }
+    // ---- vhost-user hooks (h-vhost) -------------------------------------------
+    /// The fd RAM was made from (make_ram_from_fd) and its offset; -1 for
+    /// other regions. Still the caller's fd: it must stay open while used.
+    int fd() const noexcept { return fd_; }
+    std::uint64_t fd_offset() const noexcept { return fd_offset_; }
+    /// True for RAM whose backing file can shrink under the program: its
+    /// bytes are copied under a SIGBUS guard and never read on the fast path.
+    bool backing_may_shrink() const noexcept { return backing_may_shrink_; }
+    // ---- end of vhost-user hooks ------------------------------------------------
 
     // ---- topology (each commits unless a transaction is open) --------------
 
@@ -472,6 +484,7 @@ private:
     int fd_ = -1;
     std::uint64_t fd_offset_ = 0;
     bool fd_shared_ = true;
+    bool backing_may_shrink_ = false; // vhost-user hook (h-vhost)
 };
 
 namespace detail {
@@ -624,7 +637,8 @@ inline memory_region::memory_region(const init_args& a)
     : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr),
       kind_(a.kind), size_(a.size), backing_size_(a.size), priority_(a.priority), ops_(a.ops),
       opaque_(a.opaque), fd_(a.fd),
-      fd_offset_(a.fd_offset), fd_shared_(a.shared) {
+      fd_offset_(a.fd_offset), fd_shared_(a.shared),
+      backing_may_shrink_(a.backing_may_shrink) { // backing_may_shrink_: vhost-user hook (h-vhost)
     if (a.size > u128_2_64)
         throw region_error(fmt::format("region '{}': size {} is larger than 2^64", a.name,
                                        detail::hex(a.size)));

@@ -10,6 +10,7 @@
 
 #include <fmt/core.h>
 
+#include <qomem/detail/fault_guard.hpp> // h-vhost
 #include <qomem/device.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/log.hpp>
@@ -185,11 +186,20 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
             }
         }
         const auto n = static_cast<std::size_t>(len);
+        // h-vhost: a file another process can shrink is copied under a SIGBUS guard.
+        const auto copy = [&](void* to, const void* from) {
+            if (mr.backing_may_shrink()) [[unlikely]] return guarded_copy(to, from, n);
+            std::memcpy(to, from, n);
+            return true;
+        };
         if (!is_write) {
-            std::memcpy(buf, host + offset, n);
+            if (!copy(buf, host + offset)) {
+                std::memset(buf, 0, n);
+                return memtx_error;
+            }
         } else if (!(fr.readonly || romd) ||
                    (attrs.debug && mr.host_writable())) {
-            std::memcpy(host + offset, buf, n);
+            if (!copy(host + offset, buf)) return memtx_error;
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
         } // else: a ROM ignores the guest's writes
         return memtx_ok;
