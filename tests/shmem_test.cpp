@@ -207,6 +207,27 @@ constexpr auto ro = qomem::shmem_flags::read_only;
 
 } // namespace
 
+// ---- the header's example ---------------------------------------------------------------
+
+TEST_CASE("shmem.hpp's example compiles and does what it says", "[shmem]") {
+    leak_check leaks;
+    throwing_assertions asserts;
+    unique_fd file = pattern_memfd(0x10000, 3);
+    const int fd = file.get();
+    {
+        // Kept identical to the example at the top of qomem/shmem.hpp.
+        auto dev = qomem::make<qomem::virtio_shmem_device>();
+        qomem::virtio_shmem& shm = dev->declare_shmem(0, 1 << 30);   // a 1 GiB window
+        auto bar = qomem::make_container(*dev, "bar2", 1 << 30);     // the transport's BAR
+        bar->add_subregion(0, shm.region());
+        dev->shmem_map(0, fd, 0, 0x200000, 0x10000, qomem::shmem_flags::read_write);
+        dev->shmem_unmap(0, 0x200000, 0x10000);
+        // (end of the example)
+        CHECK(shm.live_mappings() == 0);
+        CHECK(bar->subregion_count() == 1);
+    }
+}
+
 // ---- declaration -----------------------------------------------------------------------
 
 TEST_CASE("declare_shmem reserves a PROT_NONE range exposed as a reservation region", "[shmem]") {

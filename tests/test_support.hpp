@@ -419,7 +419,12 @@ public:
         INFO("starting " << argv[0]);
         REQUIRE(r == 0);
     }
-    ~backend_process() { stop(); }
+    /// Stops it; when a failed REQUIRE is unwinding the test, prints what it logged.
+    ~backend_process() {
+        stop();
+        if (std::uncaught_exceptions() > unwinding_)
+            std::fprintf(stderr, "---- %s ----\n%s\n----\n", log_path_.c_str(), log().c_str());
+    }
     backend_process(const backend_process&) = delete;
     backend_process& operator=(const backend_process&) = delete;
 
@@ -467,6 +472,73 @@ private:
     std::string log_path_;
     pid_t pid_ = -1;
     int status_ = 0;
+    int unwinding_ = std::uncaught_exceptions();
+};
+
+} // namespace qomem_test
+
+namespace qomem_test {
+
+/// A guest for the vhost-user front-end tests: RAM from a sealable memfd at
+/// 0, a one-page MMIO hole over it at `hole` (a reservation, which splits
+/// the RAM into two flat ranges), the address space "memory"; more RAM can be
+/// hot-added, each from a memfd of its own. Every region is ownerless; the
+/// memfds stay open as long as the guest (a vhost-user back-end maps them).
+class vhost_guest {
+public:
+    explicit vhost_guest(std::uint64_t ram_size = 2 << 20, qomem::hwaddr hole = 0x100000) {
+        ram0 = &add_ram(0, ram_size, "ram0");
+        hole_ = qomem::make_reservation(nullptr, "mmio-hole", host_page());
+        sys->add_subregion(hole, *hole_, 1);
+        as.emplace(*sys, "memory");
+    }
+    ~vhost_guest() {
+        as.reset();
+        sys.reset();
+    }
+    vhost_guest(const vhost_guest&) = delete;
+    vhost_guest& operator=(const vhost_guest&) = delete;
+
+    /// Hot-adds `size` bytes of RAM (a new memfd) at `addr`.
+    qomem::memory_region& add_ram(qomem::hwaddr addr, std::uint64_t size, const std::string& name = "ram") {
+        ram r{memfd_with(size, {}, true), nullptr};
+        r.region = qomem::make_ram_from_fd(nullptr, name, size, r.fd.get(), 0);
+        sys->add_subregion(addr, *r.region);
+        rams_.push_back(std::move(r));
+        return *rams_.back().region;
+    }
+    /// Takes RAM added by add_ram out of the guest's memory map.
+    void remove_ram(qomem::memory_region& mr) {
+        sys->del_subregion(mr);
+        std::erase_if(rams_, [&](const ram& r) { return r.region.get() == &mr; });
+    }
+    /// The memfd behind `mr`.
+    int fd_of(const qomem::memory_region& mr) const {
+        for (const ram& r : rams_)
+            if (r.region.get() == &mr) return r.fd.get();
+        FAIL("not RAM of this guest");
+        return -1;
+    }
+    void write(qomem::hwaddr addr, std::span<const std::byte> b) {
+        REQUIRE(as->write(addr, b.data(), b.size()) == qomem::memtx_ok);
+    }
+    bytes read(qomem::hwaddr addr, std::size_t n) {
+        bytes out(n);
+        REQUIRE(as->read(addr, out.data(), n) == qomem::memtx_ok);
+        return out;
+    }
+
+    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    qomem::memory_region* ram0 = nullptr;
+    std::optional<qomem::address_space> as;
+
+private:
+    struct ram {
+        unique_fd fd;
+        qomem::ref_ptr<qomem::memory_region> region;
+    };
+    std::vector<ram> rams_;
+    qomem::ref_ptr<qomem::memory_region> hole_;
 };
 
 } // namespace qomem_test

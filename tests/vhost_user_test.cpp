@@ -653,6 +653,24 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
             CHECK(r.as->read(bar_a + 2 * P, &v, 8) == qomem::memtx_decode_error);
             CHECK(r.shm_a().live_mappings() == 0);
         }
+        SECTION("SHMEM_UNMAP then SHMEM_MAP of the same range while guest DMA holds the old pages: both 0") {
+            qomem::dma_mapping dma = r.as->map(bar_a + 2 * P, 2 * P, false);
+            REQUIRE(dma);
+            REQUIRE(!dma.bounced());
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, ro), true))),
+                            req_unmap) == 0);
+            const bytes_t other = pattern(8, 2 * P);
+            vu::unique_fd next = memfd_with(2 * P, other);
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, rw), true),
+                                          std::move(next))),
+                            req_map) == 0);
+            bytes_t now(2 * P);
+            CHECK(r.as->read(bar_a + 2 * P, now.data(), now.size()) == qomem::memtx_ok);
+            CHECK(now == other);
+            CHECK(std::memcmp(dma.data(), file.data() + P, 2 * P) == 0); // the DMA: the old file
+            r.as->unmap(dma, 0);
+            CHECK(r.shm_a().live_mappings() == 2);
+        }
         SECTION("a configured MEM_READ / MEM_WRITE limit") {
             vu::backend_request_handler small(r.a, *r.as, {.max_mem_access = 256});
             CHECK(small.max_payload() == 12 + 256);
