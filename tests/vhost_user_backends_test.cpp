@@ -132,8 +132,8 @@ std::unique_ptr<qomem_test::backend_process> start_virtiofsd(const qomem_test::t
 
 } // namespace
 
-TEST_CASE("virtiofsd: handshake, a memory table split by an MMIO hole, FUSE INIT, LOOKUP, OPEN and READ; "
-          "RAM hot-added between two requests carries the second one's buffers",
+TEST_CASE("virtiofsd: handshake, a memory table split by an MMIO hole, FUSE INIT, LOOKUP, OPEN and READ, with "
+          "RAM hot-added between two requests carrying the second one's buffers",
           "[vhost-user][backend][virtiofsd]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;

@@ -397,7 +397,7 @@ TEST_CASE("whatever the back-end offers, the session sends only what was negotia
     CHECK(sent(18) == bool(o.features & protocol_bit));
 }
 
-TEST_CASE("the back-end's table is one entry per writable fd-backed RAM range: MMIO splits RAM; anonymous "
+TEST_CASE("the back-end's table is one entry per writable fd-backed RAM range: MMIO splits RAM, anonymous "
           "RAM, ROM and read-only RAM are left out",
           "[vhost-user][frontend]") {
     qomem_test::leak_check leaks;
@@ -437,7 +437,7 @@ TEST_CASE("the back-end's table is one entry per writable fd-backed RAM range: M
     CHECK(b.violations() == std::vector<std::string>{});
 }
 
-TEST_CASE("a back-end that misbehaves fails the session with its reason, bounded in time; the guest's "
+TEST_CASE("a back-end that misbehaves fails the session with its reason, bounded in time, and the guest's "
           "memory map is never affected",
           "[vhost-user][frontend][hostile]") {
     qomem_test::leak_check leaks;
@@ -548,8 +548,8 @@ TEST_CASE("a back-end that misbehaves fails the session with its reason, bounded
     CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(3));
 }
 
-TEST_CASE("the back-end's request channel: SHMEM_MAP reaches the device and GET_SHMEM_CONFIG its regions; "
-          "MEM_READ reaches guest memory; requests are served while the session waits for a reply",
+TEST_CASE("the back-end's request channel: SHMEM_MAP reaches the device and GET_SHMEM_CONFIG its regions, "
+          "MEM_READ reaches guest memory, and requests are served while the session waits for a reply",
           "[vhost-user][frontend]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;

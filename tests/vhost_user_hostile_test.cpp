@@ -95,7 +95,10 @@ TEST_CASE("a back-end that truncates its file after SHMEM_MAP: MEM_READ / MEM_WR
         auto& dev = r.add_device("fs", bar, 16 * P);
         qomem::virtio_shmem& shm = r.add_region(dev, 0, 16 * P);
         vu::backend_request_handler handler(&dev, *r.as);
-        auto [front, back] = vu::channel::socketpair();
+        // Plain variables, not structured bindings: lambdas capture them (clang 14).
+        std::pair<vu::channel, vu::channel> front_pair = vu::channel::socketpair();
+        vu::channel& front = front_pair.first;
+        vu::channel& back = front_pair.second;
 
         const bytes file = qomem_test::pattern(9, 0, 2 * P);
         std::fflush(nullptr);
@@ -308,10 +311,12 @@ TEST_CASE("8 shared memory regions mapped page after page: the process-wide limi
         CHECK(qomem_test::count_kernel_mappings() == maps_at_limit);
         CHECK(dev.shmem(refused_id)->active_mappings() == active);
         CHECK(qomem_test::count_open_fds() == fds);
-        // Each mapping cost at most three kernel mappings, so half of
-        // vm.max_map_count is still there for the rest of the program.
-        CHECK(maps_at_limit - maps_before <= 3 * limit);
-        CHECK(max_map_count - maps_at_limit >= max_map_count / 2 - maps_before);
+        // Each mapping cost at most three kernel mappings, so about half of
+        // vm.max_map_count is still there for the rest of the program (the
+        // slack: what the allocator — or a sanitizer's — mapped meanwhile).
+        constexpr std::size_t slack = 256;
+        CHECK(maps_at_limit - maps_before <= 3 * limit + slack);
+        CHECK(maps_at_limit <= max_map_count / 2 + maps_before + slack);
         void* big = std::malloc(1 << 20);
         CHECK(big != nullptr);
         if (big) std::memset(big, 1, 1 << 20);

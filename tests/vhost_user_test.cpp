@@ -495,7 +495,7 @@ TEST_CASE("the decoder refuses each hostile input with its reason, closing every
 
 // ---- the front-end -----------------------------------------------------------------------
 
-TEST_CASE("the front-end applies requests and answers need-reply with 0 or an errno", "[vhost-user]") {
+TEST_CASE("the back-end request handler applies requests and answers need-reply with 0 or an errno", "[vhost-user]") {
     leak_check leaks;
     throwing_assertions asserts;
     const std::size_t fds_before = count_open_fds();
@@ -937,11 +937,22 @@ TEST_CASE("a real back-end process maps a memfd, reads and writes guest memory, 
         const bytes_t own_data = vu::encode_mem_read_reply(bar_a + 2 * P, own_expect);
         const bytes_t other_data = vu::encode_mem_read_reply(bar_b + P, other_expect);
 
-        auto [front, back] = vu::channel::socketpair();
-        auto [h1_front, h1_back] = vu::channel::socketpair();
-        auto [h2_front, h2_back] = vu::channel::socketpair();
-        auto [h3_front, h3_back] = vu::channel::socketpair();
-        auto [h4_front, h4_back] = vu::channel::socketpair();
+        // Plain variables, not structured bindings: lambdas capture them (clang 14).
+        std::pair<vu::channel, vu::channel> front_pair = vu::channel::socketpair();
+        vu::channel& front = front_pair.first;
+        vu::channel& back = front_pair.second;
+        std::pair<vu::channel, vu::channel> h1_pair = vu::channel::socketpair();
+        vu::channel& h1_front = h1_pair.first;
+        vu::channel& h1_back = h1_pair.second;
+        std::pair<vu::channel, vu::channel> h2_pair = vu::channel::socketpair();
+        vu::channel& h2_front = h2_pair.first;
+        vu::channel& h2_back = h2_pair.second;
+        std::pair<vu::channel, vu::channel> h3_pair = vu::channel::socketpair();
+        vu::channel& h3_front = h3_pair.first;
+        vu::channel& h3_back = h3_pair.second;
+        std::pair<vu::channel, vu::channel> h4_pair = vu::channel::socketpair();
+        vu::channel& h4_front = h4_pair.first;
+        vu::channel& h4_back = h4_pair.second;
         for (const vu::channel* c : {&front, &h1_front, &h2_front, &h3_front, &h4_front})
             set_timeout(c->fd(), 10);
 
