@@ -15,8 +15,7 @@
 // no padding holes. At most 8 fds per message, in SCM_RIGHTS.
 //
 // Checked against upstream (QEMU's docs/interop/vhost-user.rst, the SHMEM
-// series as posted up to v11 and as merged, rust-vmm's vhost crate), each
-// choice made here:
+// series as posted up to v11, rust-vmm's vhost crate), each choice made here:
 //  * Message ids, header flags, REPLY_ACK (a u64, 0 = success), the memory
 //    region descriptor (32 bytes), vring state (8) and address (40) payloads:
 //    as upstream.
@@ -25,10 +24,10 @@
 //    u64 flags}, 40 bytes, MAP with exactly one fd. flags: 0 read-only,
 //    1 (VHOST_USER_FLAG_MAP_RW) read-write, every other bit refused (as
 //    rust-vmm refuses them). Answered only with NEED_REPLY.
-//  * VHOST_USER_PROTOCOL_F_SHMEM: bit 22. (v11 of the series used 20, which
-//    master gave to GET_VRING_BASE_INFLIGHT; rust-vmm used 21 until
-//    rust-vmm/vhost#367, 2026-07, because master gave 21 to GPA_ADDRESSES;
-//    upstream's SHMEM_MAP bit is 22.) One constant: protocol_feature::shmem.
+//  * VHOST_USER_PROTOCOL_F_SHMEM: bit 22. v11 of the series used 20, which
+//    QEMU master gave to GET_VRING_BASE_INFLIGHT; rust-vmm then used 21, and
+//    moved to 22 in rust-vmm/vhost#367 (2026-07: the specification gives 21
+//    to GPA_ADDRESSES and 22 to SHMEM_MAP). One constant: protocol_feature::shmem.
 //  * GET_SHMEM_CONFIG = 44 (front-end request): the reply VhostUserShMemConfig
 //    {u32 nregions; u32 padding; u64 memory_sizes[256]}, 2,056 bytes, indexed
 //    by shmid (256 = VIRTIO_MAX_SHMEM_REGIONS). As upstream's front-end, the
