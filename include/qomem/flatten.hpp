@@ -104,8 +104,9 @@ private:
         r.readonly = readonly;
         r.nonvolatile = nonvolatile;
         r.romd_mode = mr.romd_mode();
-        if (r.reads_direct()) {
-            // Reserve now (MAP_NORESERVE): a read is then one addition.
+        if (r.reads_direct() && !mr.backing_may_shrink()) {
+            // Reserve now (MAP_NORESERVE): a read is then one addition. (Not
+            // for a file that may shrink: its reads go through the guard.)
             std::byte* host = range_host(r);
             if (host)
                 r.host_base = reinterpret_cast<std::uintptr_t>(host) + r.offset_in_region - r.start;

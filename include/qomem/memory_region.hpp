@@ -138,6 +138,9 @@ public:
         /// Priority of a region that is never added to a container (a root
         /// may carry one; it shows in the flat view). add_subregion sets it.
         std::int32_t priority = 0;
+        /// RAM whose file another process can shrink (a vhost-user back-end's
+        /// SHMEM_MAP): accesses copy under a SIGBUS guard (detail/fault_guard.hpp).
+        bool backing_may_shrink = false;
     };
 
     /// Constructs a region; prefer the make_* functions, which also attach it.
@@ -256,6 +259,14 @@ public:
     /// shared-memory mapping): then not even a debug write may store to it.
     bool host_writable() const noexcept { return host_writable_; }
     void set_host_writable(bool writable) noexcept { host_writable_ = writable; }
+    /// The fd RAM was made from (make_ram_from_fd) and its offset; -1 for
+    /// other regions (QEMU's memory_region_get_fd). Still the caller's fd: it
+    /// must stay open while used.
+    int fd() const noexcept { return fd_; }
+    std::uint64_t fd_offset() const noexcept { return fd_offset_; }
+    /// True for RAM whose backing file can shrink under the program: its
+    /// bytes are copied under a SIGBUS guard and never read on the fast path.
+    bool backing_may_shrink() const noexcept { return backing_may_shrink_; }
 
     // ---- DMA accounting of ownerless regions --------------------------------
 
@@ -394,6 +405,7 @@ private:
     int fd_ = -1;
     std::uint64_t fd_offset_ = 0;
     bool fd_shared_ = true;
+    bool backing_may_shrink_ = false;
 };
 
 /// Takes a reference to the region itself (never its owner). Ownerless
@@ -579,7 +591,8 @@ inline void memory_region::check_size(std::string_view name, u128 size) {
 inline memory_region::memory_region(const init_args& a)
     : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr), kind_(a.kind),
       size_(a.size), backing_size_(a.size), priority_(a.priority), callbacks_(a.callbacks),
-      fd_(a.fd), fd_offset_(a.fd_offset), fd_shared_(a.shared) {
+      fd_(a.fd), fd_offset_(a.fd_offset), fd_shared_(a.shared),
+      backing_may_shrink_(a.backing_may_shrink) {
     check_size(a.name, a.size);
     if (kind_ == region_kind::rom) readonly_.store(true, std::memory_order_relaxed);
     if (kind_ == region_kind::alias) {

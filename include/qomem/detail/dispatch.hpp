@@ -10,6 +10,7 @@
 
 #include <fmt/core.h>
 
+#include <qomem/detail/fault_guard.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
@@ -178,10 +179,20 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
             if (!is_write) std::memset(buf, 0, n);
             return memtx_error;
         }
+        // A file another process can shrink is copied under a SIGBUS guard.
+        const auto copy = [&](void* to, const void* from) {
+            if (mr.backing_may_shrink()) [[unlikely]]
+                return guarded_copy(to, from, n);
+            std::memcpy(to, from, n);
+            return true;
+        };
         if (!is_write) {
-            std::memcpy(buf, host + offset, n);
+            if (!copy(buf, host + offset)) {
+                std::memset(buf, 0, n);
+                return memtx_error;
+            }
         } else {
-            std::memcpy(host + offset, buf, n);
+            if (!copy(host + offset, buf)) return memtx_error;
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
         }
         return memtx_ok;
