@@ -440,7 +440,7 @@ TEST_CASE("memory systems: an MMIO handler that frees an ownerless RAM region in
     // then 8 bytes of the RAM that the first call removed and freed.
     std::array<std::uint8_t, 16> buf{};
     as.read(0x0, buf.data(), buf.size());
-    CHECK(qomem_test::bytes(buf.data() + 8, 8) == "22 22 22 22 22 22 22 22");
+    CHECK(qomem_test::hex_bytes(buf.data() + 8, 8) == "22 22 22 22 22 22 22 22");
     CHECK(qomem_test::live_count("memory-region") == 3); // sys, remover, and orphan until a grace period
     sys->synchronize();
     CHECK(qomem_test::live_count("memory-region") == 2);

@@ -17,25 +17,51 @@
 // in reverse order, so the check runs after every handle has been dropped.
 #pragma once
 
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
+#include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
 #include <fmt/core.h>
 
+#include <qomem/address_space.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/memory_system.hpp>
+#include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/shmem.hpp>
+#include <qomem/vhost_user/unique_fd.hpp>
+
+extern char** environ;
 
 namespace qomem_test {
 
@@ -163,7 +189,7 @@ inline std::size_t live_count(std::string_view type) {
 }
 
 /// "11 22 33 44": bytes as the guest sees them in a buffer.
-inline std::string bytes(const void* p, std::size_t n) {
+inline std::string hex_bytes(const void* p, std::size_t n) {
     const auto* b = static_cast<const unsigned char*>(p);
     std::string out;
     for (std::size_t i = 0; i < n; ++i) {
@@ -250,7 +276,7 @@ private:
 
 } // namespace qomem_test
 
-// ---- shared memory regions, vhost-user and real back-ends (h-vhost) -------------------
+// ---- shared memory regions, vhost-user and real back-ends -------------------
 //
 // fd counting, memfds with patterns, the machine the shmem and vhost-user
 // tests share (shmem_rig), and programs started by a test (backend_process):
@@ -260,39 +286,6 @@ private:
 //     qomem::virtio_shmem& shm = r.add_region(dev, 0, 16 * page);
 //     qomem::vhost_user::unique_fd f = qomem_test::pattern_memfd(2 * page, 7);
 //     shm.map(f.get(), 0, 0, 2 * page, qomem::shmem_flags::read_write);
-
-#include <dirent.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <array>
-#include <chrono>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
-#include <optional>
-#include <span>
-#include <sstream>
-#include <thread>
-
-#include <fmt/core.h>
-
-#include <qomem/address_space.hpp>
-#include <qomem/device.hpp>
-#include <qomem/memory_region.hpp>
-#include <qomem/mtree.hpp>
-#include <qomem/shmem.hpp>
-#include <qomem/vhost_user/unique_fd.hpp>
-
-extern char** environ;
 
 namespace qomem_test {
 

@@ -198,13 +198,19 @@ public:
 
     // ---- listeners (writer role) ---------------------------------------------
 
-    /// Registers `l`, replaying the current view to it as begin, region_add
-    /// for each range, commit. Requires (asserted): `l` is not registered.
-    /// Effects: takes the writer role for the call.
+    /// Registers `l` and replays the current view to it as QEMU does: begin,
+    /// log_global_start if the system tracks dirty memory globally, then
+    /// region_add (and log_start for a range that logs) for each range in
+    /// address order, commit (memory_listener.hpp).
+    /// Requires (asserted): `l` is not registered; not called from a
+    /// listener callback. Effects: takes the writer role for the call.
+    /// Throws: what `l` throws while replayed; `l` is then not registered.
     void add_listener(memory_listener& l);
-    /// Unregisters `l`, reporting every range of the current view as
-    /// region_del (in address order) between begin and commit.
-    /// Requires (asserted): `l` is registered here.
+    /// Unregisters `l`, reporting every range of the current view (in
+    /// address order, between begin and commit) as log_stop if it logs, then
+    /// region_del. Requires (asserted): `l` is registered here; not called
+    /// from a listener callback. Effects: `l` is unregistered even if it
+    /// throws. Throws: what `l` throws.
     void remove_listener(memory_listener& l);
 
     /// Calls f(address_space&) for every address space of the default
@@ -263,28 +269,9 @@ inline address_space::~address_space() {
     sys_->remove_space(slot_);
 }
 
-inline void address_space::add_listener(memory_listener& l) {
-    QOMEM_ASSERT(!l.as_, "listener already registered to address space '{}'",
-                 l.as_ ? l.as_->name_ : std::string());
-    std::lock_guard w(*sys_);
-    auto it = slot_.listeners.begin();
-    while (it != slot_.listeners.end() && it->priority_ <= l.priority_) ++it;
-    slot_.listeners.insert(it, l);
-    l.as_ = this;
-    l.begin();
-    for (const flat_range& r : current()->ranges()) l.region_add(detail::section_of(r));
-    l.commit();
-}
+inline void address_space::add_listener(memory_listener& l) { sys_->add_listener(slot_, l); }
 
-inline void address_space::remove_listener(memory_listener& l) {
-    QOMEM_ASSERT(l.as_ == this, "listener is not registered to address space '{}'", name_);
-    std::lock_guard w(*sys_);
-    l.begin();
-    for (const flat_range& r : current()->ranges()) l.region_del(detail::section_of(r));
-    l.commit();
-    slot_.listeners.erase(slot_.listeners.iterator_to(l));
-    l.as_ = nullptr;
-}
+inline void address_space::remove_listener(memory_listener& l) { sys_->remove_listener(slot_, l); }
 
 inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs) {
     dma_mapping m;

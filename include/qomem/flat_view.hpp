@@ -48,6 +48,11 @@ struct flat_range {
     bool readonly = false;
     bool nonvolatile = false;
     bool romd_mode = true;
+    /// Rendered through an unmergeable region: never merged with a neighbour.
+    bool unmergeable = false;
+    /// The region's dirty_log_mask() when rendered (QEMU's FlatRange
+    /// dirty_log_mask): a change shows listeners log_start / log_stop.
+    std::uint8_t dirty_log_mask = 0;
     /// For directly readable RAM whose memory is reserved: the host address
     /// of guest address 0 of this range's mapping (host + offset - start,
     /// modulo 2^64: an integer, since as a pointer it would usually point
@@ -89,16 +94,25 @@ struct flat_range {
     bool contains(hwaddr a) const noexcept { return a - start <= static_cast<hwaddr>(size) - 1; }
     bool same_attributes(const flat_range& o) const noexcept {
         return mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
-               romd_mode == o.romd_mode;
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable &&
+               dirty_log_mask == o.dirty_log_mask;
     }
-    /// True when `next` continues this range (QEMU's merge rule).
+    /// True when `next` continues this range (QEMU's merge rule): neither is
+    /// unmergeable.
     bool can_merge(const flat_range& next) const noexcept {
-        return end() == u128(next.start) && same_attributes(next) &&
+        return !unmergeable && end() == u128(next.start) && same_attributes(next) &&
                u128(offset_in_region) + size == u128(next.offset_in_region);
     }
+    /// The same range in the same place, whatever its dirty-log mask (QEMU's
+    /// flatrange_equal): listeners are told region_nop for it, and
+    /// log_start / log_stop if the mask changed.
+    bool same_place(const flat_range& o) const noexcept {
+        return start == o.start && size == o.size && offset_in_region == o.offset_in_region &&
+               mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable;
+    }
     friend bool operator==(const flat_range& a, const flat_range& b) noexcept {
-        return a.start == b.start && a.size == b.size && a.offset_in_region == b.offset_in_region &&
-               a.same_attributes(b);
+        return a.same_place(b) && a.dirty_log_mask == b.dirty_log_mask;
     }
 };
 

@@ -5,6 +5,7 @@
 #include <qomem/address_space.hpp>   // address spaces: accesses, find, listeners
 #include <qomem/assert.hpp>          // QOMEM_ASSERT and its handler
 #include <qomem/device.hpp>          // devices and buses (qdev)
+#include <qomem/dirty_log.hpp>       // dirty-log clients and snapshots
 #include <qomem/dma.hpp>             // DMA mappings
 #include <qomem/error.hpp>           // exceptions for bad input
 #include <qomem/flat_view.hpp>       // rendered views
@@ -23,4 +24,5 @@
 #include <qomem/shmem.hpp>           // VIRTIO shared memory regions
 #include <qomem/type.hpp>            // QOM types
 #include <qomem/types.hpp>           // hwaddr, u128
+#include <qomem/vhost_log.hpp>       // the dirty log shared with a vhost-user back-end
 #include <qomem/vhost_user.hpp>      // vhost-user messages

@@ -285,10 +285,6 @@ private:
 // ---- implementation ---------------------------------------------------------
 
 namespace detail {
-inline std::uint64_t host_page_size() noexcept {
-    static const std::uint64_t size = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-    return size;
-}
 /// Puts PROT_NONE back over [p, p+len) in one mmap: never a hole.
 inline bool reserve_again(std::byte* p, std::uint64_t len) noexcept {
     return ::mmap(p, static_cast<std::size_t>(len), PROT_NONE,

@@ -119,7 +119,7 @@ public:
     /// vhost listener); holds a memory_region_ref on each RAM region in the
     /// table. Throws: protocol_error (the back-end failed the handshake or
     /// the first table); then nothing stays registered.
-    frontend(channel ch, address_space& guest, frontend_options options = {},
+    frontend(channel ch, address_space& guest, frontend_options opts = {},
              virtio_shmem_device* dev = nullptr);
 
     /// Unregisters from the address space (without telling the back-end
@@ -275,9 +275,9 @@ private:
 
 // ---- implementation ---------------------------------------------------------------------
 
-inline frontend::frontend(channel ch, address_space& guest, frontend_options options,
+inline frontend::frontend(channel ch, address_space& guest, frontend_options opts,
                           virtio_shmem_device* dev)
-    : memory_listener(10), main_(std::move(ch)), guest_(&guest), options_(options), dev_(dev) {
+    : memory_listener(10), main_(std::move(ch)), guest_(&guest), options_(opts), dev_(dev) {
     constexpr std::uint64_t protocol_bit = std::uint64_t(1) << vhost_user_f_protocol_features;
     backend_features_ = request_u64(frontend_request::get_features);
     if (backend_features_ & protocol_bit) {
@@ -340,6 +340,7 @@ inline bool frontend::allowed(frontend_request r) const noexcept {
     case frontend_request::add_mem_reg:
     case frontend_request::rem_mem_reg: return has(protocol_feature::configure_mem_slots);
     case frontend_request::get_shmem_config: return has(protocol_feature::shmem);
+    case frontend_request::set_log_base: return has(protocol_feature::log_shmfd);
     }
     return false;
 }
@@ -350,11 +351,11 @@ inline void frontend::send(frontend_request r, std::span<const std::byte> msg, s
         throw protocol_error(protocol_reason::not_negotiated,
                              fmt::format("{} needs a feature the back-end did not negotiate (protocol features "
                                          "0x{:x}, device features 0x{:x}); nothing was sent",
-                                         name(r), protocol_features_, features_));
+                                         vhost_user::name(r), protocol_features_, features_));
     try {
         main_.send(msg, fds);
     } catch (const protocol_error& e) {
-        fail_with(e.why(), fmt::format("sending {}: {}", name(r), e.what()));
+        fail_with(e.why(), fmt::format("sending {}: {}", vhost_user::name(r), e.what()));
     }
     sent_.push_back(r);
 }
@@ -375,7 +376,7 @@ inline raw_message frontend::await_reply(frontend_request r, std::size_t max_pay
         }
         if (n <= 0)
             fail_with(protocol_reason::timeout,
-                      fmt::format("no reply to {} within {} ms", name(r), options_.timeout.count()));
+                      fmt::format("no reply to {} within {} ms", vhost_user::name(r), options_.timeout.count()));
         if (p[1].revents) {
             serve_one_backend_request();
             if (!main_) check_usable();
@@ -385,14 +386,14 @@ inline raw_message frontend::await_reply(frontend_request r, std::size_t max_pay
         try {
             m = main_.receive(max_payload, std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()));
         } catch (const protocol_error& e) {
-            fail_with(e.why(), fmt::format("waiting for the reply to {}: {}", name(r), e.what()));
+            fail_with(e.why(), fmt::format("waiting for the reply to {}: {}", vhost_user::name(r), e.what()));
         }
         if (!m) fail_with(protocol_reason::closed, fmt::format("the back-end closed the connection instead of "
                                                                "answering {}",
-                                                               name(r)));
+                                                               vhost_user::name(r)));
         if (!m->fds.empty())
             fail_with(protocol_reason::extra_fds,
-                      fmt::format("the reply to {} came with {} fd(s)", name(r), m->fds.size()));
+                      fmt::format("the reply to {} came with {} fd(s)", vhost_user::name(r), m->fds.size()));
         try {
             (void)decode_reply(m->bytes, static_cast<std::uint32_t>(r));
         } catch (const protocol_error& e) {
@@ -425,7 +426,7 @@ void frontend::send_acked(frontend_request r, Make&& make, std::span<const int> 
         fail_with(e.why(), e.what());
     }
     if (status != 0)
-        fail_with(protocol_reason::rejected, fmt::format("the back-end answered {} with {}", name(r), status));
+        fail_with(protocol_reason::rejected, fmt::format("the back-end answered {} with {}", vhost_user::name(r), status));
 }
 
 inline bool frontend::serve_one_backend_request() {

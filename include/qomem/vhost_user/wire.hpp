@@ -86,6 +86,7 @@ enum class frontend_request : std::uint32_t {
     set_features = 2,
     set_owner = 3,
     set_mem_table = 5,
+    set_log_base = 6, ///< vhost_log.hpp: the dirty log shared with the back-end
     set_vring_num = 8,
     set_vring_addr = 9,
     set_vring_base = 10,
@@ -111,6 +112,7 @@ constexpr std::string_view name(frontend_request r) noexcept {
     case frontend_request::set_features: return "SET_FEATURES";
     case frontend_request::set_owner: return "SET_OWNER";
     case frontend_request::set_mem_table: return "SET_MEM_TABLE";
+    case frontend_request::set_log_base: return "SET_LOG_BASE";
     case frontend_request::set_vring_num: return "SET_VRING_NUM";
     case frontend_request::set_vring_addr: return "SET_VRING_ADDR";
     case frontend_request::set_vring_base: return "SET_VRING_BASE";
