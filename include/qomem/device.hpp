@@ -7,7 +7,7 @@
 // reference to it. It may own child buses, which are its children in the tree.
 //
 //     auto root = qomem::container::make_root();
-//     qomem::machine& m = qomem::add_machine(*root);
+//     qomem::machine& m = qomem::add_machine(*root);      // machine.hpp
 //     auto hba = qomem::make<my_controller>();         // creates child bus "scsi.0"
 //     m.peripheral().add_child("hba", *hba);
 //     auto disk = qomem::make<my_disk>();
@@ -41,6 +41,7 @@
 #include <vector>
 
 #include <qomem/hotplug.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/object.hpp>
 
 namespace qomem {
@@ -198,47 +199,6 @@ private:
     friend class device;
     bool realized_ = false;
 };
-
-/// A machine: the object at /machine, with the containers QEMU gives it and
-/// the event channel its devices announce their deletion on.
-class machine : public object {
-    QOMEM_OBJECT(machine, "machine", object)
-public:
-    machine() {
-        for (const char* name : {"unattached", "peripheral", "peripheral-anon"}) {
-            auto c = make<container>();
-            add_child(name, *c);
-        }
-    }
-    container& unattached() const { return cast<container>(*child("unattached")); }
-    container& peripheral() const { return cast<container>(*child("peripheral")); }
-    container& peripheral_anon() const { return cast<container>(*child("peripheral-anon")); }
-
-    /// QEMU's MachineClass::get_hotplug_handler: the handler this machine
-    /// provides for `dev` (memory DIMMs, CPUs), or null to leave it to the
-    /// device's bus. The default claims nothing.
-    virtual qomem::hotplug_handler* get_hotplug_handler(device& dev) {
-        (void)dev;
-        return nullptr;
-    }
-
-    /// The machine's events (DEVICE_DELETED).
-    device_events& events() const noexcept { return *events_; }
-
-private:
-    friend class device;
-    std::shared_ptr<device_events> events_ = std::make_shared<device_events>();
-};
-
-/// Creates a machine of type M and adds it as child "machine" of `root`,
-/// which then holds the only reference to it.
-template <class M = machine>
-    requires std::is_base_of_v<machine, M>
-M& add_machine(container& root) {
-    auto m = make<M>();
-    root.add_child("machine", *m);
-    return *m;
-}
 
 /// QEMU's qdev_device_add: gives `dev` its id, adds it to
 /// /machine/peripheral/<id> (or /machine/peripheral-anon/device[N] without

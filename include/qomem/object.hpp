@@ -147,7 +147,6 @@ enum class link_strength : std::uint8_t {
 };
 
 namespace detail {
-struct deferred_finalization;
 template <class T>
 void complete_init(T& obj);
 } // namespace detail
@@ -185,6 +184,8 @@ public:
 
     /// Drops a reference; dropping the last one finalizes the object (see the
     /// header overview), which may in turn release and finalize its children.
+    /// A type may finalize later, on another thread (last_reference_dropped:
+    /// a memory region is finalized by its memory system's writer).
     /// Requires (asserted): the count is not already zero; the last reference
     /// is not being dropped while the object still has a parent (the parent's
     /// own reference would then be unbalanced). On a failed check nothing
@@ -192,7 +193,7 @@ public:
     /// itself never throws).
     void unref() {
         if (drop_ref()) [[unlikely]]
-            finalize_dropped();
+            last_reference_dropped();
     }
 
     /// The current count (racy by nature when other threads hold references).
@@ -371,31 +372,6 @@ protected:
     /// while parent() is still set. Overriders call the base version.
     virtual void on_unparent() {}
 
-    /// Drops a reference without finalizing: returns true when it was the
-    /// last one, and the caller must then call finalize_dropped() — on the
-    /// thread where finalizing is allowed (a memory region's last reference
-    /// dropped by a vCPU is finalized by the topology writer). Until then the
-    /// object is dead: nothing may take a reference to it.
-    /// Requires (asserted): the count is not already zero.
-    bool drop_ref() {
-        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
-        if (old == 1) [[unlikely]] {
-            dropped_ = true;
-            return true;
-        }
-        if (old == 0) [[unlikely]] {
-            ref_.fetch_add(1, std::memory_order_relaxed);
-            dead_ref_failure("unref");
-        }
-        return false;
-    }
-
-    /// Finalizes an object whose last reference drop_ref() dropped, with the
-    /// checks and effects of the last unref(): checked with the count put
-    /// back to one, so a failed check leaves the object alive.
-    /// Requires (asserted): drop_ref() returned true for this object and it
-    /// has not been finalized since.
-    void finalize_dropped();
 
 public:
     /// True for children that leave the tree together with their owner: a
@@ -421,6 +397,49 @@ protected:
         return {[](object* x) { x->unref(); }, o};
     }
 
+    /// Drops a reference without finalizing: returns true when it was the
+    /// last one. The object is then dead (nothing may take a reference to it)
+    /// and must be finalized with finalize_dropped(), now or later.
+    /// Requires (asserted): the count is not already zero.
+    bool drop_ref() {
+        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
+        if (old == 0) [[unlikely]] {
+            ref_.fetch_add(1, std::memory_order_relaxed);
+            dead_ref_failure("unref");
+        }
+        if (old == 1) [[unlikely]]
+            dropped_ = true;
+        return old == 1;
+    }
+
+    /// Runs the checks of a last unref on an object whose last reference
+    /// drop_ref() dropped (check_finalizable and "no parent left"), with the
+    /// count put back to one meanwhile: a failed check leaves the object
+    /// alive with that one reference, returned to the caller.
+    void check_dropped() {
+        QOMEM_ASSERT(dropped_ && ref_.load(std::memory_order_relaxed) == 0,
+                     "check_dropped on {} at {} whose last reference drop_ref() did not drop "
+                     "(count {})",
+                     type().name, static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
+        ref_.store(1, std::memory_order_relaxed);
+        check_last_unref();
+        ref_.store(0, std::memory_order_relaxed);
+    }
+
+    /// Finalizes an object whose last reference drop_ref() dropped: the
+    /// checks of check_dropped(), then finalization.
+    /// Requires (asserted): drop_ref() returned true for this object and it
+    /// has not been finalized since.
+    void finalize_dropped() {
+        check_dropped();
+        dropped_ = false;
+        finalize();
+    }
+
+    /// What dropping the last reference does: finalize_dropped() at once. A
+    /// type may defer it (a memory region hands it to its system's writer).
+    virtual void last_reference_dropped() { finalize_dropped(); }
+
     /// Misuse checks a type adds for the moment its last reference is
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the
     /// count still at one; a failed QOMEM_ASSERT here leaves the object alive.
@@ -433,7 +452,6 @@ private:
     template <ObjectType T>
     friend class embedded;
     friend void unparent(object& obj);
-    friend struct detail::deferred_finalization;
     friend struct detail::type_hooks;
 
     enum class role : std::uint8_t { child, link, value };
@@ -547,14 +565,6 @@ template <class T>
 void free_storage(void* p) noexcept {
     ::operator delete(p, std::align_val_t{alignof(T)});
 }
-
-/// The topology writer's access to objects whose last reference was dropped
-/// on another thread (memory_region.hpp). finalize_dropped() asserts that
-/// drop_ref() really dropped the last reference.
-struct deferred_finalization {
-    static bool drop_ref(object& o) { return o.drop_ref(); }
-    static void finalize(object& o) { o.finalize_dropped(); }
-};
 
 /// QEMU's id_wellformed (device and object ids): a letter, then letters,
 /// digits, '-', '.', '_'.
@@ -1060,20 +1070,6 @@ inline void object::finalize() noexcept {
     if (post.fn) post.fn(post.arg);
     if (first)
         detail::finalization_handler_slot().load(std::memory_order_acquire)({dying_type, first});
-}
-
-inline void object::finalize_dropped() {
-    QOMEM_ASSERT(dropped_ && ref_.load(std::memory_order_relaxed) == 0,
-                 "finalize_dropped of {} at {} whose last reference drop_ref() did not drop "
-                 "(count {})",
-                 type().name, static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
-    dropped_ = false;
-    // Checked with the count put back, so a throwing handler leaves the
-    // object as it was.
-    ref_.store(1, std::memory_order_relaxed);
-    check_last_unref();
-    ref_.store(0, std::memory_order_relaxed);
-    finalize();
 }
 
 inline void object::dead_ref_failure(const char* what) const {
