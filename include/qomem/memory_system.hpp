@@ -479,8 +479,8 @@ inline std::vector<std::string> memory_system::stranded_regions() const {
         out.push_back(fmt::format(
             "region '{}' ({} reference(s)) holds its owner, a {} now out of the tree ({} reference(s)), "
             "yet no container, alias, address space or DMA mapping uses it: something outside the "
-            "memory map holds it — if it is the owner's own ref_ptr to its region, the two hold each "
-            "other and are never freed (drop such references at unrealize)",
+            "memory map holds it — if it is the owner's own ref_ptr to its region, the two form a "
+            "reference cycle and are never freed (drop such references at unrealize)",
             r.name_, r.ref_count(), o->type().name, o->ref_count()));
     }
     return out;
