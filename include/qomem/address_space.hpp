@@ -140,8 +140,11 @@ public:
     }
     /// The current flat view without a reference: valid only inside an RCU
     /// read section (rcu::read_guard) on this thread.
-    /// (seq_cst: ordered after the read section's epoch store even where that
-    /// store is not followed by a fence; a plain load on x86 and ARMv8.)
+    /// (Acquire would do: it makes the view's contents, written before it
+    /// was published, visible. Its ordering after the section's start comes
+    /// from rcu::read_lock — its acquire load of the epoch, and its fence or
+    /// the writer's membarrier(2), rcu.hpp "Orderings" (A) and (B) — not from
+    /// this load. On ARMv8 a seq_cst load is an LDAR, not a plain load.)
     const flat_view* current() const noexcept { return current_.load(std::memory_order_seq_cst); }
 
     // ---- access (any thread, lock-free) ----------------------------------
