@@ -694,3 +694,79 @@ TEST_CASE("rcu: callbacks run one at a time, and a callback may retire and synch
     CHECK(overlaps.load() == 0);
     CHECK(nested_done.load() == 8);
 }
+
+// ============================================================================
+// Order: ready callbacks run in the order their objects were retired
+// ============================================================================
+// qomem relies on it: a flat view retired before an ownerless region's
+// finalization still points at that region, and its release touches it.
+
+namespace {
+/// Callbacks of the order tests: each appends its object's name. Run on the
+/// test's own thread only (no other thread reclaims here).
+std::vector<std::string>* run_order = nullptr;
+
+struct named {
+    std::string name;
+    std::function<void()> also; ///< run after recording (may retire, reclaim, throw)
+};
+
+void record(void* p) {
+    auto* n = static_cast<named*>(p);
+    run_order->push_back(n->name);
+    if (n->also) n->also();
+}
+} // namespace
+
+TEST_CASE("rcu: ready callbacks run in the order their objects were retired, also when a "
+          "callback retires and reclaims more",
+          "[rcu][order]") {
+    std::vector<std::string> order;
+    run_order = &order;
+    named d{"d", {}}, e{"e", {}};
+    // a's callback retires d and reclaims (as a view's release that drops an
+    // ownerless region's last handle does): d is ready at once, but b and c
+    // were retired before it and are ready too.
+    named a{"a", [&] {
+                rcu::retire(&d, &record);
+                rcu::reclaim();
+            }};
+    named b{"b", {}};
+    // c's callback synchronizes: that runs what is older than its call (d),
+    // and e, retired after it, waits for a later pass.
+    named c{"c", [&] {
+                rcu::synchronize();
+                rcu::retire(&e, &record);
+            }};
+    rcu::read_lock(); // holds every entry back until all four are queued
+    rcu::retire(&a, &record);
+    rcu::retire(&b, &record);
+    rcu::retire(&c, &record);
+    rcu::reclaim();
+    CHECK(order.empty());
+    rcu::read_unlock();
+    rcu::reclaim();
+    rcu::synchronize();
+    run_order = nullptr;
+    CHECK(order == std::vector<std::string>{"a", "b", "c", "d", "e"});
+}
+
+TEST_CASE("rcu: a callback that throws leaves the objects retired after it retired, and they "
+          "run in order at the next reclaim",
+          "[rcu][order]") {
+    std::vector<std::string> order;
+    run_order = &order;
+    named a{"a", {}}, c{"c", {}}, d{"d", {}};
+    named b{"b", [] { throw std::runtime_error("callback b failed"); }};
+    rcu::read_lock();
+    rcu::retire(&a, &record);
+    rcu::retire(&b, &record);
+    rcu::retire(&c, &record);
+    rcu::read_unlock();
+    CHECK_THROWS_WITH(rcu::reclaim(), "callback b failed");
+    CHECK(order == std::vector<std::string>{"a", "b"});
+    rcu::retire(&d, &record);
+    rcu::synchronize();
+    run_order = nullptr;
+    CHECK(order == std::vector<std::string>{"a", "b", "c", "d"});
+}

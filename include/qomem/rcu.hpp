@@ -18,9 +18,13 @@
 // may be called from any thread, several at once. Callbacks run on the thread
 // that calls retire, reclaim or synchronize (never on a thread of this
 // library: there is none), one thread at a time: a callback never runs
-// concurrently with another callback. In qomem the callbacks release flat
-// views, which may finalize regions and devices: they run on the thread that
-// changed the topology or called memory_synchronize.
+// concurrently with another callback. Callbacks that are ready run in the
+// order their objects were retired (FIFO), also when a callback retires,
+// reclaims or synchronizes again. In qomem the callbacks release flat views
+// and finalize ownerless regions: they run on the thread that changed the
+// topology or called memory_synchronize, and a view retired before a region's
+// finalization is released before that region goes (the view's release
+// still touches the regions it shows).
 //
 // How. A 64-bit global epoch. A reader's outermost read_lock records the
 // epoch it began at in its thread's record (0 when outside). retire(p)
@@ -263,31 +267,21 @@ inline void wait_for_readers(std::uint64_t target) {
     }
 }
 
-/// Takes the entries stamped below `limit` and runs their callbacks, on this
-/// thread, with the reclaim lock held (callbacks may retire, reclaim or
-/// synchronize again). If a callback throws, the entries not yet run go back
-/// to the list and the exception propagates.
+/// Runs the callbacks of the entries stamped below `limit`, oldest first,
+/// taking them one at a time from the front of the queue, on this thread,
+/// with the reclaim lock held. A callback may retire, reclaim or synchronize
+/// again: the nested pass continues from the front, with the next oldest
+/// entry, so the order stays the order of retirement. If a callback throws,
+/// the exception propagates and the entries not yet taken stay retired, in
+/// order.
 inline void run_entries_below(state& s, std::uint64_t limit) {
-    std::vector<retired_entry> ready;
-    {
-        std::lock_guard lock(s.retired_mutex);
-        if (!s.retired) return;
-        auto& list = *s.retired;
-        auto keep = std::partition(list.begin(), list.end(),
-                                   [&](const retired_entry& e) { return e.stamp >= limit; });
-        ready.assign(keep, list.end());
-        list.erase(keep, list.end());
-    }
-    std::sort(ready.begin(), ready.end(),
-              [](const retired_entry& a, const retired_entry& b) { return a.stamp < b.stamp; });
-    std::size_t i = 0;
-    try {
-        for (; i < ready.size(); ++i) ready[i].fn(ready[i].p);
-    } catch (...) {
-        std::lock_guard lock(s.retired_mutex);
-        s.retired->insert(s.retired->end(), ready.begin() + static_cast<std::ptrdiff_t>(i) + 1,
-                          ready.end());
-        throw;
+    for (;;) {
+        retired_entry e;
+        {
+            std::lock_guard lock(s.retired_mutex);
+            if (!s.retired || !s.retired->pop_below(limit, e)) return;
+        }
+        e.fn(e.p);
     }
 }
 
@@ -389,9 +383,9 @@ public:
 
 /// Reclaims every retired object that no reader can still see, without
 /// waiting for readers.
-/// Effects: runs those objects' callbacks on this thread, one at a time
-/// (waiting first for a batch of callbacks running on another thread);
-/// they may finalize whatever they release.
+/// Effects: runs those objects' callbacks on this thread, one at a time,
+/// in the order the objects were retired (after waiting for callbacks
+/// running on another thread); they may finalize whatever they release.
 /// Complexity: one heavy fence (membarrier(2) when other threads read), a
 /// scan of the reader threads, linear in the retired objects.
 /// Throws: what a callback throws (the rest stay retired).
@@ -405,7 +399,7 @@ inline void reclaim() { detail::reclaim_pass(true); }
 /// Effects: reclaims whatever is already safe, on this thread, unless
 /// another thread is running callbacks (`p` itself only if no thread is
 /// inside a read section that began before this call: usually not yet).
-/// Complexity: as reclaim().
+/// Complexity: as reclaim(); amortised O(1) to queue `p`.
 /// Throws: std::bad_alloc (nothing is retired then: `p` is still the
 /// caller's), or what a callback throws (`p` stays retired).
 inline void retire(void* p, void (*fn)(void*)) {
@@ -414,14 +408,13 @@ inline void retire(void* p, void (*fn)(void*)) {
     {
         std::lock_guard lock(s.retired_mutex);
         // The only throws (std::bad_alloc), before the stamp.
-        if (!s.retired) s.retired = new std::vector<detail::retired_entry>;
-        if (s.retired->size() == s.retired->capacity())
-            s.retired->reserve(std::max<std::size_t>(16, 2 * s.retired->capacity()));
+        if (!s.retired) s.retired = new detail::retired_queue;
+        s.retired->reserve_one();
         // acq_rel, (A) and (D): release so that a reader or reclaimer that
         // reads this value or a later one sees the unpublishing of p;
         // acquire so that the increments before it are seen here as well.
         const std::uint64_t stamp = s.global_epoch.fetch_add(1, std::memory_order_acq_rel);
-        s.retired->push_back({stamp, fn, p});
+        s.retired->push({stamp, fn, p}); // under the lock: stamps increase along the queue
     }
     detail::reclaim_pass(false);
 }
@@ -432,10 +425,11 @@ inline void retire(void* p, void (*fn)(void*)) {
 /// thread (or for a lock this thread holds): that is a deadlock.
 /// Effects: sleeps (futex; no CPU used) until every read section that began
 /// before the call has ended — sections begun meanwhile are not waited for.
-/// Then every object retired before the call has been reclaimed (by this
-/// thread, or by another that was running its callback; a synchronize
-/// called from a callback does not wait for its own thread's batch).
-/// Callbacks may finalize what they release.
+/// Then every object retired before the call has been reclaimed, in the
+/// order retired (by this thread, or by another that was running its
+/// callback; called from a callback, it does not wait for the callbacks
+/// running on its own thread, that one included). Callbacks may finalize
+/// what they release.
 /// Complexity: a heavy fence and a registry scan per wake-up (a reader
 /// leaving a section this call waits for wakes it), linear in the retired
 /// objects.

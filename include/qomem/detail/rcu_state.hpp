@@ -11,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstddef>
@@ -87,6 +88,50 @@ struct retired_entry {
     void* p;
 };
 
+/// The retired objects not yet reclaimed, oldest first: retire stamps and
+/// appends under one lock, so the stamps increase from front to back, and
+/// the entries a reclaimer may run (stamped below its limit) are always a
+/// prefix. Reclaimers take them one at a time from the front, so callbacks
+/// run in the order their objects were retired, even when a callback
+/// retires or reclaims again (a nested pass continues with the next oldest,
+/// never with a newer entry first).
+class retired_queue {
+public:
+    bool empty() const noexcept { return head_ == items_.size(); }
+
+    /// Makes room for one append, so that push cannot allocate. Reuses the
+    /// space of the taken entries when they are at least half of it
+    /// (amortised O(1)); otherwise doubles the capacity.
+    /// Throws: std::bad_alloc (nothing changed).
+    void reserve_one() {
+        if (items_.size() < items_.capacity()) return;
+        if (head_ != 0 && head_ >= items_.size() / 2) {
+            items_.erase(items_.begin(), items_.begin() + static_cast<std::ptrdiff_t>(head_));
+            head_ = 0;
+            return;
+        }
+        items_.reserve(std::max<std::size_t>(16, 2 * items_.capacity()));
+    }
+    /// Requires: reserve_one() since the last push; `e.stamp` above every
+    /// stamp queued.
+    void push(const retired_entry& e) noexcept { items_.push_back(e); }
+
+    /// Takes the oldest entry if it is stamped below `limit`.
+    bool pop_below(std::uint64_t limit, retired_entry& out) noexcept {
+        if (empty() || items_[head_].stamp >= limit) return false;
+        out = items_[head_++];
+        if (empty()) {
+            items_.clear();
+            head_ = 0;
+        }
+        return true;
+    }
+
+private:
+    std::vector<retired_entry> items_;
+    std::size_t head_ = 0; ///< entries before it were taken
+};
+
 /// The process-wide state. Constant-initialised and trivially destructible:
 /// readers and writers on other threads may still use it while static
 /// destructors run at exit.
@@ -124,7 +169,7 @@ struct state {
     std::mutex retired_mutex;
     /// Guarded by retired_mutex. Allocated by the first retire, never freed
     /// (see above).
-    std::vector<retired_entry>* retired = nullptr;
+    retired_queue* retired = nullptr;
 
     /// Serialises the reclaim callbacks (one thread runs them at a time;
     /// re-entrant on that thread through reclaim_depth).
