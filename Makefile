@@ -19,6 +19,7 @@ demo: deps build
 	build/examples/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
+	build/examples/virtiofs_read
 
 # The build includes all_verify_interface_header_sets: every header compiles on its own.
 test: deps build
@@ -33,21 +34,21 @@ test-asan: deps
 	ctest --test-dir build-asan --output-on-failure -j$(JOBS)
 
 # ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
-# tests/rcu_test.cpp), and only those: only those targets are built, and -R
-# keeps ctest off the others (an unbuilt Catch2 target would show up as a
-# failing *_NOT_BUILT test). Under TSan, qomem/rcu.hpp compiles its
-# membarrier(2) path out: readers take the fenced path (README, "Threads");
-# -Wno-tsan: GCC 12 warns (-Werror: fails) that TSan does not model that
-# path's std::atomic_thread_fence.
+# tests/memory_system_test.cpp, tests/rcu_test.cpp), and only those: only
+# those targets are built, and -R keeps ctest off the others (an unbuilt
+# Catch2 target would show up as a failing *_NOT_BUILT test). Under TSan,
+# qomem/rcu.hpp compiles its membarrier(2) path out: readers take the fenced
+# path (README, "Threads"); -Wno-tsan: GCC 12 warns (-Werror: fails) that
+# TSan does not model that path's std::atomic_thread_fence.
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan
-	cmake --build build-tsan -j$(JOBS) --target concurrency_test rcu_test
-	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency_test|rcu_test)\.'
+	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu)_test\.'
 
 # The tests that run threads, cross-built for AArch64 (Debian's
 # g++-aarch64-linux-gnu, cmake/aarch64-linux-gnu.cmake) and run under
-# qemu-user. Only those two targets are built (CI time). Left out under
+# qemu-user. Only those targets are built (CI time). Left out under
 # qemu-user: the seccomp test (qemu-user has no seccomp(2)), and the test
 # that forks while other threads are being created (Debian 12's
 # qemu-aarch64 7.2 aborts in the child: a qemu-user bug, reproduced without
@@ -55,8 +56,8 @@ test-tsan: deps
 test-aarch64: deps
 	cmake -S . -B build-aarch64 -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_BUILD_EXAMPLES=OFF -DQOMEM_INSTALL=OFF
-	cmake --build build-aarch64 -j$(JOBS) --target concurrency_test rcu_test
-	ctest --test-dir build-aarch64 --output-on-failure -j$(JOBS) -R '^(concurrency_test|rcu_test)\.' \
+	cmake --build build-aarch64 -j$(JOBS) --target concurrency_test memory_system_test rcu_test
+	ctest --test-dir build-aarch64 --output-on-failure -j$(JOBS) -R '^(concurrency|memory_system|rcu)_test\.' \
 	  -E 'membarrier starts failing|children forked while other threads'
 
 # Optimised as the issue asks: -O2 -DNDEBUG (CMAKE_CXX_FLAGS_RELEASE, so
@@ -76,6 +77,7 @@ bench: deps
 	    --benchmark_out=build-bench/results/$$(basename $$b).json --benchmark_out_format=json \
 	    || exit 1; \
 	done
+	python3 benchmarks/compile_cost.py $(CXX) include build-bench/results/compile_cost.json --runs $(BENCH_REPS)
 	python3 benchmarks/report.py build-bench/results
 
 # CI: every benchmark built (by `build`) and run once, very briefly, with the

@@ -5,7 +5,7 @@
 // reference to it. It may own child buses, which are its children in the tree.
 //
 //     auto root = qomem::container::make_root();
-//     qomem::machine& m = qomem::add_machine(*root);
+//     qomem::machine& m = qomem::add_machine(*root);      // machine.hpp
 //     auto hba = qomem::make<my_controller>();         // creates child bus "scsi.0"
 //     m.peripheral().add_child("hba", *hba);
 //     auto disk = qomem::make<my_disk>();
@@ -130,29 +130,6 @@ private:
     friend class device;
     bool realized_ = false;
 };
-
-/// A machine: the object at /machine, with the containers QEMU gives it.
-class machine : public object {
-    QOMEM_OBJECT(machine, "machine", object)
-public:
-    machine() {
-        for (const char* name : {"unattached", "peripheral", "peripheral-anon"}) {
-            auto c = make<container>();
-            add_child(name, *c);
-        }
-    }
-    container& unattached() const { return cast<container>(*child("unattached")); }
-    container& peripheral() const { return cast<container>(*child("peripheral")); }
-    container& peripheral_anon() const { return cast<container>(*child("peripheral-anon")); }
-};
-
-/// Creates a machine and adds it as child "machine" of `root`, which then holds
-/// the only reference to it.
-inline machine& add_machine(container& root) {
-    auto m = make<machine>();
-    root.add_child("machine", *m);
-    return *m;
-}
 
 // ---- implementation ---------------------------------------------------------
 

@@ -35,6 +35,7 @@
 #include <qomem/address_space.hpp>
 #include <qomem/device.hpp>
 #include <qomem/error.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_region.hpp>
 
 namespace qomem {
@@ -62,6 +63,8 @@ public:
     /// The address spaces, in fixture order.
     std::span<const address_space* const> spaces() const noexcept { return views_; }
     const object& root() const noexcept { return *root_; }
+    /// The memory system of the fixture's machine.
+    memory_system& memory() const noexcept { return *memory_; }
 
 private:
     /// The device that owns every region of a fixture.
@@ -77,6 +80,7 @@ private:
     std::string description_;
     ref_ptr<container> root_;
     board* board_ = nullptr;
+    memory_system* memory_ = nullptr; // the machine's: lives as long as its regions
     std::vector<memory_region*> regions_;
     std::vector<std::unique_ptr<address_space>> spaces_;
     std::vector<const address_space*> views_;
@@ -285,13 +289,14 @@ inline void fixture_machine::build(const nlohmann::json& doc, const std::string&
     // Build. From here on a failure is undone by the destructor.
     root_ = container::make_root();
     machine& mach = add_machine(*root_);
+    memory_ = &mach.memory();
     {
         auto b = make<board>();
         mach.add_child("fixture", *b);
         board_ = b.get();
     }
     regions_.assign(n, nullptr);
-    memory_transaction tx;
+    memory_transaction tx(*memory_);
     // Aliases need their targets first: make each region after its chain.
     std::function<void(std::size_t)> create = [&](std::size_t id) {
         if (regions_[id]) return;
@@ -304,7 +309,7 @@ inline void fixture_machine::build(const nlohmann::json& doc, const std::string&
         }
         if (!s.has_parent) a.priority = s.priority;
         try {
-            regions_[id] = detail::make_region(a).get(); // the board now holds it
+            regions_[id] = make_region(a).get(); // the board now holds it
         } catch (const region_error& e) {
             rd.fail(rd.region_where(id, "size"), e.what());
         }
@@ -335,14 +340,15 @@ inline void fixture_machine::build(const nlohmann::json& doc, const std::string&
             if (key != "name" && key != "root")
                 rd.fail(where, fmt::format("unknown field '{}'", key));
         const std::size_t root = rd.index(j["root"], n, where + " field 'root'");
-        spaces_.push_back(std::make_unique<address_space>(*regions_[root], j["name"].get<std::string>()));
+        spaces_.push_back(
+            std::make_unique<address_space>(*memory_, *regions_[root], j["name"].get<std::string>()));
         views_.push_back(spaces_.back().get());
     }
 }
 
 inline fixture_machine::~fixture_machine() {
-    {
-        memory_transaction tx;
+    if (memory_) {
+        memory_transaction tx(*memory_);
         views_.clear();
         while (!spaces_.empty()) spaces_.pop_back();
     }

@@ -1,12 +1,17 @@
 // qomem/log.hpp — where the library's diagnostic lines go.
 //
 // A few events are worth a line but not an error: a blocked re-entrant MMIO
-// access (logged once per region, as QEMU does) and, when guest-error logging
-// is on, accesses that a region's access rules refuse (QEMU's -d guest_errors).
-// They go to a replaceable sink, stderr by default:
+// access (logged once per region; QEMU logs it once per process) and, when
+// guest-error logging is on, accesses that a region's access rules refuse
+// (QEMU's -d guest_errors). They go to a replaceable sink, stderr by default.
+// A sink is a plain function (no captures), called from any thread:
 //
-//     std::vector<std::string> lines;
-//     qomem::set_log_sink([](std::string_view l) { captured.emplace_back(l); });
+//     std::vector<std::string> lines;   // static storage, guarded by a mutex
+//     std::mutex lines_mutex;
+//     qomem::set_log_sink([](std::string_view l) {
+//         std::lock_guard g(lines_mutex);
+//         lines.emplace_back(l);
+//     });
 #pragma once
 
 #include <atomic>

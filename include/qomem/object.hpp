@@ -111,46 +111,14 @@ public:
 
     /// Drops a reference; dropping the last one finalizes the object (see the
     /// header overview), which may in turn release and finalize its children.
+    /// A type may finalize later, on another thread (last_reference_dropped:
+    /// a memory region is finalized by its memory system's writer).
     /// Requires (asserted): the count is not already zero; the last reference
     /// is not being dropped while the object still has a parent (the parent's
     /// own reference would then be unbalanced). On a failed check nothing changes.
     void unref() {
-        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
-        if (old == 1) [[unlikely]] {
-            // Checked with the count put back, so a throwing handler leaves
-            // the object as it was.
-            ref_.store(1, std::memory_order_relaxed);
-            check_last_unref();
-            ref_.store(0, std::memory_order_relaxed);
-            finalize();
-        } else if (old == 0) [[unlikely]] {
-            ref_.fetch_add(1, std::memory_order_relaxed);
-            dead_ref_failure("unref");
-        }
-    }
-
-    /// Drops a reference without finalizing: returns true when it was the
-    /// last one, and the caller must then call finalize_dropped() — on the
-    /// thread where finalizing is allowed (a memory region's last reference
-    /// dropped by a vCPU is finalized by the topology writer). Until then the
-    /// object is dead: nothing may take a reference to it.
-    /// Requires (asserted): the count is not already zero.
-    bool drop_ref() {
-        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
-        if (old == 0) [[unlikely]] {
-            ref_.fetch_add(1, std::memory_order_relaxed);
-            dead_ref_failure("unref");
-        }
-        return old == 1;
-    }
-
-    /// Finalizes an object whose last reference drop_ref() dropped, with the
-    /// same checks and effects as the last unref().
-    void finalize_dropped() {
-        ref_.store(1, std::memory_order_relaxed);
-        check_last_unref();
-        ref_.store(0, std::memory_order_relaxed);
-        finalize();
+        if (drop_ref()) [[unlikely]]
+            last_reference_dropped();
     }
 
     /// The current count (racy by nature when other threads hold references).
@@ -267,6 +235,43 @@ protected:
     static after_free_action unref_after_free(object* o) noexcept {
         return {[](object* x) { x->unref(); }, o};
     }
+
+    /// Drops a reference without finalizing: returns true when it was the
+    /// last one. The object is then dead (nothing may take a reference to it)
+    /// and must be finalized with finalize_dropped(), now or later.
+    /// Requires (asserted): the count is not already zero.
+    bool drop_ref() {
+        const auto old = ref_.fetch_sub(1, std::memory_order_acq_rel);
+        if (old == 0) [[unlikely]] {
+            ref_.fetch_add(1, std::memory_order_relaxed);
+            dead_ref_failure("unref");
+        }
+        return old == 1;
+    }
+
+    /// Runs the checks of a last unref on an object whose last reference
+    /// drop_ref() dropped (check_finalizable and "no parent left"), with the
+    /// count put back to one meanwhile: a failed check leaves the object
+    /// alive with that one reference, returned to the caller.
+    void check_dropped() {
+        QOMEM_ASSERT(ref_.load(std::memory_order_relaxed) == 0,
+                     "check_dropped on {} at {}, which still has {} reference(s)", type().name,
+                     static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
+        ref_.store(1, std::memory_order_relaxed);
+        check_last_unref();
+        ref_.store(0, std::memory_order_relaxed);
+    }
+
+    /// Finalizes an object whose last reference drop_ref() dropped: the
+    /// checks of check_dropped(), then finalization.
+    void finalize_dropped() {
+        check_dropped();
+        finalize();
+    }
+
+    /// What dropping the last reference does: finalize_dropped() at once. A
+    /// type may defer it (a memory region hands it to its system's writer).
+    virtual void last_reference_dropped() { finalize_dropped(); }
 
     /// Misuse checks a type adds for the moment its last reference is
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the
