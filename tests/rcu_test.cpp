@@ -661,24 +661,31 @@ TEST_CASE("rcu: synchronize returns only after a callback another thread is runn
     CHECK(s.finished.load());
 }
 
-TEST_CASE("rcu: callbacks run one at a time, and a callback may retire and synchronize",
+TEST_CASE("rcu: callbacks run one at a time, and a callback may retire and synchronize: what "
+          "it retires runs after it returns",
           "[rcu]") {
     static std::atomic<int> running{0};
     static std::atomic<int> overlaps{0};
-    static std::atomic<int> nested_done{0};
+    static std::atomic<int> ran_inside{0};
+    static std::atomic<int> inner_reclaimed{0};
     running = 0;
     overlaps = 0;
-    nested_done = 0;
+    ran_inside = 0;
+    inner_reclaimed = 0;
     auto cb = [](void*) {
         if (running.fetch_add(1) != 0) overlaps.fetch_add(1);
         std::this_thread::sleep_for(50us);
         running.fetch_sub(1);
     };
     auto nesting = [](void*) {
-        std::atomic<bool> inner{false};
-        rcu::retire(&inner, &set_flag);
-        rcu::synchronize(); // does not wait for its own batch
-        if (inner.load()) nested_done.fetch_add(1);
+        if (running.fetch_add(1) != 0) overlaps.fetch_add(1);
+        rcu::retire(&inner_reclaimed, [](void* p) {
+            static_cast<std::atomic<int>*>(p)->fetch_add(1);
+        });
+        const int before = inner_reclaimed.load();
+        rcu::synchronize(); // a grace period; runs no callback here
+        if (inner_reclaimed.load() != before) ran_inside.fetch_add(1);
+        running.fetch_sub(1);
     };
     int x = 0;
     {
@@ -691,8 +698,10 @@ TEST_CASE("rcu: callbacks run one at a time, and a callback may retire and synch
         };
         std::jthread t1(work), t2(work);
     }
+    rcu::synchronize();
     CHECK(overlaps.load() == 0);
-    CHECK(nested_done.load() == 8);
+    CHECK(ran_inside.load() == 0);
+    CHECK(inner_reclaimed.load() == 8);
 }
 
 // ============================================================================
@@ -718,37 +727,38 @@ void record(void* p) {
 }
 } // namespace
 
-TEST_CASE("rcu: ready callbacks run in the order their objects were retired, also when a "
-          "callback retires and reclaims more",
+TEST_CASE("rcu: ready callbacks run in the order their objects were retired, one after the "
+          "other, also when a callback retires, reclaims and synchronizes",
           "[rcu][order]") {
     std::vector<std::string> order;
     run_order = &order;
     named d{"d", {}}, e{"e", {}};
     // a's callback retires d and reclaims (as a view's release that drops an
-    // ownerless region's last handle does): d is ready at once, but b and c
-    // were retired before it and are ready too.
+    // ownerless region's last handle does): d is safe at once, but a's own
+    // release has not finished, and b and c were retired before d.
     named a{"a", [&] {
                 rcu::retire(&d, &record);
                 rcu::reclaim();
+                run_order->push_back("a done");
             }};
     named b{"b", {}};
-    // c's callback synchronizes: that runs what is older than its call (d),
-    // and e, retired after it, waits for a later pass.
+    // c's callback synchronizes (a grace period only: it runs no callback)
+    // and retires e.
     named c{"c", [&] {
                 rcu::synchronize();
                 rcu::retire(&e, &record);
+                run_order->push_back("c done");
             }};
-    rcu::read_lock(); // holds every entry back until all four are queued
+    rcu::read_lock(); // holds every entry back until all three are queued
     rcu::retire(&a, &record);
     rcu::retire(&b, &record);
     rcu::retire(&c, &record);
     rcu::reclaim();
     CHECK(order.empty());
     rcu::read_unlock();
-    rcu::reclaim();
-    rcu::synchronize();
+    rcu::reclaim(); // one call: what the callbacks retired is safe too, and runs after them
     run_order = nullptr;
-    CHECK(order == std::vector<std::string>{"a", "b", "c", "d", "e"});
+    CHECK(order == std::vector<std::string>{"a", "a done", "b", "c", "c done", "d", "e"});
 }
 
 TEST_CASE("rcu: a callback that throws leaves the objects retired after it retired, and they "

@@ -18,13 +18,15 @@
 // may be called from any thread, several at once. Callbacks run on the thread
 // that calls retire, reclaim or synchronize (never on a thread of this
 // library: there is none), one thread at a time: a callback never runs
-// concurrently with another callback. Callbacks that are ready run in the
-// order their objects were retired (FIFO), also when a callback retires,
-// reclaims or synchronizes again. In qomem the callbacks release flat views
-// and finalize ownerless regions: they run on the thread that changed the
-// topology or called memory_synchronize, and a view retired before a region's
-// finalization is released before that region goes (the view's release
-// still touches the regions it shows).
+// concurrently with another callback, and never nests in one: retire,
+// reclaim and synchronize called from a callback run no callback (the pass
+// running it continues once it returns). Callbacks that are ready run in
+// the order their objects were retired (FIFO). In qomem the callbacks
+// release flat views and finalize ownerless regions: they run on the thread
+// that changed the topology or called memory_synchronize, and a view retired
+// before a region's finalization is released before that region goes (the
+// view's release still touches the regions it shows), also when that
+// release is what dropped the region's last handle.
 //
 // How. A 64-bit global epoch. A reader's outermost read_lock records the
 // epoch it began at in its thread's record (0 when outside). retire(p)
@@ -267,13 +269,16 @@ inline void wait_for_readers(std::uint64_t target) {
     }
 }
 
+/// True while this thread runs callbacks (it holds the reclaim lock).
+inline bool in_callback() noexcept { return reclaim_depth != 0; }
+
 /// Runs the callbacks of the entries stamped below `limit`, oldest first,
 /// taking them one at a time from the front of the queue, on this thread,
-/// with the reclaim lock held. A callback may retire, reclaim or synchronize
-/// again: the nested pass continues from the front, with the next oldest
-/// entry, so the order stays the order of retirement. If a callback throws,
-/// the exception propagates and the entries not yet taken stay retired, in
-/// order.
+/// with the reclaim lock held. Callbacks never nest: retire, reclaim and
+/// synchronize called from a callback run none (see run_ready), so each
+/// callback has finished before the next one starts, in the order of
+/// retirement. If a callback throws, the exception propagates and the
+/// entries not yet taken stay retired, in order.
 inline void run_entries_below(state& s, std::uint64_t limit) {
     for (;;) {
         retired_entry e;
@@ -285,18 +290,35 @@ inline void run_entries_below(state& s, std::uint64_t limit) {
     }
 }
 
+/// With the reclaim lock held by this thread's pass: runs the entries
+/// stamped below `limit`; then, for as long as those callbacks retired more
+/// (a view's release dropping an ownerless region's last handle retires the
+/// region's finalization), whatever of that is safe already, after a fresh
+/// limit, fence and scan ((D), as in reclaim_pass). Bounded by the chain of
+/// callbacks retiring from callbacks: entries other threads retire
+/// meanwhile are left to later passes unless they come before those.
+inline void run_ready(state& s, std::uint64_t limit) {
+    for (;;) {
+        const std::uint64_t before = callback_retires;
+        run_entries_below(s, limit);
+        if (callback_retires == before) return;
+        const std::uint64_t fresh = s.global_epoch.load(std::memory_order_acquire);
+        limit = std::min(fresh, oldest_reader_epoch(s));
+    }
+}
+
 /// Releases the reclaim lock on every way out.
 struct reclaim_lock_guard {
-    bool owns;
-    ~reclaim_lock_guard() {
-        if (owns) reclaim_unlock();
-    }
+    ~reclaim_lock_guard() { reclaim_unlock(); }
 };
 
-/// One reclamation pass; with `wait`, waits for a callback batch running on
-/// another thread, otherwise leaves the work to it.
+/// One reclamation pass. With `wait`, waits for the callbacks running on
+/// another thread, then runs what is ready; otherwise leaves the work to
+/// that thread. Called from a callback, does nothing: the pass running on
+/// this thread continues once the callback returns.
 inline void reclaim_pass(bool wait) {
     state& s = global_state;
+    if (in_callback()) return;
     {
         std::lock_guard lock(s.retired_mutex);
         if (!s.retired || s.retired->empty()) return;
@@ -305,11 +327,11 @@ inline void reclaim_pass(bool wait) {
         reclaim_lock();
     else if (!reclaim_try_lock())
         return; // another thread runs callbacks; a later pass takes what is left
-    reclaim_lock_guard guard{true};
+    reclaim_lock_guard guard;
     // (D): the limit is read before the fence and the scan.
     const std::uint64_t limit = s.global_epoch.load(std::memory_order_acquire);
     const std::uint64_t oldest = oldest_reader_epoch(s);
-    run_entries_below(s, std::min(limit, oldest));
+    run_ready(s, std::min(limit, oldest));
 }
 
 } // namespace detail
@@ -385,11 +407,16 @@ public:
 /// waiting for readers.
 /// Effects: runs those objects' callbacks on this thread, one at a time,
 /// in the order the objects were retired (after waiting for callbacks
-/// running on another thread); they may finalize whatever they release.
+/// running on another thread; inside a read section it does not wait, as
+/// such a callback may be waiting for this section: it leaves the work to
+/// that thread). They may finalize whatever they release. Called from a
+/// callback, does nothing: the objects are reclaimed by the pass that runs
+/// that callback, once it returns.
 /// Complexity: one heavy fence (membarrier(2) when other threads read), a
-/// scan of the reader threads, linear in the retired objects.
+/// scan of the reader threads, linear in the retired objects (one more
+/// fence and scan for each round of objects that callbacks retire).
 /// Throws: what a callback throws (the rest stay retired).
-inline void reclaim() { detail::reclaim_pass(true); }
+inline void reclaim() { detail::reclaim_pass(!in_read_section()); }
 
 /// Retires `p`: `fn(p)` runs once no read section that might have seen `p`
 /// is left.
@@ -399,6 +426,8 @@ inline void reclaim() { detail::reclaim_pass(true); }
 /// Effects: reclaims whatever is already safe, on this thread, unless
 /// another thread is running callbacks (`p` itself only if no thread is
 /// inside a read section that began before this call: usually not yet).
+/// Called from a callback, only queues `p`: the pass running that callback
+/// reclaims it after the callbacks before it, once it is safe.
 /// Complexity: as reclaim(); amortised O(1) to queue `p`.
 /// Throws: std::bad_alloc (nothing is retired then: `p` is still the
 /// caller's), or what a callback throws (`p` stays retired).
@@ -416,6 +445,10 @@ inline void retire(void* p, void (*fn)(void*)) {
         const std::uint64_t stamp = s.global_epoch.fetch_add(1, std::memory_order_acq_rel);
         s.retired->push({stamp, fn, p}); // under the lock: stamps increase along the queue
     }
+    if (detail::in_callback()) {
+        ++detail::callback_retires; // the pass under way on this thread runs it
+        return;
+    }
     detail::reclaim_pass(false);
 }
 
@@ -426,10 +459,12 @@ inline void retire(void* p, void (*fn)(void*)) {
 /// Effects: sleeps (futex; no CPU used) until every read section that began
 /// before the call has ended — sections begun meanwhile are not waited for.
 /// Then every object retired before the call has been reclaimed, in the
-/// order retired (by this thread, or by another that was running its
-/// callback; called from a callback, it does not wait for the callbacks
-/// running on its own thread, that one included). Callbacks may finalize
-/// what they release.
+/// order retired, by this thread or by another that was running its
+/// callback; so have the objects those callbacks retired, if no reader can
+/// see them any more. Callbacks may finalize what they release. Called
+/// from a callback, it only waits for the grace period: the objects are
+/// reclaimed by the pass that runs that callback, once it returns
+/// (callbacks never nest).
 /// Complexity: a heavy fence and a registry scan per wake-up (a reader
 /// leaving a section this call waits for wakes it), linear in the retired
 /// objects.
@@ -443,9 +478,10 @@ inline void synchronize() {
     // stamp <= target and its unpublishing happens before the scans below.
     const std::uint64_t target = s.global_epoch.fetch_add(1, std::memory_order_acq_rel);
     detail::wait_for_readers(target);
+    if (detail::in_callback()) return;
     detail::reclaim_lock();
-    detail::reclaim_lock_guard guard{true};
-    detail::run_entries_below(s, target + 1);
+    detail::reclaim_lock_guard guard;
+    detail::run_ready(s, target + 1);
 }
 
 } // namespace qomem::rcu

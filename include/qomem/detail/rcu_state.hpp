@@ -92,9 +92,7 @@ struct retired_entry {
 /// appends under one lock, so the stamps increase from front to back, and
 /// the entries a reclaimer may run (stamped below its limit) are always a
 /// prefix. Reclaimers take them one at a time from the front, so callbacks
-/// run in the order their objects were retired, even when a callback
-/// retires or reclaims again (a nested pass continues with the next oldest,
-/// never with a newer entry first).
+/// run in the order their objects were retired.
 class retired_queue {
 public:
     bool empty() const noexcept { return head_ == items_.size(); }
@@ -171,8 +169,7 @@ struct state {
     /// (see above).
     retired_queue* retired = nullptr;
 
-    /// Serialises the reclaim callbacks (one thread runs them at a time;
-    /// re-entrant on that thread through reclaim_depth).
+    /// Serialises the reclaim callbacks (one thread runs them at a time).
     std::mutex reclaim_mutex;
 
     /// Thread-exit hook: a pthread key whose destructor unregisters.
@@ -201,8 +198,11 @@ inline thread_local constinit reader_record this_thread_reader{};
 /// Set once the thread's exit hook has run: later read sections (in other
 /// exit-time destructors) register for their own duration only.
 inline thread_local constinit bool this_thread_exited = false;
-/// Depth of reclaim_mutex ownership by this thread (callbacks may reclaim).
+/// Depth of reclaim_mutex ownership by this thread: non-zero while it runs
+/// callbacks (0 or 1: callbacks never nest; kept as a count for fork).
 inline thread_local constinit unsigned reclaim_depth = 0;
+/// Objects retired by callbacks running on this thread (rcu.hpp, run_ready).
+inline thread_local constinit std::uint64_t callback_retires = 0;
 
 // ---- system calls -------------------------------------------------------------
 
