@@ -890,9 +890,12 @@ inline void memory_system::global_dirty_log_stop(unsigned flags) {
 
 inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
     if (v) intrusive_ptr_add_ref(v);
-    // seq_cst: readers load the view with a seq_cst load inside their read
-    // section (address_space::current); see rcu.hpp for why the reader's
-    // epoch announcement is ordered before that load.
+    // seq_cst (release would do): pairs with address_space::current's load,
+    // so a reader that gets `v` sees its contents. A reader that began its
+    // section before the retire below may still get `old`; the retire's
+    // acq_rel increment of the epoch makes one that began after it get `v`
+    // or newer, and keeps `old` until the others have left (rcu.hpp,
+    // "Orderings" (A) and (B)).
     flat_view* old = slot.current.exchange(v, std::memory_order_seq_cst);
     if (old) rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
