@@ -385,7 +385,7 @@ inline void dma_mapping::end() {
         address_space::end_direct(*this, is_write_ ? len_ : 0);
 }
 
-inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) {
+inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
     if (this != &o) {
         if (ptr_) end();
         take(o);
