@@ -1,6 +1,6 @@
 # Entry points for developers and CI. CMake does the real work; see CMakeLists.txt.
 .NOTPARALLEL:
-.PHONY: deps build demo test test-asan test-tsan test-aarch64 lint bench bench-smoke clean
+.PHONY: deps build demo test test-asan test-tsan test-aarch64 lint fuzz bench bench-smoke clean
 
 JOBS := 2
 # Repetitions of each benchmark in `make bench`; the report takes their medians.
@@ -102,5 +102,23 @@ lint: deps
 	printf '#include <%s>\n' $(patsubst include/%,%,$(HEADERS)) > build-lint/all_headers.cpp
 	clang-tidy-14 --config-file=.clang-tidy --quiet build-lint/all_headers.cpp -- -std=c++20 -Iinclude
 
+# Coverage-guided fuzzing (libFuzzer, clang 14, ASan+UBSan): each target in
+# tests/fuzz/ runs for FUZZ_SECONDS from its committed seed corpus (every
+# crash found so far is in it: a regression input) plus what it learns in
+# build-fuzz/. Any crash, leak or failed check fails the target.
+FUZZ_SECONDS ?= 60
+FUZZERS := $(patsubst tests/fuzz/fuzz_%.cpp,%,$(wildcard tests/fuzz/fuzz_*.cpp))
+fuzz: deps
+	mkdir -p build-fuzz
+	for f in $(FUZZERS); do \
+	  clang++-14 -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	    -Iinclude tests/fuzz/fuzz_$$f.cpp -lfmt -o build-fuzz/fuzz_$$f || exit 1; \
+	done
+	for f in $(FUZZERS); do \
+	  mkdir -p build-fuzz/corpus-$$f; \
+	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-$$f tests/fuzz/corpus/$$f || exit 1; \
+	done
+
 clean:
-	rm -rf build build-asan build-tsan build-aarch64 build-bench build-lint
+	rm -rf build build-asan build-tsan build-aarch64 build-bench build-lint build-fuzz
