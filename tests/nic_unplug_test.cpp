@@ -41,7 +41,7 @@ strings object_labels(const reference_replay& r, std::size_t from = 0) {
 } // namespace
 
 TEST_CASE("nic unplug story: regions are finalized in the order the rules give, each before "
-          "the NIC, which outlives its unplug exactly as long as disk0's DMA; nothing is left",
+          "the NIC, which outlives its unplug exactly as long as disk0's DMA, and nothing is left",
           "[nic_unplug][lifetime][hotplug]") {
     qomem_test::leak_check leaks;
     nic_demo::event_trace trace;

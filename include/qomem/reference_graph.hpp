@@ -201,20 +201,22 @@ public:
     /// Adds a reference `h` holds to `target` (a ref_ptr or region_ref kept
     /// somewhere), and everything `target` leads to.
     /// Requires (asserted): with held_until::unrealized, `h` is a realized
-    /// device. Effects: reads the objects; takes and drops no reference.
-    /// Complexity: O(objects and references reached).
+    /// device. Effects: adds nodes and edges to this graph; only reads the
+    /// objects (takes and drops no reference, finalizes nothing).
+    /// Complexity: O(objects and references reached). Throws: through the
+    /// assertion handler before anything is added; std::bad_alloc.
     void add_reference(const holder& h, const object& target, std::string_view what = {},
                        held_until until = held_until::finalized);
 
     /// Adds address space `as`, held by `h`, and its reference to its root
-    /// (and everything the root leads to). Requires, effects, complexity: as
-    /// add_reference.
+    /// (and everything the root leads to). Requires, effects, complexity,
+    /// throws: as add_reference.
     void add_address_space(const holder& h, const address_space& as,
                            held_until until = held_until::finalized);
 
     /// Adds DMA mapping `m`, held by `h` and described by `what`, and its
     /// reference to its region. Requires (asserted): `m` is a live mapping;
-    /// as add_reference. Effects, complexity: as add_reference.
+    /// as add_reference. Effects, complexity, throws: as add_reference.
     void add_dma_mapping(const holder& h, const dma_mapping& m, std::string_view what,
                          held_until until = held_until::finalized);
 
@@ -275,7 +277,7 @@ public:
     struct cycle {
         std::vector<std::size_t> members;     ///< the nodes of the group
         std::vector<std::size_t> path;        ///< edges of one cycle through members.front()
-        std::vector<std::size_t> keeps_alive; ///< other live nodes only it holds (transitively)
+        std::vector<std::size_t> keeps_alive; ///< the other live nodes it holds, directly or not
     };
 
     /// Starts from `g`; under owner_piggyback its references into regions
@@ -285,15 +287,20 @@ public:
     reference_replay(const reference_graph& g, lifetime_rule rule);
 
     /// What unparent(obj) does to node `n`: its unparent hook, then its
-    /// parent's reference dropped (which may finalize it). Nothing if it has
-    /// no parent (any more).
+    /// parent's reference dropped. Nothing if it has no parent (any more).
+    /// Requires: `n` is a node of the graph (std::out_of_range otherwise).
+    /// Effects (on the replay only): drops references, may finalize nodes
+    /// and, under regions_counted, adds the owner references of the regions
+    /// it unparents. Complexity: O(edges) per reference dropped.
     void unparent(std::size_t n);
     /// Node `n` lets go: an outside holder drops every reference it holds;
     /// an address space is destroyed, a DMA mapping ended (its holder's
     /// reference to it dropped, and with it its reference to its region).
-    /// Requires (asserted): `n` is not an object (objects are unparented).
+    /// Requires (asserted, before any change): `n` is not an object (objects
+    /// are unparented). Effects, complexity: as unparent.
     void release(std::size_t n);
     /// Every outside holder lets go, the most recently added first.
+    /// Effects, complexity: as unparent.
     void release_outside();
 
     lifetime_rule rule() const noexcept { return rule_; }
