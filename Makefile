@@ -14,8 +14,13 @@ build:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	cmake --build build -j$(JOBS)
 
+# The SVGs are build outputs: the example writes a DOT picture of each step
+# under build/demo/nic_unplug/, and Graphviz's dot renders them there.
 demo: deps build
 	build/examples/hotplug
+	rm -rf build/demo/nic_unplug
+	build/examples/nic_unplug build/demo/nic_unplug
+	for f in build/demo/nic_unplug/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg" || exit 1; done
 	build/examples/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
@@ -34,7 +39,7 @@ test-asan: deps
 	ctest --test-dir build-asan --output-on-failure -j$(JOBS)
 
 # ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
-# tests/memory_system_test.cpp, tests/rcu_test.cpp), and only those: only
+# tests/memory_system_test.cpp, tests/rcu_test.cpp, tests/unplug_vcpu_test.cpp), and only those: only
 # those targets are built, and -R keeps ctest off the others (an unbuilt
 # Catch2 target would show up as a failing *_NOT_BUILT test). Under TSan,
 # qomem/rcu.hpp compiles its membarrier(2) path out: readers take the fenced
@@ -43,8 +48,8 @@ test-asan: deps
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan
-	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test
-	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu)_test\.'
+	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.'
 
 # The tests that run threads, cross-built for AArch64 (Debian's
 # g++-aarch64-linux-gnu, cmake/aarch64-linux-gnu.cmake) and run under
