@@ -135,7 +135,7 @@ TEST_CASE("firmware sizes BARs through ECAM: a 64-bit prefetchable BAR reads bac
 }
 
 TEST_CASE("a BAR appears in the guest's memory at the address firmware writes once memory decoding is on, moves "
-          "when rewritten, and leaves when decoding is turned off; the guest reads and writes the function's "
+          "when rewritten, and leaves when decoding is turned off — the guest reads and writes the function's "
           "RAM and MMIO there",
           "[pci]") {
     qomem_test::leak_check leaks;
@@ -223,7 +223,7 @@ TEST_CASE("the ECAM window answers all ones for an absent function, for another 
 }
 
 TEST_CASE("the capability list: status bit 4, the pointer at 0x34, each capability at a dword boundary and chained "
-          "to the next; an empty list clears both",
+          "to the next — an empty list clears both",
           "[pci]") {
     qomem_test::leak_check leaks;
     virtio_machine r;
@@ -273,7 +273,7 @@ TEST_CASE("unplugging a PCI function takes it off the bus: its configuration spa
     CHECK(res == qomem::memtx_decode_error);
 }
 
-TEST_CASE("slots: realize takes the first free slot unless one is set; a taken slot, a realize without a PCI bus, "
+TEST_CASE("slots: realize takes the first free slot unless one is set — a taken slot, a realize without a PCI bus, "
           "a BAR that is not a power of two or does not fit, and a config access outside 256 bytes are misuse, "
           "reported before anything changes",
           "[pci][misuse]") {

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -127,7 +128,7 @@ void require_guest_sees_mapping(qomem::address_space& as, hwaddr region, std::ui
 // ---- virtio-mmio ------------------------------------------------------------------
 
 TEST_CASE("virtio-mmio: a driver selecting ids finds each region's 64-bit length and guest address, all ones for "
-          "an id without a region, and reads and writes a file mapping at that address; unmapped parts answer a "
+          "an id without a region, and reads and writes a file mapping at that address — unmapped parts answer a "
           "decode error",
           "[virtio-mmio][shmem]") {
     qomem_test::leak_check leaks;
@@ -179,8 +180,8 @@ TEST_CASE("virtio-mmio: a driver selecting ids finds each region's 64-bit length
 }
 
 TEST_CASE("virtio-mmio registers are 32 bits wide: another size reads 0 and a write of it is ignored, logged as a "
-          "guest error; writes to read-only registers are ignored, a read of SHMSel gives 0, the device "
-          "configuration space reads 0; without a device DeviceID is 0 and no id has a region",
+          "guest error — writes to read-only registers are ignored, a read of SHMSel gives 0, the device "
+          "configuration space reads 0 — without a device DeviceID is 0 and no id has a region",
           "[virtio-mmio]") {
     qomem_test::leak_check leaks;
     virtio_machine r;
@@ -231,8 +232,8 @@ TEST_CASE("virtio-mmio registers are 32 bits wide: another size reads 0 and a wr
     CHECK(drv.read(0x1fc) == 0);
 }
 
-TEST_CASE("virtio-mmio: regions that do not fit the window are refused with transport_error naming them; the "
-          "device is unplugged (and unrealized) again and nothing is placed; a device plugged before realize is "
+TEST_CASE("virtio-mmio: regions that do not fit the window are refused with transport_error naming them — the "
+          "device is unplugged (and unrealized) again and nothing is placed — a device plugged before realize is "
           "placed at realize, or makes realize fail the same way",
           "[virtio-mmio][shmem]") {
     qomem_test::leak_check leaks;
@@ -279,7 +280,7 @@ TEST_CASE("virtio-mmio: regions that do not fit the window are refused with tran
 
 TEST_CASE("virtio-mmio: a region leaves the driver's view when its device is unplugged: length and base read all "
           "ones, DeviceID 0, its guest addresses answer a decode error, while a DMA mapping keeps its pages until "
-          "it ends; unplugging the transport takes its registers away; everything is finalized",
+          "it ends — unplugging the transport takes its registers away — everything is finalized",
           "[virtio-mmio][shmem][lifetime]") {
     qomem_test::leak_check leaks;
     virtio_machine r;
@@ -340,8 +341,8 @@ qomem::virtio_pci& add_pci(virtio_machine& r, const std::string& name, qomem::vi
 } // namespace
 
 TEST_CASE("virtio-pci: a driver walking the capability list finds one shared memory capability (vendor, cfg_type "
-          "8, cap_len 24) per region, with its shmid, BAR and 64-bit offset and length; firmware sizes and places "
-          "the 64-bit BAR; the guest reads and writes a file mapping at BAR + offset; unmapped parts answer a "
+          "8, cap_len 24) per region, with its shmid, BAR and 64-bit offset and length — firmware sizes and places "
+          "the 64-bit BAR — the guest reads and writes a file mapping at BAR + offset — unmapped parts answer a "
           "decode error",
           "[virtio-pci][shmem]") {
     qomem_test::leak_check leaks;
@@ -402,8 +403,8 @@ TEST_CASE("virtio-pci: a driver walking the capability list finds one shared mem
 }
 
 TEST_CASE("virtio-pci: unplugging the function takes it off the bus — every configuration read answers all ones "
-          "and the BAR's addresses a decode error; unplugging only the VIRTIO device empties the BAR and the "
-          "capability list; everything is finalized",
+          "and the BAR's addresses a decode error — unplugging only the VIRTIO device empties the BAR and the "
+          "capability list — everything is finalized",
           "[virtio-pci][shmem][lifetime]") {
     qomem_test::leak_check leaks;
     virtio_machine r;
@@ -456,7 +457,7 @@ TEST_CASE("virtio-pci: unplugging the function takes it off the bus — every co
 }
 
 TEST_CASE("virtio-pci: more than 8 regions do not fit the capability list and are refused at realize with "
-          "transport_error; nothing is placed and no slot is taken; plugging after realize is misuse",
+          "transport_error — nothing is placed and no slot is taken — plugging after realize is misuse",
           "[virtio-pci][shmem][misuse]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
@@ -491,6 +492,49 @@ TEST_CASE("virtio-pci: more than 8 regions do not fit the capability list and ar
     REQUIRE_THROWS_AS(p->plug(*other), qomem::assertion_failure);
     CHECK(other->parent_bus() == nullptr);
     CHECK(p->bus().device() == dev.get());
+}
+
+TEST_CASE("transport misuse is reported and leaves everything as it was: a second device on a transport, a "
+          "device whose region its model placed itself, mapping a virtio-mmio transport twice, realizing a "
+          "virtio-pci transport without a device",
+          "[virtio-mmio][virtio-pci][misuse]") {
+    qomem_test::leak_check leaks;
+    qomem_test::throwing_assertions asserts;
+    virtio_machine r;
+    qomem::virtio_mmio& t = add_mmio(r, "virtio-mmio0");
+    auto first = qomem::make<shm_device>();
+    first->declare_shmem(0, page);
+    t.plug(*first);
+    auto second = qomem::make<shm_device>();
+    second->declare_shmem(0, page);
+    REQUIRE_THROWS_AS(t.plug(*second), qomem::assertion_failure);
+    CHECK(second->parent_bus() == nullptr);
+    CHECK_FALSE(second->realized());
+    CHECK(t.bus().device() == first.get());
+    REQUIRE_THROWS_AS(t.map(*r.sys, mmio_regs + 0x1000), qomem::assertion_failure);
+    CHECK(t.registers().addr() == mmio_regs);
+
+    // A model that placed its own region: the transport refuses it and the
+    // device leaves its bus again, realized as it came.
+    auto t2 = qomem::make<qomem::virtio_mmio>(mmio_window + 16 * page, 16 * page);
+    r.add("virtio-mmio1", t2);
+    t2->realize();
+    auto own_bar = qomem::make_container(nullptr, "own-bar", 16 * page);
+    own_bar->add_subregion(0, second->shmem(0)->region());
+    second->realize();
+    REQUIRE_THROWS_AS(t2->plug(*second), qomem::assertion_failure);
+    CHECK(second->parent_bus() == nullptr);
+    CHECK(second->realized());
+    CHECK(second->shmem(0)->region().container() == own_bar.get());
+    CHECK(t2->shm_window().subregion_count() == 0);
+    own_bar->del_subregion(second->shmem(0)->region());
+
+    auto empty = qomem::make<qomem::virtio_pci>();
+    empty->plug_into(r.host->bus());
+    r.add("empty", empty);
+    REQUIRE_THROWS_AS(empty->realize(), qomem::assertion_failure);
+    CHECK_FALSE(empty->realized());
+    CHECK_FALSE(empty->devfn());
 }
 
 // ---- regions enumerated by a vhost-user back-end ------------------------------------------
@@ -563,7 +607,7 @@ class vhost_user_device : public qomem::virtio_shmem_device {
 public:
     vhost_user_device(vu::channel ch, qomem::address_space& guest) : ch_(std::move(ch)), guest_(&guest) {}
     std::uint16_t virtio_id() const noexcept override { return 16; } // a GPU: blobs in shared memory
-    const vu::frontend* session() const noexcept { return fe_ ? &*fe_ : nullptr; }
+    const vu::frontend* session() const noexcept { return fe_.get(); }
     /// Asks the back-end again (its regions are declared already).
     std::size_t declare_again() { return fe_->declare_shmem_regions(); }
 
@@ -571,7 +615,7 @@ protected:
     void do_realize() override {
         vu::frontend_options o;
         o.timeout = std::chrono::milliseconds(5000);
-        fe_.emplace(std::move(*std::exchange(ch_, std::nullopt)), *guest_, o, this);
+        fe_ = std::make_unique<vu::frontend>(std::move(*std::exchange(ch_, std::nullopt)), *guest_, o, this);
         try {
             fe_->declare_shmem_regions();
         } catch (...) {
@@ -584,7 +628,9 @@ protected:
 private:
     std::optional<vu::channel> ch_;
     qomem::address_space* guest_;
-    std::optional<vu::frontend> fe_;
+    // Held by pointer: a frontend's destructor may throw (it unregisters a
+    // listener), and an object's destructor may not.
+    std::unique_ptr<vu::frontend> fe_;
 };
 
 } // namespace
