@@ -20,6 +20,7 @@
 #include <qomem/memory_system.hpp>   // commits, transactions, the writer role
 #include <qomem/mtree.hpp>           // info mtree
 #include <qomem/object.hpp>          // QOM objects
+#include <qomem/pci.hpp>             // a minimal PCI bus: config space, BARs, ECAM
 #include <qomem/property.hpp>        // typed properties
 #include <qomem/qom_tree.hpp>        // info qom-tree
 #include <qomem/rcu.hpp>             // read sections for lock-free readers
@@ -31,3 +32,6 @@
 #include <qomem/user_creatable.hpp>  // -object, /objects
 #include <qomem/vhost_log.hpp>       // the dirty log shared with a vhost-user back-end
 #include <qomem/vhost_user.hpp>      // vhost-user messages
+#include <qomem/virtio_mmio.hpp>     // the virtio-mmio transport
+#include <qomem/virtio_pci.hpp>      // the virtio-pci transport
+#include <qomem/virtio_transport.hpp> // a transport's bus and shared memory window
