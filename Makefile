@@ -16,7 +16,7 @@ build:
 
 demo: deps build
 	build/examples/hotplug
-	build/examples/mtree tests/conformance/qemu-7.2/pc/fixture.json
+	build/tools/mtree/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
 
