@@ -8,7 +8,9 @@
 // have found.
 #include <algorithm>
 #include <cstdint>
+#include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -316,6 +318,25 @@ TEST_CASE("texts of two different machines are reported with the lines that diff
     CHECK(findings(r).find("error: no fixture found prints flat exactly") != std::string::npos);
     CHECK(findings(r).find("    - ") != std::string::npos);
     CHECK(findings(r).find("error: regions on the differing lines:") != std::string::npos);
+}
+
+TEST_CASE("a tree and flat views of two machines are told apart by their address spaces, at once",
+          "[import]") {
+    auto read = [](const char* machine, const char* file) {
+        std::ifstream in(std::string(QOMEM_TEST_DATA_DIR) + "/conformance/qemu-7.2/" + machine + "/" + file);
+        std::ostringstream s;
+        s << in.rdbuf();
+        return s.str();
+    };
+    const std::string tree = read("pc", "mtree-D.txt"), flat = read("sifive_u", "mtree-f.txt");
+    const auto r = qomem::hmp::import_mtree({.tree = tree, .tree_source = "pc/mtree-D.txt", .flat = flat,
+                                             .flat_source = "sifive_u/mtree-f.txt"});
+    CHECK_FALSE(r.ok());
+    CHECK(r.evaluations == 0);
+    INFO(findings(r));
+    CHECK(findings(r).find("error: pc/mtree-D.txt and sifive_u/mtree-f.txt do not list the same address spaces") !=
+          std::string::npos);
+    CHECK(findings(r).find("only in sifive_u/mtree-f.txt:\n    \"cpu-memory-1\", root: system") != std::string::npos);
 }
 
 TEST_CASE("malformed HMP text is refused naming the source and the line", "[import]") {

@@ -40,6 +40,8 @@ namespace qomem_test {
 class leak_check : public qomem::testing::catch2::leak_check {
 public:
     leak_check() { CHECK(start() == 0); }
+    /// The live objects by type, e.g. "container=1 memory-region=2", or "none".
+    static std::string describe_live() { return qomem::testing::describe_live_objects(); }
 };
 
 using qomem::testing::event_log;

@@ -26,8 +26,11 @@
 //    printed): chosen so that the flat views and the tree match QEMU's.
 // Every choice starts from a default, the candidate fixture is built with
 // this library and printed with its own `info mtree -f` and `-D`, and the
-// choices near the lines that differ are changed one at a time while that
-// brings the texts closer (a local search, bounded by max_evaluations).
+// choices near the lines that differ are changed, one or two at a time,
+// while that brings the texts closer (a local search over a distance that
+// weighs each piece of address space by what differs there; bounded by
+// max_evaluations). readonly is tried on aliases first, and on containers
+// and I/O regions only if that is not enough.
 //
 // What it reports (import_result::findings): errors, when the fixture does
 // not reproduce the texts (ok() is then false), and notes, one per kind of
@@ -40,6 +43,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
@@ -71,8 +75,9 @@ struct import_texts {
 };
 
 struct import_options {
-    /// Upper bound on candidate fixtures built and printed.
-    std::size_t max_evaluations = 20000;
+    /// Upper bound on candidate fixtures built and printed (the machines of
+    /// tests/conformance need a few hundred).
+    std::size_t max_evaluations = 4000;
     /// Notes count as failures in ok().
     bool strict = false;
 };
@@ -327,6 +332,7 @@ private:
     void search(solution& sol, score& best);
     void report_unsettled(const solution& sol);
     void report_mismatch(const score& s);
+    bool same_address_spaces();
     std::vector<char> visible_classes() const;
     void note(std::string text) { result_.findings.push_back({false, std::move(text)}); }
     void fail(std::string text) { result_.findings.push_back({true, std::move(text)}); }
@@ -1085,7 +1091,8 @@ inline void importer::search(solution& sol, score& best) {
     };
     while (!best.zero() && budget_left()) {
         const std::vector<choice> near = choices_near(best.names);
-        if (try_one(near) || try_two(near)) continue;
+        // Pairs only among a few choices (quadratic).
+        if (try_one(near) || (near.size() <= 80 && try_two(near))) continue;
         const std::vector<choice> all = all_choices();
         // Pairs of all choices only for small machines (quadratic).
         if (try_one(all) || (all.size() <= 120 && try_two(all))) continue;
@@ -1198,6 +1205,38 @@ inline void importer::report_mismatch(const score& s) {
     fail(fmt::format("regions on the differing lines: {}", list));
 }
 
+/// The flat views must name the address spaces (and their roots) that the
+/// tree has: no choice changes those, so texts of two machines are told
+/// apart here, at once.
+inline bool importer::same_address_spaces() {
+    std::multiset<std::string> tree_spaces, flat_spaces;
+    for (const mtree_block& b : tree_.blocks)
+        if (b.address_space)
+            for (const std::string& n : b.names)
+                tree_spaces.insert(fmt::format("\"{}\", root: {}", n, line(b.root).is_alias
+                                                                          ? line(b.root).name + ", alias " + line(b.root).target
+                                                                          : line(b.root).name));
+    for (const mtree_flat_view& v : flat_.views)
+        for (const mtree_flat_space& sp : v.spaces)
+            flat_spaces.insert(fmt::format("\"{}\", root: {}", sp.name,
+                                           sp.root_alias.empty() ? sp.root : sp.root + ", alias " + sp.root_alias));
+    if (tree_spaces == flat_spaces) return true;
+    std::vector<std::string> only_tree, only_flat;
+    std::set_difference(tree_spaces.begin(), tree_spaces.end(), flat_spaces.begin(), flat_spaces.end(),
+                        std::back_inserter(only_tree));
+    std::set_difference(flat_spaces.begin(), flat_spaces.end(), tree_spaces.begin(), tree_spaces.end(),
+                        std::back_inserter(only_flat));
+    auto list = [](const std::vector<std::string>& v) {
+        std::string out;
+        for (const std::string& x : v) out += fmt::format("\n    {}", x);
+        return out.empty() ? std::string("\n    (none)") : out;
+    };
+    fail(fmt::format("{} and {} do not list the same address spaces (are they of one machine?); "
+                     "only in {}:{}\n  only in {}:{}",
+                     tree_.source, flat_.source, tree_.source, list(only_tree), flat_.source, list(only_flat)));
+    return false;
+}
+
 inline import_result importer::run() {
     result_.strict = opt_.strict;
     read_texts();
@@ -1208,6 +1247,7 @@ inline import_result importer::run() {
     find_candidates();
     if (std::any_of(result_.findings.begin(), result_.findings.end(), [](const import_finding& f) { return f.error; }))
         return std::move(result_);
+    if (!same_address_spaces()) return std::move(result_);
     solution sol = default_solution();
     if (std::any_of(result_.findings.begin(), result_.findings.end(), [](const import_finding& f) { return f.error; }))
         return std::move(result_);
