@@ -330,6 +330,7 @@ private:
     std::vector<choice> choices_near(const std::vector<std::string>& names) const;
     std::vector<solution> alternatives(const solution& sol, const choice& c);
     void search(solution& sol, score& best);
+    bool merge_change(solution& into, const solution& base, const solution& changed) const;
     void report_unsettled(const solution& sol);
     void report_mismatch(const score& s);
     bool same_address_spaces();
@@ -744,12 +745,39 @@ inline importer::solution importer::default_solution() {
     s.io.assign(n, 0);
     s.one_byte.assign(n, 0);
     s.readonly.assign(n, 0);
+    // A terminating region shows in the flat views under its own name (unless
+    // covered); a container never does. So a region whose name shows starts
+    // as I/O, and one that could show but does not as a container. One that
+    // cannot show — disabled, unreachable, or covered by subregions that
+    // terminate (RAM, or I/O whose names show) — is settled by no text: a
+    // childless region inside a container is most often a device's MMIO
+    // (which a user may give ops), one with subregions (a virtio-pci BAR
+    // full of capabilities) or none around it a container.
+    std::set<std::string> shown;
+    for (const mtree_flat_view& v : flat_.views)
+        for (const mtree_flat_range& fr : v.parsed) shown.insert(fr.name);
+    auto terminates = [&](const mtree_line& x) {
+        return !x.disabled && !x.is_alias && (x.type == "i/o" ? shown.count(x.name) != 0 : x.type != "container");
+    };
+    auto covered = [&](const mtree_line& r) {
+        std::vector<std::pair<u128, u128>> parts; // [start, end + 1)
+        for (int ch : r.children)
+            if (terminates(line(ch))) parts.emplace_back(line(ch).start, u128(line(ch).end) + 1);
+        std::sort(parts.begin(), parts.end());
+        u128 next = r.start; // the first byte not covered yet
+        for (const auto& [from, to] : parts) {
+            if (from > next) break;
+            next = std::max(next, to);
+        }
+        return next > u128(r.end);
+    };
+    const std::vector<char> visible = visible_classes();
     for (std::size_t c = 0; c < n; ++c) {
         const region_class& k = classes_[c];
         const mtree_line& r = line(k.rep);
-        // A childless region inside a container is most often a device's
-        // MMIO; one with subregions, or not in any container, a container.
-        if (k.open_kind) s.io[c] = k.children.empty() && k.container >= 0;
+        if (k.open_kind)
+            s.io[c] = visible[c] && !covered(r) ? shown.count(r.name) != 0
+                                                : k.children.empty() && k.container >= 0;
         // An "X-X" alias is most often an unprogrammed window (0 bytes); an
         // "X-X" I/O region a one-byte port.
         if (k.open_size) s.one_byte[c] = !r.is_alias;
@@ -1048,30 +1076,41 @@ inline std::vector<importer::solution> importer::alternatives(const solution& so
     return out;
 }
 
-/// First-improvement local search: one choice at a time among those near
-/// the differing lines; when none helps, two at a time among those (a
-/// region's kind and its rank can matter only together); then one at a
-/// time among all. Ends when the texts match, nothing helps, or the budget
-/// of evaluations is spent.
+/// Local search: one choice at a time among those near the differing
+/// lines; when none helps, two at a time among those (a region's kind and
+/// its rank can matter only together); then one at a time among all. Ends
+/// when the texts match, nothing helps, or the budget of evaluations is
+/// spent.
 inline void importer::search(solution& sol, score& best) {
     auto budget_left = [&] { return result_.evaluations < opt_.max_evaluations; };
-    // The best single change (steepest descent: a first improvement can
-    // lead into a corner that only two changes at once get out of).
+    // Every single change is judged from the same state; then the ones that
+    // helped are applied together, best first, each kept only if the texts
+    // still come closer (many independent fixes, e.g. one readonly alias per
+    // PAM segment, cost one pass). Taking the best rather than the first
+    // improvement avoids corners that only two changes at once get out of.
     auto try_one = [&](const std::vector<choice>& cand) {
-        std::optional<solution> pick;
-        score pick_score = best;
+        std::vector<std::pair<score, solution>> better;
         for (const choice& ch : cand)
             for (solution& alt : alternatives(sol, ch)) {
                 if (!budget_left()) break;
                 score s = evaluate(alt);
-                if (s < pick_score) {
-                    pick = std::move(alt);
-                    pick_score = std::move(s);
-                }
+                if (s < best) better.emplace_back(std::move(s), std::move(alt));
             }
-        if (!pick) return false;
-        sol = std::move(*pick);
-        best = std::move(pick_score);
+        if (better.empty()) return false;
+        std::stable_sort(better.begin(), better.end(),
+                         [](const auto& a, const auto& b) { return a.first < b.first; });
+        const solution base = sol;
+        sol = std::move(better.front().second);
+        best = std::move(better.front().first);
+        for (std::size_t k = 1; k < better.size() && budget_left() && !best.zero(); ++k) {
+            solution merged = sol;
+            if (!merge_change(merged, base, better[k].second)) continue;
+            score s = evaluate(merged);
+            if (s < best) {
+                sol = std::move(merged);
+                best = std::move(s);
+            }
+        }
         return true;
     };
     auto try_two = [&](const std::vector<choice>& cand) {
@@ -1098,6 +1137,21 @@ inline void importer::search(solution& sol, score& best) {
         if (try_one(all) || (all.size() <= 120 && try_two(all))) continue;
         return;
     }
+}
+
+/// Applies to `into` what `changed` changed relative to `base` (the same
+/// one choice); false if that choice was an alias target (their queue ties
+/// aliases together: not merged).
+inline bool importer::merge_change(solution& into, const solution& base, const solution& changed) const {
+    if (changed.target != base.target) return false;
+    for (std::size_t i = 0; i < base.io.size(); ++i) {
+        if (changed.io[i] != base.io[i]) into.io[i] = changed.io[i];
+        if (changed.one_byte[i] != base.one_byte[i]) into.one_byte[i] = changed.one_byte[i];
+        if (changed.readonly[i] != base.readonly[i]) into.readonly[i] = changed.readonly[i];
+    }
+    for (const auto& [k, v] : changed.later)
+        if (base.later.at(k) != v) into.later[k] = v;
+    return true;
 }
 
 /// Regions a flat view can show: reached from an address-space root through
