@@ -22,6 +22,7 @@ demo: deps build
 	build/tools/mtree/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
+	build/examples/virtiofs_read
 
 # The build includes all_verify_interface_header_sets: every header compiles on its own.
 test: deps build
@@ -51,17 +52,18 @@ recapture: deps build
 	    || exit 1; \
 	done
 
-# ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp),
-# and only those: only that target is built, and -R keeps ctest off the others
-# (an unbuilt Catch2 target would show up as a failing *_NOT_BUILT test).
+# ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
+# tests/memory_system_test.cpp), and only those: only those targets are built,
+# and -R keeps ctest off the others (an unbuilt Catch2 target would show up as
+# a failing *_NOT_BUILT test).
 # -Wno-tsan: GCC 12 warns (-Werror: fails) that TSan does not model the
 # std::atomic_thread_fence in qomem/rcu.hpp; that fence is only run where
 # membarrier(2) is unavailable.
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan
-	cmake --build build-tsan -j$(JOBS) --target concurrency_test
-	ctest --test-dir build-tsan --output-on-failure -R '^concurrency_test\.'
+	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system)_test\.'
 
 # Optimised as the issue asks: -O2 -DNDEBUG (CMAKE_CXX_FLAGS_RELEASE, so
 # Release's own -O3 does not win). Each program writes JSON to
@@ -80,6 +82,7 @@ bench: deps
 	    --benchmark_out=build-bench/results/$$(basename $$b).json --benchmark_out_format=json \
 	    || exit 1; \
 	done
+	python3 benchmarks/compile_cost.py $(CXX) include build-bench/results/compile_cost.json --runs $(BENCH_REPS)
 	python3 benchmarks/report.py build-bench/results
 
 # CI: every benchmark built (by `build`) and run once, very briefly, with the

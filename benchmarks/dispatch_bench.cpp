@@ -41,24 +41,16 @@
 #include <fmt/format.h>
 #include <unicorn/unicorn.h>
 
-#include <qomem/address_space.hpp>
-#include <qomem/device.hpp>
-#include <qomem/memory_region.hpp>
-#include <qomem/rcu.hpp>
+#include "bench_support.hpp"
 
 namespace {
 
-using qomem::hwaddr;
+using namespace qomem_bench;
 
-// ---- the layout ---------------------------------------------------------------
+// ---- the layout (bench_support.hpp), and what each region holds ----------------
 
-constexpr hwaddr region_base = 0x1000'0000;
-constexpr hwaddr region_stride = 0x2000;
-constexpr std::size_t region_size = 0x1000;
 constexpr std::size_t address_count = std::size_t(1) << 14; // a power of two
 constexpr hwaddr toggle_addr = 0xf000'0000; // the writer's unrelated region
-
-hwaddr region_start(std::size_t i) { return region_base + i * region_stride; }
 
 std::uint64_t expected_word(hwaddr a) {
     const hwaddr rel = a - region_base;
@@ -126,45 +118,20 @@ fixture_slot& slot() {
     return s;
 }
 
-/// N RAM regions owned by a device in an ownerless system container, and
-/// one address space; `with_toggle` adds the writer's unrelated region.
-struct qomem_machine {
-    qomem_machine(std::size_t n, bool with_toggle) {
-        qomem::memory_transaction tx; // one render for the whole build
-        for (std::size_t i = 0; i < n; ++i) {
-            auto r = qomem::make_ram(*dev, fmt::format("ram{}", i), region_size);
-            fill_region(r->host_ptr(), i);
-            sys->add_subregion(region_start(i), *r);
-        }
+/// The layout in qomem; `with_toggle` adds the writer's unrelated region.
+struct qomem_machine : ram_machine {
+    qomem_machine(std::size_t n, bool with_toggle) : ram_machine(n, fill_region) {
         if (with_toggle) {
-            auto t = qomem::make_ram(*dev, "toggle", region_size);
-            toggle = t.get(); // the device holds it
-            sys->add_subregion(toggle_addr, *t);
+            toggle = &spare("toggle");
+            sys->add_subregion(toggle_addr, *toggle);
         }
-        as.emplace(*sys, "memory");
     }
-    /// The address space first (it holds the root), then the root, whose
-    /// destruction drops its subregion references, then the device, which
-    /// frees the regions.
-    ~qomem_machine() {
-        as.reset();
-        sys.reset();
-        dev.reset();
-    }
-    qomem_machine(const qomem_machine&) = delete;
-    qomem_machine& operator=(const qomem_machine&) = delete;
-
     std::uint64_t read(hwaddr a) {
         std::uint64_t v = 0;
         benchmark::DoNotOptimize(as->read(a, &v, 8));
         return v;
     }
-
-    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
-    qomem::ref_ptr<qomem::memory_region> sys =
-        qomem::make_container(nullptr, "system", qomem::u128_2_64);
     qomem::memory_region* toggle = nullptr;
-    std::optional<qomem::address_space> as;
 };
 
 /// The baseline an emulator author writes by hand: a sorted vector of
@@ -203,10 +170,6 @@ struct vector_machine {
     std::vector<std::byte*> hosts;
     std::unique_ptr<std::atomic<std::uint32_t>[]> refs;
 };
-
-void uc_check(uc_err e, const char* what) {
-    if (e != UC_ERR_OK) throw std::runtime_error(fmt::format("{}: {}", what, uc_strerror(e)));
-}
 
 /// Unicorn 2 (x86-64) with the same layout, each region a uc_mem_map.
 struct unicorn_machine {
@@ -442,10 +405,5 @@ int main(int argc, char** argv) {
     benchmark::Shutdown();
 
     slot().clear();
-    qomem::rcu::synchronize();
-    if (const std::size_t n = qomem::live_object_count()) {
-        std::fprintf(stderr, "dispatch_bench: %zu qomem object(s) leaked\n", n);
-        return 1;
-    }
-    return 0;
+    return leak_status("dispatch_bench");
 }

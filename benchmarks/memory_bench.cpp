@@ -39,6 +39,8 @@
 #include <qomem/memory_region.hpp>
 #include <qomem/rcu.hpp>
 
+#include "bench_support.hpp"
+
 namespace {
 
 using qomem::hwaddr;
@@ -227,10 +229,5 @@ int main(int argc, char** argv) {
         benchmark::RegisterBenchmark(name, fn)->Arg(n)->Iterations(1)->Unit(benchmark::kMillisecond);
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-    qomem::rcu::synchronize();
-    if (const std::size_t left = qomem::live_object_count()) {
-        std::fprintf(stderr, "memory_bench: %zu qomem object(s) leaked\n", left);
-        return 1;
-    }
-    return 0;
+    return qomem_bench::leak_status("memory_bench");
 }

@@ -20,6 +20,8 @@
 #include <qomem/device.hpp>
 #include <qomem/memory_region.hpp>
 
+#include "bench_support.hpp"
+
 namespace {
 
 void region_owned(benchmark::State& state) {
@@ -100,10 +102,5 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark("refcount/baseline_shared_ptr", baseline_shared_ptr);
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-    qomem::rcu::synchronize();
-    if (const std::size_t n = qomem::live_object_count()) {
-        std::fprintf(stderr, "refcount_bench: %zu qomem object(s) leaked\n", n);
-        return 1;
-    }
-    return 0;
+    return qomem_bench::leak_status("refcount_bench");
 }

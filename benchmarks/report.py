@@ -152,6 +152,14 @@ def rows():
         out.append(Row(f"shared-memory map + unmap pair, {label}",
                        f"shmem/map_unmap/qomem/{size}", f"shmem/map_unmap/baseline_mmap/{size}",
                        "le", 1.25, "mmap(MAP_FIXED) + PROT_NONE remap"))
+    out += [
+        Row("compile a TU including <qomem/qomem.hpp> (g++, -O0)",
+            "compile/qomem_hpp", "compile/deps_only", "le", 2.5,
+            "the dependencies' headers alone (fmt, Boost.Intrusive)"),
+        Row("compile a TU including only <qomem/memory_region.hpp>",
+            "compile/memory_region_hpp", "compile/deps_only", "le", 1.8,
+            "the dependencies' headers alone (fmt, Boost.Intrusive)"),
+    ]
     out.append(Row("8-byte reads, 2 reader threads, writer committing every 100 µs",
                    "dispatch/read_2threads/writer/real_time/threads:2",
                    "dispatch/read_2threads/no_writer/real_time/threads:2", "tput", 0.8,

@@ -33,6 +33,8 @@
 #include <qomem/rcu.hpp>
 #include <qomem/shmem.hpp>
 
+#include "bench_support.hpp"
+
 namespace {
 
 using qomem::hwaddr;
@@ -40,7 +42,7 @@ using qomem::hwaddr;
 constexpr std::uint64_t window_size = 4 << 20; // room for the 2 MiB mapping
 constexpr std::uint64_t file_size = 2 << 20;
 constexpr hwaddr window_addr = 0x8000'0000;
-constexpr std::uint64_t rw = static_cast<std::uint64_t>(qomem::shmem_flags::read_write);
+constexpr auto rw = qomem::shmem_flags::read_write;
 
 /// A memfd of `file_size` bytes, closed on destruction.
 class memfd {
@@ -164,10 +166,5 @@ int main(int argc, char** argv) {
     }
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-    qomem::rcu::synchronize();
-    if (const std::size_t n = qomem::live_object_count()) {
-        std::fprintf(stderr, "shmem_bench: %zu qomem object(s) leaked\n", n);
-        return 1;
-    }
-    return 0;
+    return qomem_bench::leak_status("shmem_bench");
 }

@@ -27,50 +27,19 @@
 #include <fmt/format.h>
 #include <unicorn/unicorn.h>
 
-#include <qomem/address_space.hpp>
-#include <qomem/device.hpp>
-#include <qomem/memory_region.hpp>
-#include <qomem/rcu.hpp>
+#include "bench_support.hpp"
 
 namespace {
 
-using qomem::hwaddr;
+using namespace qomem_bench;
 
-constexpr hwaddr region_base = 0x1000'0000;
-constexpr hwaddr region_stride = 0x2000;
-constexpr std::size_t region_size = 0x1000;
-
-hwaddr region_start(std::size_t i) { return region_base + i * region_stride; }
 /// In the hole after region n/2: inside the machine, touching no region.
 hwaddr probe_addr(std::size_t n) { return region_start(n / 2) + region_size; }
 
-/// N RAM regions owned by a device, in an ownerless root container, one
-/// address space; plus the probe region (owned, not yet added).
-struct qomem_machine {
-    explicit qomem_machine(std::size_t n) {
-        qomem::memory_transaction tx; // one render for the whole build
-        for (std::size_t i = 0; i < n; ++i) {
-            auto r = qomem::make_ram(*dev, fmt::format("ram{}", i), region_size);
-            sys->add_subregion(region_start(i), *r); // sys and dev hold it
-        }
-        probe = qomem::make_ram(*dev, "probe", region_size).get(); // dev holds it
-        as.emplace(*sys, "memory");
-    }
-    /// The address space (it holds the root), the root (dropping its
-    /// subregion references), then the device, which frees the regions.
-    ~qomem_machine() {
-        as.reset();
-        sys.reset();
-        dev.reset();
-    }
-    qomem_machine(const qomem_machine&) = delete;
-    qomem_machine& operator=(const qomem_machine&) = delete;
-
-    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
-    qomem::ref_ptr<qomem::memory_region> sys =
-        qomem::make_container(nullptr, "system", qomem::u128_2_64);
-    qomem::memory_region* probe = nullptr;
-    std::optional<qomem::address_space> as;
+/// The machine, plus the probe region (owned, not yet added).
+struct qomem_machine : ram_machine {
+    explicit qomem_machine(std::size_t n) : ram_machine(n), probe(&spare("probe")) {}
+    qomem::memory_region* probe;
 };
 
 /// The machine of the last qomem benchmark, kept for the next one (and the
@@ -112,10 +81,6 @@ void add_del_qomem(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations());
     state.counters["regions"] = static_cast<double>(n);
     state.counters["flat_ranges"] = static_cast<double>(m.as->view()->ranges().size());
-}
-
-void uc_check(uc_err e, const char* what) {
-    if (e != UC_ERR_OK) throw std::runtime_error(fmt::format("{}: {}", what, uc_strerror(e)));
 }
 
 void add_del_unicorn(benchmark::State& state) {
@@ -164,10 +129,5 @@ int main(int argc, char** argv) {
     benchmark::Shutdown();
 
     cached_machine().reset();
-    qomem::rcu::synchronize();
-    if (const std::size_t n = qomem::live_object_count()) {
-        std::fprintf(stderr, "topology_bench: %zu qomem object(s) leaked\n", n);
-        return 1;
-    }
-    return 0;
+    return leak_status("topology_bench");
 }

@@ -31,6 +31,7 @@
 
 #include <qomem/address_space.hpp>
 #include <qomem/device.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>

@@ -29,6 +29,7 @@
 #include <qomem/address_space.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/object.hpp>
 #include <qomem/rcu.hpp>
@@ -655,7 +656,7 @@ private:
             if (!layout::legit(page, byte))
                 fail(fmt::format("find at {:#x}: region '{}' holds {:#04x}", addr,
                                  s.mr->region_name(), byte));
-        } else if (page != layout::mmio || !s.mr->ops()) {
+        } else if (page != layout::mmio || !s.mr->callbacks().ops) {
             fail(fmt::format("find at {:#x}: region '{}' has no memory", addr,
                              s.mr->region_name()));
         }
@@ -782,7 +783,7 @@ TEST_CASE("concurrency: reader threads reading, finding and DMA-mapping through 
 
 TEST_CASE("concurrency: a device unplugged by the writer while a reader thread holds a DMA "
           "mapping of its RAM stays alive until the reader unmaps, and is then finalized by the "
-          "writer, not on the reader's thread",
+          "thread holding the writer role, not on the reader's thread",
           "[concurrency][address_space][lifetime]") {
     REQUIRE(qomem::live_object_count() == 0);
     watched_card::watch watch;
@@ -794,7 +795,7 @@ TEST_CASE("concurrency: a device unplugged by the writer while a reader thread h
         qomem::machine& machine = qomem::add_machine(*root);
         auto system = qomem::make_container(nullptr, "system", qomem::u128_2_64);
         std::optional<qomem::address_space> as;
-        as.emplace(*system, "memory");
+        as.emplace(machine.memory(), *system, "memory");
 
         auto card = qomem::make<watched_card>(&watch);
         machine.peripheral().add_child("card", *card);
@@ -825,6 +826,8 @@ TEST_CASE("concurrency: a device unplugged by the writer while a reader thread h
         mapped.wait();
         REQUIRE(map_ok.load());
 
+        // This thread is the writer: it holds the role (QEMU's big lock).
+        std::unique_lock writer(machine.memory());
         system->del_subregion(*mr);
         qomem::unparent(*dev);
         qomem::rcu::synchronize(); // the old flat views are gone, with their references
@@ -838,9 +841,10 @@ TEST_CASE("concurrency: a device unplugged by the writer while a reader thread h
         unplugged.count_down();
         reader.join();
         // The reader dropped the last reference; finalizing is topology work,
-        // so it was handed to the writer, which runs it now.
+        // so it was handed to the writer, which runs it when it gives the
+        // role back.
         CHECK_FALSE(watch.finalized.load(std::memory_order_acquire));
-        qomem::memory_synchronize();
+        writer.unlock();
         CHECK(watch.finalized.load(std::memory_order_acquire));
         CHECK(watch.finalized_on == std::this_thread::get_id());
         CHECK(watch.finalized_on != *reader_id);

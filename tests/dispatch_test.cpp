@@ -44,69 +44,34 @@ using strings = std::vector<std::string>;
 
 constexpr hwaddr max_addr = ~hwaddr{0};
 
-/// "11 22 33 44": bytes as the guest sees them in the buffer.
-std::string bytes(const void* p, std::size_t n) {
-    const auto* b = static_cast<const unsigned char*>(p);
-    std::string out;
-    for (std::size_t i = 0; i < n; ++i) {
-        if (i) out += ' ';
-        out += fmt::format("{:02x}", b[i]);
-    }
-    return out;
-}
+using qomem_test::board;
+/// "11 22 33 44" (test_support.hpp).
+constexpr auto bytes = &qomem_test::hex_bytes;
+using qomem_test::offset_bytes;
 
-/// MMIO callbacks that record every call as "r 0x10/4" or "w 0x10/4=0x1234".
-/// Reads answer with `reader` (zero by default). Access rules and byte order
-/// are template parameters, because QEMU's (and qomem's) are static.
+/// MMIO callbacks that record every call (test_support.hpp).
 template <access_limits Valid = access_limits{}, access_limits Impl = access_limits{},
           endianness Endian = endianness::little>
-struct regs {
-    static constexpr access_limits valid = Valid;
-    static constexpr access_limits impl = Impl;
-    static constexpr endianness endian = Endian;
-
-    strings calls;
-    std::function<std::uint64_t(hwaddr, unsigned)> reader = [](hwaddr, unsigned) {
-        return std::uint64_t{0};
-    };
-
-    std::uint64_t read(hwaddr offset, unsigned size) {
-        calls.push_back(fmt::format("r {:#x}/{}", offset, size));
-        return reader(offset, size);
-    }
-    void write(hwaddr offset, std::uint64_t value, unsigned size) {
-        calls.push_back(fmt::format("w {:#x}/{}={:#x}", offset, size, value));
-    }
-};
-
-/// A register file whose byte at offset k is (k & 0xff), read in device
-/// (little-endian) order: whatever the access size, the guest's buffer shows
-/// the bytes of the offsets it covers.
-std::uint64_t offset_bytes(hwaddr offset, unsigned size) {
-    std::uint64_t v = 0;
-    for (unsigned k = 0; k < size; ++k) v |= ((offset + k) & 0xff) << (8 * k);
-    return v;
-}
+using regs = qomem_test::recording_regs<Valid, Impl, Endian>;
 
 /// Callbacks with attributes and a result (QEMU's *_with_attrs): the result of
 /// each offset is configurable; every call records the attributes it got.
-struct attrs_regs {
+struct attrs_regs : qomem_test::mmio_calls {
     std::map<hwaddr, memtx_result> results; ///< memtx_ok when absent
     std::vector<mem_attrs> seen;
-    strings calls;
 
     memtx_result result_at(hwaddr offset) const {
         const auto it = results.find(offset);
         return it == results.end() ? qomem::memtx_ok : it->second;
     }
     memtx_result read(hwaddr offset, std::uint64_t* data, unsigned size, mem_attrs attrs) {
-        calls.push_back(fmt::format("r {:#x}/{}", offset, size));
+        note_read(offset, size);
         seen.push_back(attrs);
         *data = 0x5a;
         return result_at(offset);
     }
     memtx_result write(hwaddr offset, std::uint64_t value, unsigned size, mem_attrs attrs) {
-        calls.push_back(fmt::format("w {:#x}/{}={:#x}", offset, size, value));
+        note_write(offset, value, size);
         seen.push_back(attrs);
         return result_at(offset);
     }
@@ -114,26 +79,15 @@ struct attrs_regs {
 
 /// A device with an `accepts` hook: it refuses writes at offsets >= 0x8 and any
 /// access whose requester is not 7.
-struct picky_regs {
-    strings calls;
+struct picky_regs : qomem_test::mmio_calls {
     bool accepts(hwaddr offset, unsigned, bool is_write, mem_attrs attrs) {
         return attrs.requester_id == 7 && !(is_write && offset >= 0x8);
     }
     std::uint64_t read(hwaddr offset, unsigned size) {
-        calls.push_back(fmt::format("r {:#x}/{}", offset, size));
+        note_read(offset, size);
         return 0x77;
     }
-    void write(hwaddr offset, std::uint64_t value, unsigned size) {
-        calls.push_back(fmt::format("w {:#x}/{}={:#x}", offset, size, value));
-    }
-};
-
-/// A machine: a device owning every region, and an ownerless root container.
-/// The root is dropped before the device, which then frees its regions.
-struct board {
-    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
-    qomem::ref_ptr<qomem::memory_region> sys =
-        qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    void write(hwaddr offset, std::uint64_t value, unsigned size) { note_write(offset, value, size); }
 };
 
 // ---- log capture ---------------------------------------------------------
@@ -239,7 +193,7 @@ TEST_CASE("an access crossing from RAM into an MMIO overlay and back is split at
     CHECK(ops.calls == strings{"r 0x0/4", "r 0x4/4", "r 0x8/4", "r 0xc/4"});
 }
 
-TEST_CASE("ROM ignores guest writes (result ok, content unchanged); write_rom and "
+TEST_CASE("ROM ignores guest writes (result ok, content unchanged), and write_rom and "
           "attrs.debug write it",
           "[dispatch][rom]") {
     qomem_test::leak_check leaks;
@@ -372,7 +326,7 @@ TEST_CASE("an access below valid.min_access_size is refused with a decode error,
 }
 
 TEST_CASE("a direct dispatch refuses an access above valid.max_access_size, or unaligned "
-          "when valid.unaligned is false, with a decode error; checked as accepts, then "
+          "when valid.unaligned is false, with a decode error, and checked as accepts, then "
           "alignment, then size",
           "[dispatch][mmio][valid]") {
     // Through an address space an access is first cut by memory_access_size
@@ -446,7 +400,7 @@ TEST_CASE("through an address space an unaligned MMIO access is split into align
     CHECK(any.calls == strings{"r 0x2/4"});
 }
 
-TEST_CASE("an accepts hook that refuses gives a decode error and reads 0; it sees the "
+TEST_CASE("an accepts hook that refuses gives a decode error and reads 0, and it sees the "
           "attributes",
           "[dispatch][mmio][valid]") {
     qomem_test::leak_check leaks;
@@ -724,7 +678,7 @@ TEST_CASE("a long MMIO access is cut into memory_access_size pieces: the valid m
 
 // ---- holes, the end of the space, reservations, attrs.memory ---------------
 
-TEST_CASE("an unassigned address reads 0 and reports a decode error; writes are dropped "
+TEST_CASE("an unassigned address reads 0 and reports a decode error, and writes are dropped "
           "with a decode error",
           "[dispatch][unassigned]") {
     qomem_test::leak_check leaks;
@@ -813,7 +767,7 @@ TEST_CASE("a reservation region fails every access with a decode error, even ove
     // It is still a range of the view: it shadows the RAM below it.
     const auto s = as.find(0x4000, 1);
     REQUIRE(s);
-    CHECK(s.mr.get() == hole.get());
+    CHECK(s.mr == hole.get());
 }
 
 TEST_CASE("attrs.memory lets only RAM answer: MMIO and ROM devices give an access error",
@@ -860,7 +814,8 @@ TEST_CASE("a RAM device is dispatched like MMIO but its accesses land in the cal
     b.sys->add_subregion(0x1000, *bar);
     qomem::address_space as(*b.sys, "memory");
 
-    CHECK_FALSE(bar->is_direct_read());
+    CHECK_FALSE(bar->is_plain_ram());
+    CHECK_FALSE(as.view()->lookup(0x1000)->reads_direct()); // never a memcpy of the run
     CHECK(std::string(bar->type_string()) == "ramd");
 
     // Unaligned and odd sizes: cut into natural widths, every byte reaches memory.
@@ -906,7 +861,7 @@ struct dma_regs {
 } // namespace
 
 TEST_CASE("the re-entrancy guard blocks a device's MMIO handler from reaching the same "
-          "device's MMIO, logging once per region; other devices and RAM are not blocked",
+          "device's MMIO, logging once per region, and other devices and RAM are not blocked",
           "[dispatch][reentrancy]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;

@@ -37,38 +37,24 @@ using strings = std::vector<std::string>;
 
 constexpr hwaddr max_addr = ~hwaddr{0};
 
-/// How many live objects of type `type` exist now.
-std::size_t live(std::string_view type) {
-    const auto all = qomem::live_objects();
-    const auto it = all.find(type);
-    return it == all.end() ? 0 : it->second;
-}
+using qomem_test::board;
+using qomem_test::live_count;
 
 /// MMIO whose byte at offset k is (k & 0xff) and which records every call
 /// (little-endian, 1 to 4 bytes per call).
-struct pattern_regs {
+struct pattern_regs : qomem_test::mmio_calls {
     static constexpr qomem::endianness endian = qomem::endianness::little;
-    strings calls;
     std::size_t bytes_read = 0;
     std::size_t bytes_written = 0;
 
     std::uint64_t read(hwaddr offset, unsigned size) {
         bytes_read += size;
-        std::uint64_t v = 0;
-        for (unsigned k = 0; k < size; ++k) v |= ((offset + k) & 0xff) << (8 * k);
-        return v;
+        return qomem_test::offset_bytes(offset, size);
     }
     void write(hwaddr offset, std::uint64_t value, unsigned size) {
         bytes_written += size;
-        calls.push_back(fmt::format("w {:#x}/{}={:#x}", offset, size, value));
+        note_write(offset, value, size);
     }
-};
-
-/// A machine: a device owning the regions, and an ownerless root container.
-struct board {
-    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
-    qomem::ref_ptr<qomem::memory_region> sys =
-        qomem::make_container(nullptr, "system", qomem::u128_2_64);
 };
 
 /// Deletes an ownerless `sub` from `container` when the scenario ends (before
@@ -267,7 +253,7 @@ TEST_CASE("map of MMIO gives a bounce buffer: pre-read for reads, written back o
     CHECK(as.bounce_buffer_in_use() == 0);
 }
 
-TEST_CASE("the bounce budget (4096 by default) refuses a second map with an empty mapping; "
+TEST_CASE("the bounce budget (4096 by default) refuses a second map with an empty mapping, and "
           "a map client is called once when it is freed, and a retry then succeeds",
           "[dma][map][bounce]") {
     qomem_test::leak_check leaks;
@@ -361,7 +347,7 @@ TEST_CASE("bounce budgets are per address space", "[dma][map][bounce]") {
 // ---- dirty tracking -----------------------------------------------------------
 
 TEST_CASE("dirty logging: writes through the address space and DMA write mappings mark "
-          "pages dirty when unmapped; reads and read mappings do not",
+          "pages dirty when unmapped, and reads and read mappings do not",
           "[dma][dirty]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
@@ -464,7 +450,7 @@ TEST_CASE("find returns the lowest range overlapping the request, clipped to it,
         INFO(fmt::format("find({:#x}, {:#x})", addr, static_cast<std::uint64_t>(size)));
         const qomem::found_section s = as.find(addr, size);
         REQUIRE(s);
-        CHECK(s.mr.get() == e.mr);
+        CHECK(s.mr == e.mr);
         CHECK(s.offset_within_address_space == e.oas);
         CHECK(s.offset_within_region == e.owr);
         CHECK(s.size == e.size);
@@ -487,7 +473,7 @@ TEST_CASE("find returns the lowest range overlapping the request, clipped to it,
     // Flags of the range come along.
     const qomem::found_section s = as.find(0x20010, 4);
     REQUIRE(s);
-    CHECK(s.mr.get() == ram1.get());
+    CHECK(s.mr == ram1.get());
     CHECK(s.offset_within_region == 0x10);
     CHECK(s.readonly);
 
@@ -499,7 +485,7 @@ TEST_CASE("find returns the lowest range overlapping the request, clipped to it,
         CHECK(big->ref_count() == refs + 1);
         qomem::found_section moved = std::move(f);
         CHECK(big->ref_count() == refs + 1);
-        moved.mr.reset();
+        moved.reset();
         CHECK(big->ref_count() == refs);
         f = as.find(0x10000, 1);
         CHECK(big->ref_count() == refs + 1);
@@ -529,7 +515,7 @@ TEST_CASE("a found section keeps its region alive after it leaves the address sp
 }
 
 TEST_CASE("memory_region_find converts a region-relative address through the container "
-          "chain and looks it up in the address space of the root; it is empty for a "
+          "chain and looks it up in the address space of the root, and it is empty for a "
           "region under no address-space root",
           "[dma][find]") {
     qomem_test::leak_check leaks;
@@ -548,7 +534,7 @@ TEST_CASE("memory_region_find converts a region-relative address through the con
     {
         const qomem::found_section s = qomem::memory_region_find(*vram, 0x10, 4);
         REQUIRE(s);
-        CHECK(s.mr.get() == vram.get());
+        CHECK(s.mr == vram.get());
         CHECK(s.offset_within_address_space == 0x40001010);
         CHECK(s.offset_within_region == 0x10);
         CHECK(s.size == 4);
@@ -557,7 +543,7 @@ TEST_CASE("memory_region_find converts a region-relative address through the con
         const auto refs = vram->ref_count();
         const qomem::found_section s = qomem::memory_region_find(*pci, 0x2ff0, 0x100);
         REQUIRE(s);
-        CHECK(s.mr.get() == vram.get());
+        CHECK(s.mr == vram.get());
         CHECK(s.offset_within_address_space == 0x40002ff0);
         CHECK(s.offset_within_region == 0x1ff0);
         CHECK(s.size == 0x10); // clipped at the end of vram
@@ -567,7 +553,7 @@ TEST_CASE("memory_region_find converts a region-relative address through the con
     {
         const qomem::found_section s = qomem::memory_region_find(*b.sys, 0x40001000, 1);
         REQUIRE(s);
-        CHECK(s.mr.get() == vram.get());
+        CHECK(s.mr == vram.get());
     }
     // What the address space shows there, even if it is another region.
     {
@@ -576,7 +562,7 @@ TEST_CASE("memory_region_find converts a region-relative address through the con
         {
             const qomem::found_section s = qomem::memory_region_find(*vram, 0x10, 4);
             REQUIRE(s);
-            CHECK(s.mr.get() == cover.get());
+            CHECK(s.mr == cover.get());
             CHECK(s.offset_within_region == 0x10);
         }
         b.sys->del_subregion(*cover);
@@ -669,10 +655,10 @@ TEST_CASE("a DMA mapping keeps its region alive after the region leaves the addr
     b.sys->del_subregion(*raw);
     ram.reset();
     nic.reset(); // finalized; the region goes on, ownerless but counted
-    REQUIRE(live("device") == 1); // only b.dev
+    REQUIRE(live_count("device") == 1); // only b.dev
     CHECK(raw->ref_count() == 1);
     CHECK(raw->region_name() == "rx-ring");
     std::memset(m.data(), 0xab, 0x1000); // still valid memory
     as.unmap(m, 0x1000);                 // frees the region
-    CHECK(live("memory-region") == 1); // only b.sys
+    CHECK(live_count("memory-region") == 1); // only b.sys
 }

@@ -102,6 +102,28 @@ TEST_CASE("a fixture builds its regions, address spaces and flat views, and leav
     CHECK(m->region(2).canonical_path() == "/machine/fixture/ram[0]");
 }
 
+TEST_CASE("a fixture lives in its machine's own memory system, also after attach_ops", "[fixture]") {
+    qomem_test::leak_check leaks;
+    recording_regs regs; // outlives the machines
+    auto m = qomem::fixture_machine::parse(small_fixture(), "small.json");
+    auto other = qomem::fixture_machine::parse(small_fixture(), "other.json");
+    CHECK(&m->memory() != &other->memory());
+    CHECK(&m->memory() != &qomem::memory_system::default_system());
+    for (const qomem::address_space* as : m->spaces()) CHECK(&as->system() == &m->memory());
+    for (std::size_t id = 0; id < m->region_count(); ++id) CHECK(m->region(id).system() == &m->memory());
+    // The system holds the fixture's address spaces and no others.
+    CHECK(qomem::info_mtree(m->memory(), {.flatview = true}) == qomem::info_mtree(m->spaces(), {.flatview = true}));
+    {
+        qomem::memory_transaction tx(m->memory());
+        m->region(1).set_enabled(false);
+        CHECK(m->spaces()[0]->view()->ranges().size() == 1); // not committed yet
+    }
+    CHECK(m->spaces()[0]->view()->ranges().empty());
+    CHECK(other->spaces()[0]->view()->ranges().size() == 1);
+    qomem::memory_region& uart = m->attach_ops(m->region(3), regs);
+    CHECK(uart.system() == &m->memory());
+}
+
 TEST_CASE("fixture regions may be listed before the alias targets and containers they use",
           "[fixture]") {
     qomem_test::leak_check leaks;

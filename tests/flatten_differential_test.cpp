@@ -349,11 +349,7 @@ kind pick_kind(rng_t& r) {
     return kind::alias;
 }
 
-struct null_ops {
-    std::uint64_t read(hwaddr, unsigned) { return 0; }
-    void write(hwaddr, std::uint64_t, unsigned) {}
-};
-null_ops the_ops;
+qomem_test::null_regs the_ops;
 std::byte ram_device_backing[16];
 
 qomem::ref_ptr<qomem::memory_region> make_region(qomem::object& owner, const model& m,
@@ -830,7 +826,7 @@ TEST_CASE("flattening agrees with a brute-force per-address walk on random regio
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
     // Every incremental commit is also checked against a full render.
-    qomem::detail::memory_core::get().verify_incremental = true;
+    qomem_test::verify_incremental verify;
     const std::uint64_t base = env_u64("QOMEM_DIFF_SEED", default_base_seed);
     const std::uint64_t trees = env_u64("QOMEM_DIFF_TREES", default_trees);
     stats st;

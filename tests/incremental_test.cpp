@@ -180,8 +180,7 @@ TEST_CASE("incremental commits on large containers always equal a full render, a
           "[flat_view][incremental]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
-    auto& core = qomem::detail::memory_core::get();
-    core.verify_incremental = true; // also checks each splice inside the commit
+    qomem_test::verify_incremental verify; // also checks each splice inside the commit
     const char* env = std::getenv("QOMEM_INCREMENTAL_SEED");
     const std::uint64_t base = env ? std::strtoull(env, nullptr, 0) : 0x1ce'beef;
     for (std::uint64_t i = 0; i < 60; ++i) {
@@ -194,7 +193,6 @@ TEST_CASE("incremental commits on large containers always equal a full render, a
         if (!failure.empty())
             FAIL(fmt::format("seed {:#x} (QOMEM_INCREMENTAL_SEED={:#x}): {}", seed, seed, failure));
     }
-    core.verify_incremental = false;
 }
 
 TEST_CASE("a commit that changes nothing visible keeps the same view object", "[flat_view][incremental]") {

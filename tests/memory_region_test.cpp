@@ -19,6 +19,7 @@
 #include <qomem/address_space.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/error.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/memory_region.hpp>

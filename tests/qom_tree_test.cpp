@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <qomem/device.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/object.hpp>
 #include <qomem/qom_tree.hpp>
 

@@ -39,7 +39,7 @@ TEST_CASE("the README's usage example runs as written and leaves nothing behind"
         sys->add_subregion(0, *ram);
         sys->add_subregion(0x10000000, *dev->mmio);
         {
-            qomem::address_space memory(*sys, "memory");
+            qomem::address_space memory(m.memory(), *sys, "memory"); // sys joins m's memory system
 
             std::uint64_t v = 0;
             CHECK(memory.write(0x10000000, "A", 1) == qomem::memtx_ok); // -> uart::regs::write
@@ -47,7 +47,7 @@ TEST_CASE("the README's usage example runs as written and leaves nothing behind"
             auto dma = memory.map(0x2000, 4096, /*is_write=*/true);      // host pointer + region ref
             CHECK(dma.size() == 4096);
             memory.unmap(dma, 4096);
-            const std::string text = qomem::info_mtree({.flatview = true}); // QEMU's `info mtree -f`
+            const std::string text = qomem::info_mtree(m.memory(), {.flatview = true}); // `info mtree -f`
             CHECK(text.find("0000000010000000-00000000100000ff (prio 0, i/o): uart") != std::string::npos);
         }
         CHECK(uart_output == "A");

@@ -77,8 +77,11 @@ TEST_CASE("throwing_assertions turns misuse into assertion_failure and restores 
     const qomem::assertion_handler before = qomem::set_assertion_handler(qomem::default_assertion_handler);
     {
         qomem::testing::throwing_assertions asserts;
-        auto orphan = fresh();
-        CHECK_THROWS_AS(qomem::unparent(*orphan), qomem::assertion_failure); // no parent: misuse
+        auto outer = fresh();
+        auto inner = fresh();
+        outer->add_child("inner", *inner);
+        CHECK_THROWS_AS(inner->add_child("outer", *outer), qomem::assertion_failure); // a cycle: misuse
+        CHECK(outer->parent() == nullptr); // checked before anything changed
     }
     CHECK(qomem::set_assertion_handler(before) == qomem::default_assertion_handler);
 }

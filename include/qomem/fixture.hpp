@@ -16,7 +16,9 @@
 // first two with qomem::fixture_error naming the file, the region (id and
 // name) and the field, before anything is made.
 //
-// What is built: a tree "/" -> "machine" (a qomem::machine) holding the
+// What is built: a tree "/" -> "machine" (a qomem::machine, with its own
+// memory system: memory(), where every region and address space of the
+// fixture lives; two fixtures share nothing) holding the
 // fixture's owners at their QOM paths (devices and plain objects; missing
 // path components become containers) and, for regions whose fixture names
 // no owner, one device "/machine/fixture" owning them. Then the regions, each
@@ -51,6 +53,7 @@
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
 #include <qomem/error.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 
@@ -155,6 +158,8 @@ public:
     address_space& space(std::string_view name) const;
     /// The root of the QOM tree ("/").
     const object& root() const noexcept { return *root_; }
+    /// The memory system of the fixture's machine.
+    memory_system& memory() const noexcept { return *memory_; }
 
     // ---- finding regions ----------------------------------------------------
 
@@ -228,6 +233,7 @@ private:
     fixture_spec spec_;
     ref_ptr<container> root_;
     board* board_ = nullptr;
+    memory_system* memory_ = nullptr; // the machine's: lives as long as its regions
     std::vector<memory_region*> regions_;
     std::vector<ref_ptr<memory_region>> orphans_; // ownerless regions without a home
     std::vector<std::unique_ptr<address_space>> spaces_;
@@ -660,6 +666,7 @@ inline std::unique_ptr<fixture_machine> fixture_machine::build(const fixture_spe
 inline void fixture_machine::build_tree() {
     root_ = container::make_root();
     machine& mach = add_machine(*root_);
+    memory_ = &mach.memory();
     if (std::any_of(spec_.regions.begin(), spec_.regions.end(), [](const fixture_region& r) {
             return r.ownership == fixture_ownership::board;
         })) {
@@ -728,7 +735,7 @@ inline void fixture_machine::build_regions() {
     const detail::fixture_reader rd{source_};
     const std::size_t n = spec_.regions.size();
     regions_.assign(n, nullptr);
-    memory_transaction tx;
+    memory_transaction tx(*memory_);
     // Aliases need their targets first: make each region after its chain.
     std::function<void(std::size_t)> create = [&](std::size_t id) {
         if (regions_[id]) return;
@@ -742,7 +749,7 @@ inline void fixture_machine::build_regions() {
         if (!s.parent) a.priority = s.priority;
         ref_ptr<memory_region> made;
         try {
-            made = detail::make_region(a); // the owner or home now holds it
+            made = make_region(a); // the owner or home now holds it
         } catch (const region_error& e) {
             rd.fail(fmt::format("{} field 'size'", detail::fixture_region_label(id, s.name)), e.what());
         }
@@ -770,9 +777,9 @@ inline void fixture_machine::build_regions() {
 }
 
 inline void fixture_machine::build_spaces() {
-    memory_transaction tx;
+    memory_transaction tx(*memory_);
     for (const fixture_address_space& a : spec_.address_spaces) {
-        spaces_.push_back(std::make_unique<address_space>(*regions_[a.root], a.name));
+        spaces_.push_back(std::make_unique<address_space>(*memory_, *regions_[a.root], a.name));
         space_ptrs_.push_back(spaces_.back().get());
     }
 }
@@ -788,8 +795,8 @@ inline void fixture_machine::detach_from_tree(memory_region& mr) {
 }
 
 inline fixture_machine::~fixture_machine() {
-    {
-        memory_transaction tx;
+    if (memory_) {
+        memory_transaction tx(*memory_);
         space_ptrs_.clear();
         while (!spaces_.empty()) spaces_.pop_back();
         // Out of their containers: each is then held only by its owner or
@@ -925,7 +932,7 @@ inline void fixture_machine::replace_spaces_rooted_at(memory_region& old, memory
         if (&spaces_[i]->root() != &old) continue;
         std::string name = spaces_[i]->name();
         spaces_[i].reset();
-        spaces_[i] = std::make_unique<address_space>(fresh, std::move(name));
+        spaces_[i] = std::make_unique<address_space>(*memory_, fresh, std::move(name));
         space_ptrs_[i] = spaces_[i].get();
     }
 }
@@ -945,7 +952,7 @@ inline void fixture_machine::retarget_aliases(memory_region& old, memory_region&
         args.alias = &fresh;
         args.alias_offset = a->alias_offset();
         args.priority = a->priority();
-        ref_ptr<memory_region> made = detail::make_region(args);
+        ref_ptr<memory_region> made = make_region(args);
         memory_region& b = *made;
         if (!args.where.home()) orphans_.push_back(made);
         if (!a->enabled()) b.set_enabled(false);
@@ -963,13 +970,13 @@ template <MemoryRegionOps Ops>
 memory_region& fixture_machine::attach_ops(memory_region& mr, Ops& ops) {
     const std::optional<std::size_t> id = id_of(mr);
     QOMEM_ASSERT(id, "attach_ops: region '{}' is not a region of this fixture", mr.region_name());
-    QOMEM_ASSERT(mr.kind() == region_kind::io && !mr.ops(),
+    QOMEM_ASSERT(mr.kind() == region_kind::io && !mr.callbacks().ops,
                  "attach_ops: region '{}' is not a fixture I/O region (ops go to io regions only)",
                  mr.region_name());
     const fixture_region& s = spec_.regions[*id];
     std::vector<ref_ptr<memory_region>> dead; // the replaced regions, freed last
     {
-        memory_transaction tx;
+        memory_transaction tx(*memory_);
         dead.emplace_back(&mr);
         detach_from_tree(mr); // frees its "name[N]" slot for the new region
         ref_ptr<memory_region> made = make_io(where(s), s.name, mr.size(), ops);

@@ -1,23 +1,14 @@
-// qomem/flat_view.hpp — flattening a region tree into sorted,
-// non-overlapping ranges, exactly as QEMU renders it, and updating a
-// rendered view in place of re-rendering it.
+// qomem/flat_view.hpp — flat views: a region tree flattened into sorted,
+// non-overlapping ranges, exactly as QEMU renders it, and updated by
+// splicing re-rendered windows into it instead of re-rendering it.
 //
-//     qomem::ref_ptr<qomem::flat_view> v = qomem::render_flat_view(root);
+//     qomem::ref_ptr<qomem::flat_view> v = qomem::render_flat_view(root); // flatten.hpp
 //     for (const qomem::flat_range& r : v->ranges())
 //         fmt::print("{:x}..{:x} -> {} @{:x}\n", r.start, r.last(),
 //                    r.mr->region_name(), r.offset_in_region);
 //
-// The rules (QEMU's, see tests/conformance/README.md): a disabled region and
-// its subtree render nothing; subregions render in list order (higher
-// priority first, among equals the last added first), and earlier-rendered
-// ranges shadow later ones; an alias renders its target at the alias's place
-// (the target's own placement is ignored); a terminating region (RAM, ROM,
-// ROM device, MMIO, RAM device) fills the gaps its subregions leave, while a
-// container's gaps fall through; readonly and nonvolatile are inherited down
-// the path; adjacent ranges of the same region with contiguous offsets and
-// equal attributes merge.
-//
-// Every address is decided on its own by those rules, so rendering a window
+// The rendering rules are QEMU's (detail/flatten.hpp, and
+// tests/conformance/README.md). Every address is decided on its own by those rules, so rendering a window
 // of the space gives exactly the full render's ranges inside it. A commit
 // therefore re-renders only the windows a change touched and splices them
 // into the previous view (`splice`): the ranges live in immutable chunks of
@@ -39,9 +30,11 @@
 #include <vector>
 
 #include <boost/intrusive_ptr.hpp>
+#include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
-#include <qomem/detail/int128.hpp>
+#include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
+#include <qomem/types.hpp>
 
 namespace qomem {
 
@@ -55,15 +48,43 @@ struct flat_range {
     bool readonly = false;
     bool nonvolatile = false;
     bool romd_mode = true;
+    /// Rendered through an unmergeable region: never merged with a neighbour.
+    bool unmergeable = false;
+    /// The region's dirty_log_mask() when rendered (QEMU's FlatRange
+    /// dirty_log_mask): a change shows listeners log_start / log_stop.
+    std::uint8_t dirty_log_mask = 0;
     /// For directly readable RAM whose memory is reserved: the host address
-    /// of guest address 0 of this range's mapping (host + offset - start, in
-    /// modular arithmetic), so a read is one addition. Null otherwise. Not
+    /// of guest address 0 of this range's mapping (host + offset - start,
+    /// modulo 2^64: an integer, since as a pointer it would usually point
+    /// outside any object), so that a read is one addition; 0 otherwise. Not
     /// part of the range's identity (operator== ignores it).
-    std::byte* host_base = nullptr;
+    std::uintptr_t host_base = 0;
 
+    /// The host address of guest address `a` (inside the range), through
+    /// host_base. Requires: host_base != 0.
+    std::byte* host_at(hwaddr a) const noexcept {
+        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a));
+    }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {
-        return host_base ? host_base + (start - offset_in_region) : nullptr;
+        return host_base ? host_at(start - offset_in_region) : nullptr;
+    }
+
+    // The one definition of direct access: which accesses are a memcpy of
+    // the region's host memory, as rendered (romd_mode and readonly are the
+    // range's, not the region's current flags).
+
+    /// Reads are a memcpy: plain RAM and ROM, and a ROM device in ROMD mode.
+    bool reads_direct() const noexcept {
+        return mr->is_plain_ram() || (mr->is_rom_device() && romd_mode);
+    }
+    /// Writes store to host memory: writable plain RAM; with attrs.debug (a
+    /// loader, QEMU's write_rom) also ROM and ROMD memory, unless the host
+    /// mapping itself is read-only. Other writes to plain RAM are ignored (a
+    /// ROM, a read-only alias); to a ROM device they go to its ops.
+    bool writes_direct(mem_attrs attrs) const noexcept {
+        if (mr->is_plain_ram() && !readonly) return true;
+        return attrs.debug && mr->host_writable() && reads_direct();
     }
 
     u128 end() const noexcept { return u128(start) + size; }
@@ -73,23 +94,32 @@ struct flat_range {
     bool contains(hwaddr a) const noexcept { return a - start <= static_cast<hwaddr>(size) - 1; }
     bool same_attributes(const flat_range& o) const noexcept {
         return mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
-               romd_mode == o.romd_mode;
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable &&
+               dirty_log_mask == o.dirty_log_mask;
     }
-    /// True when `next` continues this range (QEMU's merge rule).
+    /// True when `next` continues this range (QEMU's merge rule): neither is
+    /// unmergeable.
     bool can_merge(const flat_range& next) const noexcept {
-        return end() == u128(next.start) && same_attributes(next) &&
+        return !unmergeable && end() == u128(next.start) && same_attributes(next) &&
                u128(offset_in_region) + size == u128(next.offset_in_region);
     }
+    /// The same range in the same place, whatever its dirty-log mask (QEMU's
+    /// flatrange_equal): listeners are told region_nop for it, and
+    /// log_start / log_stop if the mask changed.
+    bool same_place(const flat_range& o) const noexcept {
+        return start == o.start && size == o.size && offset_in_region == o.offset_in_region &&
+               mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable;
+    }
     friend bool operator==(const flat_range& a, const flat_range& b) noexcept {
-        return a.start == b.start && a.size == b.size && a.offset_in_region == b.offset_in_region &&
-               a.same_attributes(b);
+        return a.same_place(b) && a.dirty_log_mask == b.dirty_log_mask;
     }
 };
 
 namespace detail {
 
 /// An immutable run of at most `chunk_max` ranges, shared between views.
-class range_chunk {
+class range_chunk : public boost::intrusive_ref_counter<range_chunk, boost::thread_safe_counter> {
 public:
     static constexpr std::size_t chunk_max = 64;
 
@@ -109,15 +139,7 @@ public:
     const std::vector<flat_range>& ranges() const noexcept { return ranges_; }
     const std::vector<hwaddr>& starts() const noexcept { return starts_; }
 
-    friend void intrusive_ptr_add_ref(const range_chunk* c) noexcept {
-        c->refs_.fetch_add(1, std::memory_order_relaxed);
-    }
-    friend void intrusive_ptr_release(const range_chunk* c) {
-        if (c->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete c;
-    }
-
 private:
-    mutable std::atomic<std::uint32_t> refs_{0};
     std::vector<flat_range> ranges_;
     std::vector<hwaddr> starts_;
 };
@@ -161,11 +183,23 @@ inline void push_merged(std::vector<flat_range>& out, const flat_range& r) {
         out.push_back(r);
 }
 
+/// The host address of `fr`'s region at offset 0: the cached one, else the
+/// region's memory, reserved now if it was not yet (MAP_NORESERVE); null if
+/// that fails (a region too large to reserve: accesses report an error).
+inline std::byte* range_host(const flat_range& fr) noexcept {
+    if (std::byte* h = fr.region_host()) return h;
+    try {
+        return fr.mr->host_ptr();
+    } catch (const region_error&) {
+        return nullptr;
+    }
+}
+
 } // namespace detail
 
 /// An immutable rendered view, shared by every address space that reaches the
 /// same flat-view root. Reference-counted (boost::intrusive_ptr).
-class flat_view {
+class flat_view : public boost::intrusive_ref_counter<flat_view, boost::thread_safe_counter> {
 public:
     /// All the ranges of a view, in address order (a light view object:
     /// valid while the flat view is).
@@ -290,13 +324,6 @@ public:
     ref_ptr<flat_view> splice(const std::vector<std::pair<u128, u128>>& windows,
                               const std::vector<flat_range>& fresh, OnChange&& on_change) const;
 
-    friend void intrusive_ptr_add_ref(const flat_view* v) noexcept {
-        v->refs_.fetch_add(1, std::memory_order_relaxed);
-    }
-    friend void intrusive_ptr_release(const flat_view* v) {
-        if (v->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete v;
-    }
-
 private:
     flat_view(memory_region* root, hwaddr root_addr, std::vector<detail::chunk_ptr> chunks)
         : root_(root), root_addr_(root_addr), chunks_(std::move(chunks)) {
@@ -324,7 +351,6 @@ private:
         return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) - prefix_.begin()) - 1;
     }
 
-    mutable std::atomic<std::uint32_t> refs_{0};
     mutable std::atomic<const flat_range*> mru_{nullptr};
     memory_region* root_;
     hwaddr root_addr_; // the root's address when rendered: rendering adds it
@@ -421,158 +447,5 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
     return ref_ptr<flat_view>(new flat_view(root_, root_addr_, std::move(out)));
 }
 
-namespace detail {
-
-class flat_renderer {
-public:
-    void render(const memory_region& mr, i128 base, u128 clip_lo, u128 clip_hi, bool readonly,
-                bool nonvolatile) {
-        if (!mr.enabled()) return;
-        base += mr.addr();
-        readonly |= mr.readonly();
-        nonvolatile |= mr.nonvolatile();
-        const i128 lo = base > i128(clip_lo) ? base : i128(clip_lo);
-        const i128 region_end = base + i128(mr.size());
-        const i128 hi = region_end < i128(clip_hi) ? region_end : i128(clip_hi);
-        if (lo >= hi) return;
-        clip_lo = u128(lo);
-        clip_hi = u128(hi);
-        if (const memory_region* target = mr.alias()) {
-            // The target appears at the alias's place: undo its own placement
-            // (added back when it renders) and shift by the alias offset.
-            render(*target, base - i128(target->addr()) - i128(mr.alias_offset()), clip_lo, clip_hi,
-                   readonly, nonvolatile);
-            return;
-        }
-        mr.for_each_subregion_in(lo - base, hi - base, [&](const memory_region& sub) {
-            render(sub, base, clip_lo, clip_hi, readonly, nonvolatile);
-        });
-        if (!mr.terminates()) return;
-        fill_gaps(mr, base, clip_lo, clip_hi, readonly, nonvolatile);
-    }
-
-    /// The ranges, sorted, with adjacent compatible ranges merged.
-    std::vector<flat_range> finish() {
-        std::vector<flat_range> out;
-        out.reserve(ranges_.size());
-        for (auto& [start, r] : ranges_) push_merged(out, r);
-        ranges_.clear();
-        return out;
-    }
-
-private:
-    void fill_gaps(const memory_region& mr, i128 base, u128 lo, u128 hi, bool readonly,
-                   bool nonvolatile) {
-        u128 cursor = lo;
-        // First range that ends after the cursor: the one starting at or
-        // before it (if it reaches past it), else the next one.
-        auto it = ranges_.upper_bound(static_cast<hwaddr>(cursor));
-        if (it != ranges_.begin()) {
-            auto prev = std::prev(it);
-            if (prev->second.end() > cursor) it = prev;
-        }
-        while (cursor < hi) {
-            if (it == ranges_.end() || u128(it->second.start) >= hi) {
-                insert(mr, base, cursor, hi, readonly, nonvolatile);
-                return;
-            }
-            const flat_range& next = it->second;
-            if (u128(next.start) > cursor) insert(mr, base, cursor, next.start, readonly, nonvolatile);
-            cursor = next.end();
-            ++it;
-        }
-    }
-
-    void insert(const memory_region& mr, i128 base, u128 from, u128 to, bool readonly,
-                bool nonvolatile) {
-        flat_range r;
-        r.start = static_cast<hwaddr>(from);
-        r.size = to - from;
-        r.mr = const_cast<memory_region*>(&mr);
-        r.offset_in_region = static_cast<hwaddr>(i128(from) - base);
-        r.readonly = readonly;
-        r.nonvolatile = nonvolatile;
-        r.romd_mode = mr.romd_mode();
-        if (mr.is_direct_read()) {
-            std::byte* host = mr.host_ptr_if_mapped();
-            if (!host) {
-                try {
-                    host = mr.host_ptr(); // reserve now (MAP_NORESERVE): reads need it
-                } catch (const region_error&) {
-                    host = nullptr; // too large to reserve: accesses report an error
-                }
-            }
-            if (host)
-                r.host_base = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(host) +
-                                                           r.offset_in_region - r.start);
-        }
-        ranges_.emplace(r.start, r);
-    }
-
-    std::map<hwaddr, flat_range> ranges_;
-};
-
-} // namespace detail
-
-/// The region an address space rooted at `root` really renders from (QEMU's
-/// flat-view root): starting at `root`, while the region is enabled, step into
-/// an alias that covers its whole target from offset 0, or into the only
-/// enabled subregion of a container when it sits at offset 0 and fits; a
-/// container with no enabled subregion, or a disabled region, gives null (the
-/// shared empty view). Address spaces with the same flat-view root share one
-/// flat view.
-///
-/// Deliberate differences from QEMU: a step is not taken out of a region that
-/// is readonly or nonvolatile, because QEMU loses that flag when it skips the
-/// node (its rendered view then shows the target writable); and a step
-/// through an alias is taken only into a target placed at address 0, because
-/// rendering from the target adds its address (QEMU's view is then shifted).
-/// Captured machines have neither case, so the output is QEMU's there.
-inline memory_region* flat_view_root(memory_region* mr) noexcept {
-    while (mr && mr->enabled()) {
-        if (mr->readonly() || mr->nonvolatile()) return mr;
-        if (memory_region* target = mr->alias()) {
-            // Only into a target placed at 0: rendering adds the root's own
-            // address, and the alias shows the target at 0 (QEMU does not
-            // check this and shifts such a view; qomem does not).
-            if (mr->alias_offset() == 0 && mr->size() >= target->size() && target->addr() == 0) {
-                mr = target;
-                continue;
-            }
-            return mr;
-        }
-        if (mr->terminates()) return mr;
-        memory_region* only = nullptr;
-        unsigned enabled = 0;
-        mr->any_subregion([&](memory_region& sub) {
-            if (!sub.enabled()) return false;
-            only = &sub;
-            return ++enabled > 1; // two are enough to know
-        });
-        if (enabled == 0) return nullptr;
-        if (enabled == 1 && only->addr() == 0 && only->size() <= mr->size()) {
-            mr = only;
-            continue;
-        }
-        return mr;
-    }
-    return nullptr;
-}
-
-/// Renders [lo, hi) of the flat view of `root` (rendered as given, from base
-/// 0): the full render's ranges inside the window, merged.
-inline std::vector<flat_range> render_window(const memory_region& root, u128 lo, u128 hi) {
-    detail::flat_renderer r;
-    r.render(root, 0, lo, hi, false, false);
-    return r.finish();
-}
-
-/// Renders the flat view of `root` (not a flat-view root lookup: `root` is
-/// rendered as given, from base 0 over the whole 64-bit space).
-inline ref_ptr<flat_view> render_flat_view(memory_region* root) {
-    std::vector<flat_range> ranges;
-    if (root) ranges = render_window(*root, 0, u128_2_64);
-    return ref_ptr<flat_view>(new flat_view(root, std::move(ranges)));
-}
 
 } // namespace qomem

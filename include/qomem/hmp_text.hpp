@@ -24,7 +24,7 @@
 
 #include <fmt/core.h>
 
-#include <qomem/detail/int128.hpp>
+#include <qomem/types.hpp>
 #include <qomem/error.hpp>
 
 namespace qomem {

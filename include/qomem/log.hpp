@@ -1,12 +1,17 @@
 // qomem/log.hpp — where the library's diagnostic lines go.
 //
 // A few events are worth a line but not an error: a blocked re-entrant MMIO
-// access (logged once per region, as QEMU does) and, when guest-error logging
-// is on, accesses that a region's access rules refuse (QEMU's -d guest_errors).
-// They go to a replaceable sink, stderr by default:
+// access (logged once per region; QEMU logs it once per process) and, when
+// guest-error logging is on, accesses that a region's access rules refuse
+// (QEMU's -d guest_errors). They go to a replaceable sink, stderr by default.
+// A sink is a plain function (no captures), called from any thread:
 //
-//     std::vector<std::string> lines;
-//     qomem::set_log_sink([](std::string_view l) { captured.emplace_back(l); });
+//     std::vector<std::string> lines;   // static storage, guarded by a mutex
+//     std::mutex lines_mutex;
+//     qomem::set_log_sink([](std::string_view l) {
+//         std::lock_guard g(lines_mutex);
+//         lines.emplace_back(l);
+//     });
 #pragma once
 
 #include <atomic>
@@ -18,6 +23,8 @@ namespace qomem {
 enum class log_category : unsigned {
     reentrancy = 1u << 0,   ///< blocked re-entrant MMIO (on by default)
     guest_errors = 1u << 1, ///< refused accesses (off by default)
+    lifetime = 1u << 2,     ///< lifetime trouble found at run time: reference cycles, a
+                            ///< region its owner's failed construction could not unmap (on)
 };
 
 using log_sink = void (*)(std::string_view line);
@@ -31,7 +38,8 @@ inline std::atomic<log_sink>& log_sink_slot() noexcept {
     return slot;
 }
 inline std::atomic<unsigned>& log_mask() noexcept {
-    static std::atomic<unsigned> mask{static_cast<unsigned>(log_category::reentrancy)};
+    static std::atomic<unsigned> mask{static_cast<unsigned>(log_category::reentrancy) |
+                                     static_cast<unsigned>(log_category::lifetime)};
     return mask;
 }
 } // namespace detail

@@ -1,14 +1,17 @@
 // qomem/memory_region.hpp — memory regions: the nodes of a machine's memory
-// map, with their own reference counts.
+// map, with their own reference counts, and the factories that make them.
 //
 // A region is a QOM object. It is a child "name[*]" of its owner (a device,
 // usually), or ownerless; ownerless regions may be given a home in the tree
 // (a machine's /machine/unattached) or stay orphans held by their handle.
 //
 //     auto sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
-//     auto ram = qomem::make_ram(dev, "ram", 128 << 20);   // owned by *dev
+//     auto ram = qomem::make_ram(*dev, "ram", 128 << 20);  // owned by *dev
 //     sys->add_subregion(0, *ram);                         // sys holds ram
-//     qomem::address_space as(*sys, "memory");             // as holds sys
+//     qomem::address_space as(*sys, "memory");             // sys joins a system
+//
+// (`sys` is ownerless: nothing counts the uses of it — not the address space,
+// not its flat views — so its handle must outlive them.)
 //
 // Lifetime, without piggybacking on the owner:
 //  * `memory_region_ref(mr)` (what containers, address spaces, flat views and
@@ -20,45 +23,75 @@
 //    region is freed. An owner is therefore always finalized after its
 //    regions, and a region that is still referenced (mapped for DMA, a
 //    subregion of a live container) keeps working after its device is gone.
-//  * Freeing an ownerless region that is still a subregion, an alias target
-//    or an address-space root is misuse (asserted): nothing counts those uses.
+//  * The same on every other path (object::last_reference_dropped): when any
+//    owner's last reference goes — a device never added to the tree, a plain
+//    object (a GPU's host-memory blob), an owner finalized by its parent —
+//    each of its regions still held beyond the owner (held_beyond_owner) is
+//    unparented first and holds the owner; the owner is finalized when the
+//    last of them is freed. Regions held only by the owner and its own other
+//    regions are freed with it. An owner whose constructor throws after
+//    placing a region has the region taken out of its container and no
+//    longer named as its owner (object::owner_destroyed_unfinalized).
+//  * Freeing an ownerless region that is still a subregion, an alias target,
+//    an address-space root or DMA-mapped is misuse (asserted): nothing counts
+//    those uses.
 //
-// Topology changes (add/delete a subregion, enable, move, ...) commit at once
-// unless a transaction is open (`memory_transaction`); the outermost commit
-// re-renders the flat views of the address spaces. Changes are made by one
-// thread at a time, as under QEMU's big lock.
+// Memory systems. A region belongs to at most one memory system
+// (memory_system.hpp), for life: it joins one when it is first placed in it —
+// made the root of an address space of that system, added to a container
+// that belongs to it, or connected (as a container, subregion, alias or alias
+// target) to a region that does. Regions connected to each other always
+// belong to the same system; connecting regions of two systems is misuse
+// (asserted before anything changes, naming both). A region that belongs to
+// no system yet is shown by no address space, so changing it commits nothing.
+//
+// RAM comes anonymous (reserved on first use), from the caller's memory, from
+// a file or an fd (mapped at creation, with QEMU's options), or resizeable up
+// to a maximum; RAM, ROM and ROM devices log writes for dirty-log clients
+// (dirty_log.hpp), lock-free.
+//
+// Topology changes (add/delete a subregion, enable, move, ...) are made by the
+// thread holding the system's writer role (memory_system::lock; a change made
+// without it takes it for its own duration) and commit at once unless a
+// transaction is open (`memory_transaction`).
 #pragma once
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <map>
-#include <mutex>
+#include <functional>
+#include <limits>
+#include <new>
+#include <set>
 #include <string>
-#include <thread>
 #include <string_view>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
-#include <boost/intrusive/list.hpp>
+#include <fmt/core.h>
 
-#include <qomem/detail/int128.hpp>
-#include <qomem/device.hpp>
+#include <qomem/assert.hpp>
+#include <qomem/detail/subregion_index.hpp>
+#include <qomem/detail/topology_log.hpp>
+#include <qomem/dirty_log.hpp>
 #include <qomem/error.hpp>
+#include <qomem/fwd.hpp>
+#include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/object.hpp>
 #include <qomem/rcu.hpp>
+#include <qomem/types.hpp>
 
 namespace qomem {
-
-class memory_region;
 
 /// What a region is. `rom` is RAM that starts read-only; `reservation` is
 /// MMIO without ops: it claims its range and every access to it fails.
@@ -95,151 +128,25 @@ private:
     object* home_ = nullptr;
 };
 
-namespace detail {
+/// The MMIO callbacks of a region: a type-erased MemoryRegionOps and the
+/// object it is called on (which must outlive the region).
+struct region_callbacks {
+    const region_ops* ops = nullptr;
+    void* opaque = nullptr;
 
-/// A part of the map that changed: [lo, hi) in the local coordinates of
-/// region `in` (offsets from its origin, where its subregions are placed).
-struct change_window {
-    const memory_region* in;
-    i128 lo;
-    i128 hi;
-};
-
-/// Transaction depth and commit machinery shared by every region and
-/// address space (QEMU's globals). One writer at a time.
-struct memory_core {
-    unsigned depth = 0;
-    bool pending = false;
-    bool committing = false;
-    /// The changes since the last commit; `full` when there were too many to
-    /// track (every view is then rendered anew).
-    std::vector<change_window> windows;
-    bool full = false;
-    static constexpr std::size_t max_windows = 1024;
-    /// When set (tests), every incrementally updated view is checked against
-    /// a full render, and a difference is reported as a failed assertion.
-    bool verify_incremental = false;
-    /// Re-renders what changed; installed by the first address space.
-    void (*render_all)() = nullptr;
-    /// Ownerless regions removed inside a transaction: nothing counts the
-    /// published view's use of them, so they are kept (one object reference
-    /// each) until the commit has replaced that view.
-    std::vector<object*> held_until_commit;
-
-    static memory_core& get() noexcept {
-        static memory_core c;
-        return c;
+    /// The callbacks of `ops`.
+    template <MemoryRegionOps Ops>
+    static region_callbacks of(Ops& ops) noexcept {
+        return {region_ops::of<Ops>(), &ops};
     }
-    /// Records a change of [lo, hi) in `in`'s coordinates, and commits it
-    /// unless a transaction is open.
-    void changed(const memory_region* in, i128 lo, i128 hi);
-
-    /// The thread making topology changes (QEMU's big-lock holder): the last
-    /// one that changed or committed anything. Regions whose last reference
-    /// is dropped on another thread are finalized by it (release_deferred).
-    std::atomic<std::thread::id> writer{};
-    void note_writer() noexcept { writer.store(std::this_thread::get_id(), std::memory_order_relaxed); }
-    bool on_writer() const noexcept {
-        const std::thread::id w = writer.load(std::memory_order_relaxed);
-        return w == std::thread::id{} || w == std::this_thread::get_id();
-    }
-    std::mutex deferred_mutex;
-    std::vector<object*> deferred; ///< dropped to zero (drop_ref), not yet finalized
-    /// Finalizes what other threads released last. Writer only.
-    void release_deferred() {
-        for (;;) {
-            std::vector<object*> batch;
-            {
-                std::lock_guard lock(deferred_mutex);
-                batch.swap(deferred);
-            }
-            if (batch.empty()) return;
-            for (object* o : batch) o->finalize_dropped();
-        }
-    }
-    /// Counted regions named by pending windows, referenced until the commit
-    /// has used the windows (so none is freed in between).
-    std::vector<object*> window_refs;
-    /// Asks for a commit without a change of its own (a new address space).
-    void touch() {
-        note_writer();
-        pending = true;
-        if (depth == 0) commit();
-    }
-    /// Forgets windows in a region that is being freed (it is unreachable;
-    /// its removal from its container recorded a window there).
-    void forget(const memory_region* mr) noexcept {
-        std::erase_if(windows, [&](const change_window& w) { return w.in == mr; });
-    }
-    void commit() {
-        if (committing) return; // the running commit loops again
-        note_writer();
-        committing = true;
-        try {
-            release_deferred();
-            while (pending || !held_until_commit.empty() || !window_refs.empty()) {
-                pending = false;
-                if (render_all) render_all();
-                else windows.clear();
-                // Releasing may free regions, which may change the topology
-                // again: loop until it settles.
-                for (object* o : std::exchange(window_refs, {})) o->unref();
-                for (object* o : std::exchange(held_until_commit, {})) o->unref();
-            }
-        } catch (...) {
-            // The failed render consumed the windows: views may now lag the
-            // topology. Render everything at the next commit.
-            committing = false;
-            full = true;
-            windows.clear();
-            pending = true;
-            // The windows are gone, so are the reasons to hold their regions.
-            for (object* o : std::exchange(window_refs, {})) o->unref();
-            for (object* o : std::exchange(held_until_commit, {})) o->unref();
-            throw;
-        }
-        committing = false;
-    }
-};
-
-inline std::string escape_region_name(std::string_view name) {
-    std::string out;
-    for (char c : name) {
-        if (c == '/')
-            out += "\\x2f";
-        else
-            out += c;
-    }
-    return out;
-}
-
-} // namespace detail
-
-/// Opens a topology transaction: changes made until the matching commit take
-/// effect together. Nestable; the outermost commit renders.
-inline void memory_region_transaction_begin() noexcept { ++detail::memory_core::get().depth; }
-
-/// Closes a transaction. Requires (asserted): one is open.
-inline void memory_region_transaction_commit() {
-    auto& c = detail::memory_core::get();
-    QOMEM_ASSERT(c.depth > 0, "memory_region_transaction_commit without a transaction");
-    if (--c.depth == 0 && c.pending) c.commit();
-}
-
-/// RAII transaction.
-class memory_transaction {
-public:
-    memory_transaction() noexcept { memory_region_transaction_begin(); }
-    ~memory_transaction() noexcept(false) { memory_region_transaction_commit(); }
-    memory_transaction(const memory_transaction&) = delete;
-    memory_transaction& operator=(const memory_transaction&) = delete;
 };
 
 /// A node of the memory map. Create with the make_* functions below.
 class memory_region : public object {
     QOMEM_OBJECT(memory_region, "memory-region", object)
 public:
-    /// Everything a region is made of; filled by the make_* functions.
+    /// Everything a region is made of; filled by the make_* functions (or by
+    /// hand, for make_region).
     struct init_args {
         region_owner where = nullptr;
         std::string name;
@@ -247,18 +154,41 @@ public:
         u128 size = 0;
         memory_region* alias = nullptr;
         hwaddr alias_offset = 0;
-        const detail::ops_table* ops = nullptr; ///< MMIO callbacks (io, ROM device)
-        void* opaque = nullptr;                 ///< the ops object
-        void* host = nullptr; ///< caller's memory (ram from ptr, ram device)
-        int fd = -1;          ///< ram from fd
+        region_callbacks callbacks{}; ///< MMIO (io, ROM device)
+        /// Host memory: the caller's (ram from ptr, ram device), or a mapping
+        /// the region owns (`owns_host`: file and fd RAM).
+        void* host = nullptr;
+        /// `host` is a mapping of `backing` bytes that the region unmaps
+        /// when it is freed.
+        bool owns_host = false;
+        /// Bytes of host memory behind the region (0: `size`). Resizeable RAM
+        /// reserves its maximum; file RAM its size rounded up to the file's
+        /// page size.
+        u128 backing = 0;
+        /// The fd the RAM was mapped from; the region owns it (closes it when
+        /// freed). -1 for anything else.
+        int fd = -1;
         std::uint64_t fd_offset = 0;
-        bool shared = true; ///< MAP_SHARED for fd-backed RAM
+        /// Starts read-only (ROM, RAM mapped read-only).
+        bool readonly = false;
+        /// False when `host` is mapped without write permission.
+        bool host_writable = true;
+        /// Resizeable RAM (QEMU's memory_region_init_resizeable_ram): the
+        /// most `size` may grow to (0: not resizeable), and what to call when
+        /// ram_resize changes the used size.
+        u128 max_size = 0;
+        std::function<void(memory_region&, std::uint64_t size, void* host)> resized = {};
         /// Priority of a region that is never added to a container (a root
         /// may carry one; it shows in the flat view). add_subregion sets it.
         std::int32_t priority = 0;
+        /// RAM whose file another process can shrink (a vhost-user back-end's
+        /// SHMEM_MAP): accesses copy under a SIGBUS guard (detail/fault_guard.hpp).
+        bool backing_may_shrink = false;
     };
 
     /// Constructs a region; prefer the make_* functions, which also attach it.
+    /// Effects: an alias takes memory_region_ref on its target (and joins the
+    /// target's memory system, if it has one).
     /// Throws: region_error for a size above 2^64 or an alias without target.
     explicit memory_region(const init_args& a);
 
@@ -269,49 +199,183 @@ public:
     object* owner() const noexcept { return owner_; }
     /// True when memory_region_ref counts (the region was made with an owner).
     bool counted() const noexcept { return counted_; }
+    /// The memory system this region belongs to, or null before it is placed
+    /// in one (see the header overview).
+    memory_system* system() const noexcept { return log_ ? &log_->system() : nullptr; }
     u128 size() const noexcept { return size_; }
     hwaddr addr() const noexcept { return addr_; }
     std::int32_t priority() const noexcept { return priority_; }
     bool enabled() const noexcept { return enabled_; }
     bool readonly() const noexcept { return readonly_.load(std::memory_order_relaxed); }
     bool nonvolatile() const noexcept { return nonvolatile_; }
+    /// True when the ranges rendered through this region never merge with
+    /// their neighbours (see set_unmergeable).
+    bool unmergeable() const noexcept { return unmergeable_; }
     bool romd_mode() const noexcept { return romd_mode_.load(std::memory_order_relaxed); }
-    bool terminates() const noexcept { return terminates_; }
-    bool is_ram() const noexcept { return ram_; }
+    /// True for the kinds that fill the gaps their subregions leave.
+    bool terminates() const noexcept {
+        return kind_ != region_kind::container && kind_ != region_kind::alias;
+    }
+    /// RAM, ROM and RAM devices (QEMU's memory_region_is_ram).
+    bool is_ram() const noexcept {
+        return kind_ == region_kind::ram || kind_ == region_kind::rom || is_ram_device();
+    }
+    /// RAM or ROM whose bytes are plain host memory (never a RAM device).
+    bool is_plain_ram() const noexcept {
+        return kind_ == region_kind::ram || kind_ == region_kind::rom;
+    }
     bool is_rom_device() const noexcept { return kind_ == region_kind::rom_device; }
     bool is_romd() const noexcept { return is_rom_device() && romd_mode(); }
     bool is_ram_device() const noexcept { return kind_ == region_kind::ram_device; }
-    /// RAM-like regions whose bytes are read directly (RAM, ROM, ROMD reads).
-    bool is_direct_read() const noexcept { return (ram_ && !is_ram_device()) || is_romd(); }
+    /// True for the kinds backed by host memory (RAM, ROM, ROM device, RAM device).
+    bool has_host_memory() const noexcept { return is_ram() || is_rom_device(); }
     memory_region* container() const noexcept { return container_; }
     memory_region* alias() const noexcept { return alias_; }
     hwaddr alias_offset() const noexcept { return alias_offset_; }
-    /// The MMIO callbacks (null for a reservation and for non-MMIO kinds).
-    const detail::ops_table* ops() const noexcept { return ops_; }
-    void* opaque() const noexcept { return opaque_; }
-    /// The device whose MMIO re-entrancy guard covers this region (the owner,
-    /// when it is a device and the region is MMIO), or null.
-    const device* guarded_device() const noexcept {
+    /// The MMIO callbacks (none for a reservation and for non-MMIO kinds).
+    const region_callbacks& callbacks() const noexcept { return callbacks_; }
+
+    /// The owner, when it is a device and the region is MMIO: the object
+    /// whose re-entrancy guard covers this region; null otherwise.
+    const object* guarded_device() const noexcept {
         return guard_enabled_ && !readonly() ? guard_device_ : nullptr;
     }
     /// Opts this region out of (or back into) the re-entrancy guard, for a
     /// device that legitimately accesses its own MMIO from its handlers.
     void set_reentrancy_guard(bool enabled) noexcept { guard_enabled_ = enabled && guard_device_; }
-
-    /// Dirty tracking of RAM, one bit per 4 KiB page: writes through an
-    /// address space and DMA unmaps after a write set the bits while logging
-    /// is on. Requires (asserted): a RAM region.
-    void set_dirty_log(bool on);
-    bool dirty_log() const noexcept { return dirty_.load(std::memory_order_acquire) != nullptr; }
-    /// True if a page overlapping [offset, offset+len) is dirty; clears them.
-    bool test_and_clear_dirty(hwaddr offset, hwaddr len);
-    /// Marks [offset, offset+len) dirty if logging is on (cheap when off).
-    void mark_dirty(hwaddr offset, hwaddr len) noexcept {
-        rcu::read_guard g; // the bitmap is freed through RCU
-        std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
-        if (!bits || len == 0) return;
-        mark_dirty_slow(bits, offset, len);
+    /// True the first time it is called (the re-entrancy block is logged
+    /// once per region). Thread-safe.
+    bool first_reentrancy_report() const noexcept {
+        return !reentrancy_logged_.exchange(true, std::memory_order_relaxed);
     }
+
+    // ---- dirty logging (dirty_log.hpp) ----------------------------------------
+    //
+    // Regions with RAM behind them (RAM, ROM, ROM devices: logs_dirty()) log
+    // writes for the clients in their dirty-log mask: one bitmap per client,
+    // one bit per dirty_page_size bytes, kept for the region's life (turning
+    // a client off stops the recording, it does not forget the bits).
+    // Guest writes through an address space and DMA write mappings (at
+    // unmap) mark them. The marking and reading functions may run on any
+    // thread, lock-free; the bits are set and cleared atomically.
+
+    /// True for the kinds whose writes can be logged (RAM, ROM, ROM device;
+    /// not RAM devices, which are dispatched like MMIO).
+    bool logs_dirty() const noexcept { return is_plain_ram() || is_rom_device(); }
+    /// The clients this region logs for (QEMU's get_dirty_log_mask): those
+    /// turned on with set_log, plus `migration` while the region's memory
+    /// system tracks dirty memory globally. Any thread.
+    std::uint8_t dirty_log_mask() const noexcept {
+        std::uint8_t m = log_mask_.load(std::memory_order_relaxed);
+        if (logs_dirty())
+            if (const detail::topology_log* l = system_log())
+                m = static_cast<std::uint8_t>(m | l->global_log_mask.load(std::memory_order_relaxed));
+        return m;
+    }
+    /// True if `client` is in dirty_log_mask() (QEMU's is_logging).
+    bool is_logging(dirty_client client) const noexcept {
+        return dirty_log_mask() & dirty_mask_of(client);
+    }
+    /// Turns logging for `client` on or off (QEMU's set_log; QEMU allows only
+    /// the VGA client here, qomem any). Counted: each set_log(true) needs its
+    /// set_log(false). Requires (asserted): logs_dirty(); not more offs than
+    /// ons. Effects: when the client's count leaves or reaches zero, the
+    /// mask changes and the region's extent is recorded as changed (if it is
+    /// enabled): at the commit, listeners see its ranges as region_nop
+    /// followed by log_start or log_stop. References: none. Complexity: O(1)
+    /// plus the commit. Throws: what the commit throws.
+    void set_log(bool log, dirty_client client);
+    /// Marks [addr, addr + size) of the region dirty for every client in
+    /// dirty_log_mask() (QEMU's set_dirty), after memory was written outside
+    /// guest accesses (a device writing its RAM through host_ptr()).
+    /// Requires (asserted): logs_dirty(). Any thread. Complexity: O(pages).
+    void set_dirty(hwaddr addr, hwaddr size) {
+        QOMEM_ASSERT(logs_dirty(), "set_dirty on '{}', which has no RAM to log", name_);
+        mark_dirty(addr, size);
+    }
+    /// set_dirty without the check: what guest writes call. Cheap when
+    /// nothing is logged (one load, and for RAM of a memory system one more).
+    void mark_dirty(hwaddr offset, hwaddr len) noexcept {
+        const std::uint8_t mask = dirty_log_mask();
+        if (mask == 0 || len == 0) [[likely]]
+            return;
+        mark_dirty_slow(mask, offset, len);
+    }
+    /// Marks the pages of [addr, addr + size) clean for `client` (QEMU's
+    /// reset_dirty). Any thread. Complexity: O(pages).
+    void reset_dirty(hwaddr addr, hwaddr size, dirty_client client) {
+        (void)test_and_clear_dirty(addr, size, client);
+    }
+    /// True if a page overlapping [addr, addr + size) is dirty for `client`;
+    /// clears those pages (QEMU's test_and_clear_dirty). Any thread.
+    /// Requires (asserted, also for the functions below): `client` is one
+    /// of dirty_log.hpp's.
+    bool test_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client);
+    /// True if a page overlapping [addr, addr + size) is dirty for `client`;
+    /// changes nothing. Any thread.
+    bool get_dirty(hwaddr addr, hwaddr size, dirty_client client) const;
+    /// Asks the listeners to bring their logs in (log_sync on this region's
+    /// sections, log_sync_global), copies `client`'s bits for [addr, addr +
+    /// size) widened to whole 64-page words and clears them, then tells the
+    /// listeners log_global_after_sync (QEMU's snapshot_and_clear_dirty).
+    /// Requires (asserted): logs_dirty(); the range inside the region.
+    /// Effects: takes the writer role of the region's system (if any) while
+    /// listeners run. Throws: what a listener throws (the bits are then left
+    /// as they were).
+    dirty_bitmap_snapshot snapshot_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client);
+    /// QEMU's snapshot_get_dirty: `snap.get_dirty(addr, size)`.
+    bool snapshot_get_dirty(const dirty_bitmap_snapshot& snap, hwaddr addr, hwaddr size) const {
+        return snap.get_dirty(addr, size);
+    }
+    /// Asks the listeners to clear their own logs for [start, start + len)
+    /// of this region (log_clear on the intersecting sections that log;
+    /// QEMU's clear_dirty_bitmap), e.g. after migration read those pages.
+    /// Effects: takes the writer role of the region's system while they run.
+    void clear_dirty_bitmap(hwaddr start, hwaddr len);
+
+    /// The short form of earlier versions: logging for the VGA client on or
+    /// off (not counted), whether it is on, and test-and-clear for it.
+    void set_dirty_log(bool on) {
+        if (on != ((log_mask_.load(std::memory_order_relaxed) & dirty_mask_of(dirty_client::vga)) != 0))
+            set_log(on, dirty_client::vga);
+    }
+    bool dirty_log() const noexcept { return is_logging(dirty_client::vga); }
+    bool test_and_clear_dirty(hwaddr offset, hwaddr len) {
+        return test_and_clear_dirty(offset, len, dirty_client::vga);
+    }
+
+    // ---- RAM ---------------------------------------------------------------
+
+    /// The RAM's used length: its size rounded up to the host page size
+    /// (QEMU's used_length). 0 for regions without host memory.
+    u128 used_length() const noexcept { return has_host_memory() ? used_length_ : 0; }
+    /// The most host memory behind the region (QEMU's max_length): the
+    /// maximum size of resizeable RAM, else the used length.
+    u128 max_length() const noexcept {
+        return !has_host_memory() ? 0 : resizeable_ ? backing_size_ : used_length_;
+    }
+    /// True for RAM made with make_resizeable_ram.
+    bool resizeable() const noexcept { return resizeable_; }
+    /// Changes the size of resizeable RAM (QEMU's memory_region_ram_resize).
+    /// The used length becomes `new_size` rounded up to the host page size;
+    /// when that changes, the old used length is marked clean and the new
+    /// one dirty for every client (its contents must be sent again); the
+    /// region takes `new_size` as its size (set_size: the views change at
+    /// the commit) and the `resized` callback is called with it and the host
+    /// memory. When only the unaligned size changes, just the size and the
+    /// callback. Requires (asserted): RAM. Throws: region_error when the
+    /// used length would change and the RAM is not resizeable, or when it
+    /// would exceed max_length(); nothing changes then. Complexity:
+    /// O(pages) plus the commit.
+    void ram_resize(u128 new_size);
+    /// The fd the RAM was mapped from (the region's own duplicate), or -1
+    /// (QEMU's memory_region_get_fd; an alias answers for its target).
+    int fd() const noexcept { return alias_ ? alias_->fd() : fd_; }
+    /// Where in that fd the RAM starts.
+    std::uint64_t fd_offset() const noexcept { return alias_ ? alias_->fd_offset() : fd_offset_; }
+    /// The page size of the memory behind the RAM: the huge page size for
+    /// hugetlbfs files, else the host's.
+    std::size_t ram_page_size() const noexcept { return page_size_; }
 
     /// QEMU's type string for `info mtree`: "ramd", "romd", "rom", "ram" or
     /// "i/o" (containers and MMIO); an alias reports its target's type.
@@ -321,49 +385,59 @@ public:
     /// among equal priorities, the most recently added first (render order).
     template <class F>
     void for_each_subregion(F&& f) const {
-        for (const memory_region& s : subregions_) f(const_cast<memory_region&>(s));
+        subregions_.for_each(f);
     }
     std::size_t subregion_count() const noexcept { return subregions_.size(); }
-
     /// Calls f(memory_region&) in render order until it returns true;
     /// returns whether it did.
     template <class F>
     bool any_subregion(F&& f) const {
-        for (const memory_region& s : subregions_)
-            if (f(const_cast<memory_region&>(s))) return true;
-        return false;
+        return subregions_.any(f);
     }
-
     /// Calls f(memory_region&) in render order for each subregion that may
     /// intersect [lo, hi) of this region's coordinates (a superset: callers
     /// still clip). A container with many subregions answers from an address
     /// index instead of walking them all.
     template <class F>
-    void for_each_subregion_in(i128 lo, i128 hi, F&& f) const;
-
+    void for_each_subregion_in(i128 lo, i128 hi, F&& f) const {
+        subregions_.for_each_in(lo, hi, f);
+    }
     /// Calls f(memory_region&) for each alias that targets this region.
     template <class F>
     void for_each_alias_user(F&& f) const {
         for (memory_region* a : alias_users_) f(*a);
     }
 
-    /// Host memory of a RAM-backed region (RAM, ROM, ROM device, RAM device),
-    /// reserving it on first use for anonymous RAM; null for other kinds.
-    /// Thread-safe. Throws: region_error if the reservation fails.
+    /// Host memory of a region backed by it (RAM, ROM, ROM device, RAM
+    /// device), reserving it on first use for anonymous RAM; null for other
+    /// kinds. Thread-safe. Throws: region_error if the reservation fails.
     std::byte* host_ptr() const;
+    /// The host memory if already reserved (null otherwise); never maps.
+    std::byte* host_ptr_if_mapped() const noexcept { return host_.load(std::memory_order_acquire); }
     /// False for host memory mapped without write permission (a read-only
     /// shared-memory mapping): then not even a debug write may store to it.
     bool host_writable() const noexcept { return host_writable_; }
     void set_host_writable(bool writable) noexcept { host_writable_ = writable; }
-    /// The host memory if already reserved (null otherwise); never maps.
-    std::byte* host_ptr_if_mapped() const noexcept { return host_.load(std::memory_order_acquire); }
+    /// True for RAM whose backing file can shrink under the program: its
+    /// bytes are copied under a SIGBUS guard and never read on the fast path.
+    bool backing_may_shrink() const noexcept { return backing_may_shrink_; }
+
+    // ---- DMA accounting of ownerless regions --------------------------------
+
+    /// What a DMA mapping takes: memory_region_ref on a counted region; on an
+    /// ownerless one (not counted), a count of mappings that makes freeing it
+    /// while mapped a reported misuse. Any thread.
+    void dma_hold() noexcept;
+    void dma_release() noexcept;
 
     // ---- topology (each commits unless a transaction is open) --------------
 
     /// Adds `sub` at `offset` with priority 0 (QEMU's add_subregion).
-    /// Requires (asserted): this is not an alias; `sub` is in no container.
+    /// Requires (asserted): this is not an alias; `sub` is in no container;
+    /// the two do not belong to different memory systems.
     /// Effects: takes a reference to `sub` (counted when it has an owner);
-    /// among equal priorities `sub` now wins (last added wins).
+    /// among equal priorities `sub` now wins (last added wins); if either
+    /// belongs to a memory system, everything connected to the other joins it.
     /// Throws: region_error if adding `sub` would make the region graph cyclic
     /// (an alias cycle); nothing changes. Complexity: O(subregions) for the
     /// sorted insert, plus the cycle check over what `sub` reaches.
@@ -372,23 +446,45 @@ public:
     void add_subregion(hwaddr offset, memory_region& sub, std::int32_t priority);
 
     /// Removes `sub` (QEMU's del_subregion), commits, then drops the
-    /// reference this container held (which may finalize `sub`).
-    /// Requires (asserted): `sub` is a subregion of this region.
+    /// reference this container held (which may finalize `sub` and, through
+    /// it, its owner). Requires (asserted): `sub` is a subregion of this region.
+    /// Complexity: O(log subregions) plus the commit.
     void del_subregion(memory_region& sub);
 
+    /// Enables or disables the region (a disabled region and its subtree
+    /// render nothing). Effects: records the region's extent as changed.
+    /// References: none. Complexity: O(1) plus the commit.
     void set_enabled(bool enabled);
+    /// Makes the region (and what renders through it) read-only for guest
+    /// writes. Requires (asserted): not making writable a region whose host
+    /// memory is mapped read-only. Effects, references, complexity: as
+    /// set_enabled.
     void set_readonly(bool readonly);
+    /// Marks the region non-volatile (shown as "nv-" in `info mtree`).
+    /// Effects, references, complexity: as set_enabled.
     void set_nonvolatile(bool nonvolatile);
+    /// Marks the region unmergeable (QEMU's set_unmergeable): the flat
+    /// ranges rendered through it (it, or everything inside it for a
+    /// container or an alias) never merge with adjacent ranges, so
+    /// listeners are never told of a section larger than one region — for
+    /// several aliases of one RAM region side by side, each to be mapped and
+    /// unmapped on its own. Effects, references, complexity: as set_enabled.
+    void set_unmergeable(bool unmergeable);
     /// ROM device: reads direct (true) or through the ops (false).
-    /// Requires (asserted): a ROM device.
+    /// Requires (asserted): a ROM device. Effects: as set_enabled.
     void set_romd(bool romd);
     /// Moves the region within its container. Like QEMU it is removed and
     /// added again, so it becomes the most recently added of its priority.
+    /// A region with no container (a root) is moved too: every view rendered
+    /// from it is rendered anew. References: none. Complexity: O(subregions
+    /// of the container) plus the commit.
     void set_address(hwaddr addr);
-    /// Requires (asserted): an alias.
+    /// Points an alias at another offset of its target. Requires (asserted):
+    /// an alias. Effects: as set_enabled.
     void set_alias_offset(hwaddr offset);
-    /// Resizes. Throws: region_error above 2^64 (nothing changes). RAM-backed
-    /// regions cannot grow past the size they were made with (region_error).
+    /// Resizes. Throws: region_error above 2^64, or for RAM-backed regions
+    /// past the size they were made with (nothing changes). Effects: records
+    /// the old and the new extent as changed. References: none.
     void set_size(u128 size);
 
 protected:
@@ -396,37 +492,83 @@ protected:
     void on_unparent() override;
     after_free_action after_free() noexcept override;
     void check_finalizable() const override;
+    void last_reference_dropped() override;
+
+    void owner_destroyed_unfinalized(const object& owner) noexcept override;
 
 public:
     bool follows_owner_out_of_tree() const noexcept override { return owner_ != nullptr; }
+    /// True while the region is referenced beyond its owner's child property
+    /// and the owner's own regions still in its tree (their containers and
+    /// aliases): by a container or alias of something else, an address space,
+    /// a flat view, a DMA mapping, or a ref_ptr kept anywhere (the owner's
+    /// own included: see the README on cycles).
+    bool held_beyond_owner(const object& owner) const noexcept override;
 
 private:
     friend void memory_region_ref(memory_region& mr);
     friend void memory_region_unref(memory_region& mr);
+    friend class memory_system;
     friend class address_space;
+    template <class>
+    friend class detail::subregion_index;
 
+    /// Throws region_error for a size above 2^64.
+    static void check_size(std::string_view name, u128 size);
+    /// set_size without its checks.
+    void apply_size(u128 size);
     bool reaches(const memory_region& target) const;
-    void mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset, hwaddr len) const noexcept;
-    std::size_t dirty_pages() const noexcept {
-        return static_cast<std::size_t>((backing_size_ + 4095) / 4096);
+    /// The system's log, read by any thread (set once, when the region joins).
+    const detail::topology_log* system_log() const noexcept {
+        return std::atomic_ref<detail::topology_log*>(const_cast<detail::topology_log*&>(log_))
+            .load(std::memory_order_acquire);
     }
-    void insert_sorted(memory_region& sub);
+    using dirty_word = std::atomic<std::uint64_t>;
+    /// `client` as an index. Requires (asserted): a client dirty_log.hpp names.
+    unsigned client_index(dirty_client client) const;
+    std::size_t dirty_pages() const noexcept {
+        return static_cast<std::size_t>((backing_size_ + dirty_page_size - 1) / dirty_page_size);
+    }
+    std::size_t dirty_words() const noexcept { return (dirty_pages() + 63) / 64; }
+    /// `client`'s bitmap; made (zeroed) on first use when `make` (null if
+    /// that allocation fails: the marks are then lost, never the process).
+    dirty_word* dirty_bitmap(unsigned client, bool make) const noexcept;
+    void mark_dirty_slow(std::uint8_t mask, hwaddr offset, hwaddr len) const noexcept;
+    /// Calls f(word index, bit mask) for the bitmap words covering the pages
+    /// that overlap [offset, offset + len), clipped to the backing.
+    template <class F>
+    void for_each_dirty_word(hwaddr offset, hwaddr len, F&& f) const;
     void unmap_backing() noexcept;
+    /// Makes `log` this region's system, and that of every region connected
+    /// to it (none of which belongs to another: checked by the caller).
+    void join(detail::topology_log& log);
+    /// Asserts that `a` and `b` may be connected (not of two systems).
+    static void check_same_system(const memory_region& a, const memory_region& b,
+                                  std::string_view how);
+    /// Records that [lo, hi) of this region's own coordinates changed.
+    void changed_inside(i128 lo, i128 hi) const {
+        if (log_) log_->changed(*this, lo, hi);
+    }
+    /// Records that this region's whole extent changed.
+    void changed_whole() const { changed_inside(0, i128(size_)); }
+    /// Unless `same`, runs `set` and records the whole extent as changed,
+    /// under the writer role (topology state is the writer's).
+    template <class Set>
+    void change_whole(bool same, Set&& set);
+    /// Finalizes a region whose last reference was dropped (memory_system
+    /// calls it on the writer).
+    void finalize_now() { finalize_dropped(); }
 
-    using sub_hook_t = boost::intrusive::list_member_hook<
-        boost::intrusive::link_mode<boost::intrusive::safe_link>>;
-    sub_hook_t sub_hook_;
-    using sub_list = boost::intrusive::list<
-        memory_region,
-        boost::intrusive::member_hook<memory_region, sub_hook_t, &memory_region::sub_hook_>>;
+    detail::subregion_hook sub_hook_;
+    std::uint64_t sub_seq_ = 0; // when added to its container (render order among equals)
+    detail::subregion_index<memory_region> subregions_;
 
     std::string name_;
     object* owner_ = nullptr;
+    detail::topology_log* log_ = nullptr; // the memory system, once placed in one
     bool counted_ = false;
     bool holds_owner_ = false;
     region_kind kind_;
-    bool terminates_ = false;
-    bool ram_ = false;
     std::atomic<bool> readonly_{false}; // read by readers (re-entrancy guard)
     bool nonvolatile_ = false;
     bool enabled_ = true;
@@ -438,71 +580,46 @@ private:
     memory_region* container_ = nullptr;
     memory_region* alias_ = nullptr;
     hwaddr alias_offset_ = 0;
-    sub_list subregions_;
     std::vector<memory_region*> alias_users_; // aliases targeting this region
-    std::uint64_t add_seq_ = 0;               // when added to its container
-    // Address index of the subregions (kept for every container; used when
-    // it has many): small ones by address, and the few huge ones apart.
-    std::multimap<hwaddr, memory_region*> by_addr_;
-    std::vector<memory_region*> huge_subregions_;
-    u128 max_small_size_ = 0;
-    static constexpr u128 huge_size = u128(1) << 32;
-    static constexpr std::size_t index_threshold = 16;
-    void index_insert(memory_region& sub);
-    void index_erase(memory_region& sub);
-    /// Records that [lo, hi) of this region's own coordinates changed.
-    void changed_inside(i128 lo, i128 hi) const { detail::memory_core::get().changed(this, lo, hi); }
-    /// Records that this region's whole extent changed.
-    void changed_whole() const { changed_inside(0, i128(size_)); }
-    std::uint32_t as_root_users_ = 0; // address spaces rooted here
-    const detail::ops_table* ops_ = nullptr;
-    void* opaque_ = nullptr;
-    const device* guard_device_ = nullptr;
+    std::uint32_t as_root_users_ = 0;         // address spaces rooted here
+    std::atomic<std::uint32_t> dma_users_{0}; // DMA mappings of an ownerless region
+    region_callbacks callbacks_;
+    const object* guard_device_ = nullptr;
     bool guard_enabled_ = false;
+    mutable std::atomic<bool> reentrancy_logged_{false};
     mutable std::atomic<std::byte*> host_{nullptr};
-    std::atomic<std::atomic<std::uint64_t>*> dirty_{nullptr};
-
-public:
-    /// Set once the re-entrancy block has been logged for this region.
-    mutable std::atomic<bool> reentrancy_logged{false};
-
-private:
     bool owns_mapping_ = false;
     bool host_writable_ = true;
-    int fd_ = -1;
+    bool unmergeable_ = false;
+    int fd_ = -1; // owned
     std::uint64_t fd_offset_ = 0;
-    bool fd_shared_ = true;
+    bool backing_may_shrink_ = false;
+    std::size_t page_size_ = 0;
+
+    // Dirty logging: the clients turned on by set_log (with their counts;
+    // writer only) and one lazily made bitmap per client (any thread).
+    std::atomic<std::uint8_t> log_mask_{0};
+    std::uint32_t log_counts_[dirty_client_count] = {};
+    mutable std::atomic<dirty_word*> dirty_[dirty_client_count] = {};
+
+    // Resizeable RAM.
+    u128 used_length_ = 0;
+    bool resizeable_ = false;
+    std::function<void(memory_region&, std::uint64_t, void*)> resized_;
 };
 
-namespace detail {
-/// Finalizes a region whose last reference was just dropped: here on the
-/// writer's thread, else handed over to the writer.
-[[gnu::noinline]] inline void release_last(memory_region& mr) {
-    auto& core = memory_core::get();
-    if (core.on_writer()) {
-        mr.finalize_dropped();
-    } else {
-        std::lock_guard lock(core.deferred_mutex);
-        core.deferred.push_back(&mr);
-    }
-}
-} // namespace detail
-
 /// Takes a reference to the region itself (never its owner). Ownerless
-/// regions are not counted: one branch.
+/// regions are not counted: one branch. Any thread.
 inline void memory_region_ref(memory_region& mr) {
     if (mr.counted_) mr.ref();
 }
-/// Drops a reference taken by memory_region_ref; may finalize the region.
-/// Any thread: when the last reference is dropped on a thread other than the
-/// writer (e.g. a vCPU ending a DMA mapping of an unplugged device's RAM),
-/// the finalization is handed to the writer, which runs it at its next
-/// commit or memory_synchronize(): finalizing changes topology state that
-/// only the writer may touch.
+/// Drops a reference taken by memory_region_ref; the last one finalizes the
+/// region (and may finalize its owner) on the thread holding its memory
+/// system's writer role: here if this thread holds it or can take it at
+/// once, otherwise handed to the holder, which finalizes it when it gives the
+/// role back. Any thread.
 inline void memory_region_unref(memory_region& mr) {
-    if (!mr.counted_) return;
-    if (mr.drop_ref()) [[unlikely]]
-        detail::release_last(mr);
+    if (mr.counted_) mr.unref();
 }
 
 /// A move-only holder of one memory_region_ref.
@@ -539,214 +656,584 @@ private:
 // only holder. Throws: region_error for a size above 2^64.
 
 namespace detail {
-inline ref_ptr<memory_region> make_region(const memory_region::init_args& a) {
-    auto mr = make<memory_region>(a);
-    if (object* home = a.where.home())
-        home->add_child(escape_region_name(a.name) + "[*]", *mr);
-    return mr;
+/// Adds `mr` as child "name[*]" of its home, if it has one.
+inline void add_to_home(memory_region& mr, const memory_region::init_args& a) {
+    if (object* home = a.where.home()) {
+        std::string name;
+        for (char c : a.name) name += c == '/' ? std::string_view("\\x2f") : std::string_view(&c, 1);
+        home->add_child(name + "[*]", mr);
+    }
 }
 } // namespace detail
 
+/// Makes a region from `a` (what every make_* function below does).
+inline ref_ptr<memory_region> make_region(const memory_region::init_args& a) {
+    auto mr = make<memory_region>(a);
+    detail::add_to_home(*mr, a);
+    return mr;
+}
+
 /// A container: groups subregions; its gaps fall through to lower siblings.
 inline ref_ptr<memory_region> make_container(region_owner where, std::string_view name, u128 size) {
-    return detail::make_region({where, std::string(name), region_kind::container, size});
+    return make_region({where, std::string(name), region_kind::container, size});
 }
 /// RAM, reserved lazily with an anonymous MAP_NORESERVE mapping.
 inline ref_ptr<memory_region> make_ram(region_owner where, std::string_view name, u128 size) {
-    return detail::make_region({where, std::string(name), region_kind::ram, size});
+    return make_region({where, std::string(name), region_kind::ram, size});
 }
 /// Read-only RAM (writes from the guest are ignored).
 inline ref_ptr<memory_region> make_rom(region_owner where, std::string_view name, u128 size) {
-    return detail::make_region({where, std::string(name), region_kind::rom, size});
+    return make_region({where, std::string(name), region_kind::rom, size});
 }
-/// RAM mapped from `fd` at `offset` (MAP_SHARED unless `shared` is false),
-/// mapped on first use. The caller keeps ownership of `fd` and must keep it
-/// open until the region is first used.
+/// Resizeable RAM (QEMU's memory_region_init_resizeable_ram): `size` bytes
+/// used now, host memory reserved (MAP_NORESERVE, on first use) for up to
+/// `max_size`; ram_resize changes the used size and calls `resized` (may be
+/// empty) with the region, its new size and its host memory.
+/// Throws: region_error for a size above 2^64 or above `max_size`.
+inline ref_ptr<memory_region> make_resizeable_ram(
+    region_owner where, std::string_view name, u128 size, u128 max_size,
+    std::function<void(memory_region&, std::uint64_t size, void* host)> resized = {}) {
+    if (max_size == 0)
+        throw region_error(fmt::format("resizeable RAM '{}' needs a maximum size", name));
+    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
+    a.max_size = max_size;
+    a.resized = std::move(resized);
+    return make_region(a);
+}
+
+/// How RAM is mapped from a file or an fd (QEMU's RAM_* flags for them).
+struct ram_file_options {
+    /// MAP_SHARED (QEMU's RAM_SHARED): writes reach the file and every other
+    /// mapping of it. False: a private copy-on-write mapping.
+    bool shared = true;
+    /// Mapped without write permission (RAM_READONLY): the region is
+    /// read-only, guest writes are ignored, not even a debug write stores.
+    bool readonly = false;
+    /// make_ram_from_file only: open the file read-only (RAM_READONLY_FD);
+    /// it must exist and be large enough. With `shared` and not `readonly`
+    /// the mapping cannot be made and creation fails.
+    bool readonly_fd = false;
+    /// Where in the file the RAM starts; a multiple of the file's page size.
+    std::uint64_t offset = 0;
+};
+
+/// RAM mapped from `fd` now (QEMU's memory_region_init_ram_from_fd), `size`
+/// bytes from `opts.offset`, rounded up to the file's page size (the huge
+/// page size on hugetlbfs). An empty regular file opened for writing is
+/// first extended to `offset + size`, as QEMU does. The region keeps its own
+/// duplicate of `fd` (fd()); the caller may close theirs.
+/// Throws: region_error, naming the values, when the mapping cannot be made
+/// — a bad fd, a size of 0 or below the page size, an unaligned offset, a
+/// regular file too small, a shared writable mapping of a read-only fd, a
+/// failing mmap — and nothing is left behind. Never later, at first use.
+ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size, int fd,
+                                        const ram_file_options& opts);
+/// The same with a shared (or, with `shared` false, private) writable mapping.
 inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name,
                                                u128 size, int fd, std::uint64_t offset,
                                                bool shared = true) {
-    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
-    a.fd = fd;
-    a.fd_offset = offset;
-    a.shared = shared;
-    return detail::make_region(a);
+    ram_file_options o;
+    o.shared = shared;
+    o.offset = offset;
+    return make_ram_from_fd(where, name, size, fd, o);
 }
+/// RAM mapped from the file at `path` (QEMU's memory_region_init_ram_from_file):
+/// opened for reading and writing (created if missing), or read-only with
+/// `opts.readonly_fd`; when `path` is a directory (a hugetlbfs mount, say),
+/// a new file in it that is unlinked at once, as QEMU does. Then as
+/// make_ram_from_fd; the region owns the fd it opened.
+/// Throws: region_error when the file cannot be opened or created, or the
+/// mapping cannot be made (see make_ram_from_fd); a file this call created
+/// is removed again.
+ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
+                                          const std::string& path, const ram_file_options& opts = {});
 /// RAM in the caller's memory (`host` must stay valid for the region's life).
 inline ref_ptr<memory_region> make_ram_from_ptr(region_owner where, std::string_view name,
                                                 u128 size, void* host) {
     memory_region::init_args a{where, std::string(name), region_kind::ram, size};
     a.host = host;
-    return detail::make_region(a);
-}
-/// A ROM device: reads come from its RAM in ROMD mode, writes go to `ops`
-/// (which must outlive the region).
-template <MemoryRegionOps Ops>
-ref_ptr<memory_region> make_rom_device(region_owner where, std::string_view name, u128 size,
-                                       Ops& ops) {
-    memory_region::init_args a{where, std::string(name), region_kind::rom_device, size};
-    a.ops = &detail::ops_thunks<Ops>::table;
-    a.opaque = &ops;
-    return detail::make_region(a);
-}
-/// MMIO dispatched to `ops` (which must outlive the region).
-template <MemoryRegionOps Ops>
-ref_ptr<memory_region> make_io(region_owner where, std::string_view name, u128 size, Ops& ops) {
-    memory_region::init_args a{where, std::string(name), region_kind::io, size};
-    a.ops = &detail::ops_thunks<Ops>::table;
-    a.opaque = &ops;
-    return detail::make_region(a);
+    return make_region(a);
 }
 /// A RAM device: the caller's memory, always dispatched like MMIO.
 inline ref_ptr<memory_region> make_ram_device(region_owner where, std::string_view name,
                                               u128 size, void* host) {
     memory_region::init_args a{where, std::string(name), region_kind::ram_device, size};
     a.host = host;
-    return detail::make_region(a);
+    return make_region(a);
+}
+/// A region dispatching to `ops` (which must outlive the region): MMIO
+/// (region_kind::io) or a ROM device (region_kind::rom_device: reads come
+/// from its RAM in ROMD mode, writes go to `ops`).
+template <MemoryRegionOps Ops>
+ref_ptr<memory_region> make_with_ops(region_kind kind, region_owner where, std::string_view name,
+                                     u128 size, Ops& ops) {
+    memory_region::init_args a{where, std::string(name), kind, size};
+    a.callbacks = region_callbacks::of(ops);
+    return make_region(a);
+}
+/// A ROM device (see make_with_ops).
+template <MemoryRegionOps Ops>
+ref_ptr<memory_region> make_rom_device(region_owner where, std::string_view name, u128 size,
+                                       Ops& ops) {
+    return make_with_ops(region_kind::rom_device, where, name, size, ops);
+}
+/// MMIO dispatched to `ops` (see make_with_ops).
+template <MemoryRegionOps Ops>
+ref_ptr<memory_region> make_io(region_owner where, std::string_view name, u128 size, Ops& ops) {
+    return make_with_ops(region_kind::io, where, name, size, ops);
 }
 /// An alias: `size` bytes of `target` starting at `offset`. Takes a reference
-/// to `target` (counted when it has an owner).
+/// to `target` (counted when it has an owner); joins the target's memory
+/// system, if it has one.
 inline ref_ptr<memory_region> make_alias(region_owner where, std::string_view name,
                                          memory_region& target, hwaddr offset, u128 size) {
     memory_region::init_args a{where, std::string(name), region_kind::alias, size};
     a.alias = &target;
     a.alias_offset = offset;
-    return detail::make_region(a);
+    return make_region(a);
 }
 /// A reservation: MMIO without ops; it claims its range, every access fails.
 inline ref_ptr<memory_region> make_reservation(region_owner where, std::string_view name,
                                                u128 size) {
-    return detail::make_region({where, std::string(name), region_kind::reservation, size});
+    return make_region({where, std::string(name), region_kind::reservation, size});
 }
 
 // ---- implementation ---------------------------------------------------------
 
+namespace detail {
+/// Holds the writer role of a region's system (if it has one) for a scope.
+class writer_hold {
+public:
+    explicit writer_hold(detail::topology_log* log) : log_(log) {
+        if (log_) log_->lock();
+    }
+    ~writer_hold() {
+        if (log_) log_->unlock();
+    }
+    writer_hold(const writer_hold&) = delete;
+    writer_hold& operator=(const writer_hold&) = delete;
+
+private:
+    detail::topology_log* log_;
+};
+
+/// A transaction on a region's system (nothing when it has none).
+class region_transaction {
+public:
+    explicit region_transaction(detail::topology_log* log) : log_(log) {
+        if (log_) log_->begin();
+    }
+    ~region_transaction() noexcept(false) {
+        if (log_) log_->end();
+    }
+    region_transaction(const region_transaction&) = delete;
+    region_transaction& operator=(const region_transaction&) = delete;
+
+private:
+    detail::topology_log* log_;
+};
+
+inline bool is_device_type(const type_info& t) noexcept {
+    for (const type_info* p = &t; p; p = p->parent)
+        if (p->name == "device") return true;
+    return false;
+}
+
+/// The host's page size.
+inline std::uint64_t host_page_size() noexcept {
+    static const std::uint64_t size = [] {
+        const long s = ::sysconf(_SC_PAGESIZE);
+        return s > 0 ? static_cast<std::uint64_t>(s) : std::uint64_t{4096};
+    }();
+    return size;
+}
+
+/// The page size of the memory behind `fd`: the huge page size on
+/// hugetlbfs (QEMU's qemu_fd_getpagesize), else the host's.
+inline std::size_t fd_page_size(int fd) noexcept {
+    constexpr long hugetlbfs_magic = 0x958458f6;
+    struct statfs fs;
+    if (fd >= 0 && ::fstatfs(fd, &fs) == 0 && static_cast<long>(fs.f_type) == hugetlbfs_magic &&
+        fs.f_bsize > 0)
+        return static_cast<std::size_t>(fs.f_bsize);
+    return host_page_size();
+}
+
+/// `v` rounded up to a multiple of `align` (a power of two).
+inline u128 align_up(u128 v, std::size_t align) noexcept { return (v + align - 1) / align * align; }
+
+/// Maps `size` bytes of `fd` for make_ram_from_fd / make_ram_from_file and
+/// makes the region; `owned_fd` is closed on failure (the caller's fd is
+/// duplicated first). Every check happens before the mapping.
+inline ref_ptr<memory_region> map_file_ram(region_owner where, std::string_view name, u128 size,
+                                           int fd, bool fd_is_ours, const ram_file_options& opts,
+                                           std::string_view what) {
+    struct fd_guard {
+        int fd;
+        ~fd_guard() {
+            if (fd >= 0) ::close(fd);
+        }
+    } guard{fd_is_ours ? fd : -1};
+    auto refuse = [&](const std::string& why) {
+        return region_error(fmt::format("RAM '{}' from {}: {}", name, what, why));
+    };
+    if (size > u128_2_64) throw refuse(fmt::format("size {} is larger than 2^64", hex(size)));
+    const int fl = ::fcntl(fd, F_GETFL);
+    if (fd < 0 || fl < 0) throw refuse(fmt::format("fd {} is not open", fd));
+    const bool fd_writable = (fl & O_ACCMODE) != O_RDONLY;
+    const std::size_t page = fd_page_size(fd);
+    if (size == 0 || size < page)
+        throw refuse(fmt::format("size {} is below the page size {:#x}", hex(size), page));
+    if (opts.offset % page)
+        throw refuse(fmt::format("offset {:#x} is not a multiple of the page size {:#x}", opts.offset, page));
+    const u128 len = align_up(size, page);
+    if (u128(opts.offset) + len > u128(std::numeric_limits<off_t>::max()) || len >= (u128(1) << 63))
+        throw refuse(fmt::format("offset {:#x} + size {} is too large to map", opts.offset, hex(len)));
+    if (opts.shared && !opts.readonly && !fd_writable)
+        throw refuse(fmt::format("fd {} is open read-only: it cannot be mapped shared and writable "
+                                 "(ask for readonly, or a private mapping)",
+                                 fd));
+    struct stat st;
+    if (::fstat(fd, &st) != 0) throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
+    if (S_ISREG(st.st_mode)) {
+        const u128 need = u128(opts.offset) + len;
+        // An empty file is extended (QEMU does); any other size must be enough.
+        if (st.st_size == 0 && fd_writable && ::ftruncate(fd, static_cast<off_t>(need)) == 0 &&
+            ::fstat(fd, &st) != 0)
+            throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
+        if (u128(static_cast<std::uint64_t>(st.st_size)) < need)
+            throw refuse(fmt::format("the file is {:#x} bytes, {:#x} needed (offset {:#x} + {})",
+                                     static_cast<std::uint64_t>(st.st_size),
+                                     static_cast<std::uint64_t>(need), opts.offset, hex(len)));
+    }
+    void* host = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ | (opts.readonly ? 0 : PROT_WRITE),
+                        opts.shared ? MAP_SHARED : MAP_PRIVATE, fd, static_cast<off_t>(opts.offset));
+    if (host == MAP_FAILED)
+        throw refuse(fmt::format("mmap of {} bytes at offset {:#x} ({}, {}) failed: {}", hex(len),
+                                 opts.offset, opts.shared ? "shared" : "private",
+                                 opts.readonly ? "read-only" : "writable", std::strerror(errno)));
+    int own = fd;
+    if (!fd_is_ours) {
+        own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (own < 0) {
+            const int err = errno;
+            ::munmap(host, static_cast<std::size_t>(len));
+            throw refuse(fmt::format("cannot duplicate fd {}: {}", fd, std::strerror(err)));
+        }
+    }
+    guard.fd = -1;
+    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
+    a.host = host;
+    a.owns_host = true;
+    a.backing = len;
+    a.fd = own;
+    a.fd_offset = opts.offset;
+    a.readonly = opts.readonly;
+    a.host_writable = !opts.readonly;
+    ref_ptr<memory_region> mr;
+    try {
+        mr = make<memory_region>(a);
+    } catch (...) {
+        ::munmap(host, static_cast<std::size_t>(len));
+        ::close(own);
+        throw;
+    }
+    add_to_home(*mr, a); // on a throw, dropping `mr` unmaps and closes
+    return mr;
+}
+} // namespace detail
+
+inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size,
+                                               int fd, const ram_file_options& opts) {
+    return detail::map_file_ram(where, name, size, fd, false, opts, fmt::format("fd {}", fd));
+}
+
+inline ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
+                                                 const std::string& path, const ram_file_options& opts) {
+    auto refuse = [&](const std::string& why) {
+        return region_error(fmt::format("RAM '{}' from '{}': {}", name, path, why));
+    };
+    std::string created; // a file this call made, removed again on failure
+    int fd = ::open(path.c_str(), (opts.readonly_fd ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0 && errno == EISDIR) {
+        if (opts.readonly_fd)
+            throw refuse("a directory: no file to open read-only (readonly_fd)");
+        // A fresh file in the directory, unlinked at once: nothing else sees it.
+        std::string tmpl = path + "/qomem_back_mem.";
+        for (char c : name) tmpl += (c == '/' ? '_' : c);
+        tmpl += ".XXXXXX";
+        fd = ::mkostemp(tmpl.data(), O_CLOEXEC);
+        if (fd < 0) throw refuse(fmt::format("cannot create a file in it: {}", std::strerror(errno)));
+        ::unlink(tmpl.c_str());
+    } else if (fd < 0 && errno == ENOENT && !opts.readonly_fd) {
+        fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd >= 0) created = path;
+    }
+    if (fd < 0)
+        throw refuse(fmt::format("cannot open it{}: {}", opts.readonly_fd ? " read-only" : "",
+                                 std::strerror(errno)));
+    try {
+        return detail::map_file_ram(where, name, size, fd, true, opts, fmt::format("'{}'", path));
+    } catch (...) {
+        if (!created.empty()) ::unlink(created.c_str());
+        throw;
+    }
+}
+
+inline void memory_region::check_size(std::string_view name, u128 size) {
+    if (size > u128_2_64)
+        throw region_error(fmt::format("region '{}': size {} is larger than 2^64", name, detail::hex(size)));
+}
+
 inline memory_region::memory_region(const init_args& a)
-    : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr),
-      kind_(a.kind), size_(a.size), backing_size_(a.size), priority_(a.priority), ops_(a.ops),
-      opaque_(a.opaque), fd_(a.fd),
-      fd_offset_(a.fd_offset), fd_shared_(a.shared) {
-    if (a.size > u128_2_64)
-        throw region_error(fmt::format("region '{}': size {} is larger than 2^64", a.name,
-                                       detail::hex(a.size)));
-    switch (kind_) {
-    case region_kind::container:
-        break;
-    case region_kind::rom:
-        readonly_.store(true, std::memory_order_relaxed);
-        [[fallthrough]];
-    case region_kind::ram:
-        ram_ = true;
-        terminates_ = true;
-        break;
-    case region_kind::ram_device:
-        ram_ = true;
-        terminates_ = true;
-        break;
-    case region_kind::rom_device:
-    case region_kind::io:
-    case region_kind::reservation:
-        terminates_ = true;
-        break;
-    case region_kind::alias:
-        if (!a.alias)
-            throw region_error(fmt::format("alias region '{}' has no target", a.name));
+    : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr), kind_(a.kind),
+      size_(a.size), backing_size_(a.backing != 0 ? a.backing : a.size), priority_(a.priority),
+      callbacks_(a.callbacks), host_writable_(a.host_writable), fd_(a.fd), fd_offset_(a.fd_offset),
+      backing_may_shrink_(a.backing_may_shrink), page_size_(detail::host_page_size()) {
+    check_size(a.name, a.size);
+    if (kind_ == region_kind::rom || a.readonly) readonly_.store(true, std::memory_order_relaxed);
+    if (kind_ == region_kind::alias) {
+        if (!a.alias) throw region_error(fmt::format("alias region '{}' has no target", a.name));
         alias_ = a.alias;
         alias_offset_ = a.alias_offset;
-        break;
     }
+    if (a.max_size != 0) {
+        if (a.max_size < a.size)
+            throw region_error(fmt::format("resizeable RAM '{}': size {} is larger than its maximum {}",
+                                           a.name, detail::hex(a.size), detail::hex(a.max_size)));
+        check_size(a.name, a.max_size);
+        resizeable_ = true;
+        resized_ = a.resized;
+        backing_size_ = detail::align_up(a.max_size, page_size_);
+    }
+    if (a.owns_host) {
+        page_size_ = detail::fd_page_size(a.fd);
+        owns_mapping_ = true;
+    }
+    // Memory the region maps itself comes in whole pages; the caller's is
+    // exactly `size` bytes.
+    used_length_ = a.host && !a.owns_host ? size_ : detail::align_up(size_, page_size_);
     if (a.host) host_.store(static_cast<std::byte*>(a.host), std::memory_order_relaxed);
     // QEMU guards MMIO of a device against re-entry, but never RAM, ROM, ROM
     // devices or RAM devices.
-    if (kind_ == region_kind::io || kind_ == region_kind::reservation) {
-        guard_device_ = dynamic_cast_to<device>(owner_);
-        guard_enabled_ = guard_device_ != nullptr;
+    if ((kind_ == region_kind::io || kind_ == region_kind::reservation) && owner_ &&
+        detail::is_device_type(owner_->type())) {
+        guard_device_ = owner_;
+        guard_enabled_ = true;
     }
     if (alias_) {
         memory_region_ref(*alias_);
         alias_->alias_users_.push_back(this);
+        // Nothing else is connected to a new region yet: it simply joins the
+        // target's system. (Its creation changes no view: nothing shows it.)
+        if (alias_->log_) {
+            log_ = alias_->log_;
+            log_->region_bound();
+        }
     }
 }
 
 inline memory_region::~memory_region() {
-    // An ownerless region is not counted by the flat views or the change
-    // windows that point to it; only the writer frees one. Forget its windows
-    // and wait until no reader can still be using an old view showing it.
-    if (!counted_) {
-        detail::memory_core::get().forget(this);
-        if (!rcu::in_read_section()) rcu::synchronize();
-    }
     // Unreachable now (no container, not a root, no alias to it: all
     // checked), so detaching the subregions changes no flat view and needs no
-    // commit.
+    // commit. An ownerless region was finalized only after a grace period
+    // (last_reference_dropped), so no reader still sees it either.
+    if (log_) log_->forget(*this);
     enabled_ = false;
-    by_addr_.clear();
-    huge_subregions_.clear();
-    while (!subregions_.empty()) {
-        memory_region& sub = subregions_.front();
-        subregions_.pop_front();
+    subregions_.clear_and_dispose([](memory_region& sub) {
         sub.container_ = nullptr;
         memory_region_unref(sub);
-    }
+    });
     if (alias_) {
         std::erase(alias_->alias_users_, this);
         memory_region_unref(*std::exchange(alias_, nullptr));
     }
     unmap_backing();
-    delete[] dirty_.exchange(nullptr);
+    for (auto& bits : dirty_) delete[] bits.exchange(nullptr);
+    if (fd_ >= 0) ::close(std::exchange(fd_, -1));
+    if (log_) log_->region_unbound(); // may free the system: last
 }
 
-inline void detail::memory_core::changed(const memory_region* in, i128 lo, i128 hi) {
-    note_writer();
-    if (!full) {
-        if (windows.size() < max_windows) {
-            windows.push_back({in, lo, hi});
-            if (in->counted()) {
-                memory_region_ref(*const_cast<memory_region*>(in));
-                window_refs.push_back(const_cast<memory_region*>(in));
-            }
-        } else {
-            full = true;
-            windows.clear();
-        }
-    }
-    pending = true;
-    if (depth == 0) commit();
-}
-
-inline void memory_region::set_dirty_log(bool on) {
-    QOMEM_ASSERT(ram_ && !is_ram_device(), "dirty logging on '{}', which is not RAM", name_);
-    if (on == dirty_log()) return;
-    if (on) {
-        auto* bits = new std::atomic<std::uint64_t>[(dirty_pages() + 63) / 64];
-        for (std::size_t i = 0; i < (dirty_pages() + 63) / 64; ++i) bits[i].store(0);
-        dirty_.store(bits, std::memory_order_release);
+inline void memory_region::last_reference_dropped() {
+    if (!log_) {
+        // In no memory system: no view, no reader can see it.
+        finalize_dropped();
+    } else if (counted_) {
+        // Every view showing it held a reference: none does any more.
+        log_->finalize_on_writer(*this);
     } else {
-        // Readers may still be marking: free the bits after they are gone.
-        rcu::retire(dirty_.exchange(nullptr, std::memory_order_acq_rel), [](void* p) {
-            delete[] static_cast<std::atomic<std::uint64_t>*>(p);
+        // Ownerless: the views showing it did not count it, and a reader may
+        // still be inside one. Report misuse now, on this thread, then
+        // finalize once no reader can hold such a view (never a wait here:
+        // this may be a reader's thread, inside a read section).
+        check_dropped();
+        rcu::retire(this, [](void* p) {
+            auto* mr = static_cast<memory_region*>(p);
+            mr->log_->finalize_on_writer(*mr);
         });
     }
 }
 
-inline void memory_region::mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset,
-                                           hwaddr len) const noexcept {
-    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
-    for (u128 page = offset / 4096; page * 4096 < end; ++page)
-        bits[static_cast<std::size_t>(page / 64)].fetch_or(std::uint64_t(1) << (page % 64),
-                                                           std::memory_order_relaxed);
+inline void memory_region::dma_hold() noexcept {
+    if (counted_)
+        ref();
+    else
+        dma_users_.fetch_add(1, std::memory_order_relaxed);
 }
 
-inline bool memory_region::test_and_clear_dirty(hwaddr offset, hwaddr len) {
-    rcu::read_guard g; // the bitmap is freed through RCU
-    std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
-    if (!bits || len == 0) return false;
-    bool dirty = false;
-    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
-    for (u128 page = offset / 4096; page * 4096 < end; ++page) {
-        const std::uint64_t bit = std::uint64_t(1) << (page % 64);
-        if (bits[static_cast<std::size_t>(page / 64)].fetch_and(~bit) & bit) dirty = true;
+inline void memory_region::dma_release() noexcept {
+    if (counted_)
+        unref();
+    else
+        dma_users_.fetch_sub(1, std::memory_order_release); // pairs with check_finalizable's acquire
+}
+
+inline void memory_region::set_log(bool log, dirty_client client) {
+    const unsigned c = client_index(client);
+    QOMEM_ASSERT(logs_dirty(), "dirty logging on '{}', which is not RAM", name_);
+    QOMEM_ASSERT(log || log_counts_[c] > 0,
+                 "set_log(false) on '{}' for client {} more often than set_log(true)", name_, c);
+    detail::writer_hold w(log_);
+    const std::uint32_t old = log_counts_[c];
+    const std::uint32_t now = log ? old + 1 : old - 1;
+    // The bitmap exists before the mask says the client logs (a failure
+    // changes nothing).
+    if (old == 0 && !dirty_bitmap(c, true)) throw std::bad_alloc();
+    log_counts_[c] = now;
+    if ((old != 0) == (now != 0)) return;
+    const std::uint8_t bit = dirty_mask_of(client);
+    const std::uint8_t mask = log_mask_.load(std::memory_order_relaxed);
+    log_mask_.store(static_cast<std::uint8_t>(log ? mask | bit : mask & ~bit),
+                    std::memory_order_relaxed);
+    if (enabled_) changed_whole();
+}
+
+inline memory_region::dirty_word* memory_region::dirty_bitmap(unsigned client, bool make) const noexcept {
+    dirty_word* bits = dirty_[client].load(std::memory_order_acquire);
+    if (bits || !make || !logs_dirty()) return bits;
+    // Value-initialised: every word 0. Made on first use by whichever thread
+    // marks first; the loser of a race frees its copy.
+    auto* fresh = new (std::nothrow) dirty_word[dirty_words()]();
+    if (!fresh) return nullptr;
+    if (!dirty_[client].compare_exchange_strong(bits, fresh, std::memory_order_acq_rel)) {
+        delete[] fresh;
+        return bits;
     }
+    return fresh;
+}
+
+template <class F>
+void memory_region::for_each_dirty_word(hwaddr offset, hwaddr len, F&& f) const {
+    const u128 end = std::min<u128>(u128(offset) + len, u128(dirty_pages()) * dirty_page_size);
+    if (len == 0 || u128(offset) >= end) return;
+    const u128 first = offset / dirty_page_size;
+    const u128 last = (end - 1) / dirty_page_size; // inclusive
+    for (u128 w = first / 64; w <= last / 64; ++w) {
+        const unsigned lo = w == first / 64 ? static_cast<unsigned>(first % 64) : 0;
+        const unsigned hi = w == last / 64 ? static_cast<unsigned>(last % 64) : 63;
+        const std::uint64_t bits = (hi == 63 ? ~std::uint64_t(0) : (std::uint64_t(1) << (hi + 1)) - 1) &
+                                   ~((std::uint64_t(1) << lo) - 1);
+        f(static_cast<std::size_t>(w), bits);
+    }
+}
+
+inline void memory_region::mark_dirty_slow(std::uint8_t mask, hwaddr offset, hwaddr len) const noexcept {
+    for (unsigned c = 0; c < dirty_client_count; ++c) {
+        if (!(mask >> c & 1)) continue;
+        dirty_word* bits = dirty_bitmap(c, true);
+        if (!bits) continue;
+        for_each_dirty_word(offset, len, [&](std::size_t w, std::uint64_t m) {
+            // A plain load first: a page written again and again stays one
+            // read of a shared cache line, not a locked write per access.
+            if ((bits[w].load(std::memory_order_relaxed) & m) != m)
+                bits[w].fetch_or(m, std::memory_order_relaxed);
+        });
+    }
+}
+
+inline unsigned memory_region::client_index(dirty_client client) const {
+    const auto c = static_cast<unsigned>(client);
+    QOMEM_ASSERT(c < dirty_client_count, "region '{}': no dirty-log client {}", name_, c);
+    return c;
+}
+
+inline bool memory_region::test_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client) {
+    dirty_word* bits = dirty_bitmap(client_index(client), false);
+    if (!bits) return false;
+    bool dirty = false;
+    for_each_dirty_word(addr, size, [&](std::size_t w, std::uint64_t m) {
+        if (bits[w].load(std::memory_order_relaxed) & m)
+            dirty |= (bits[w].fetch_and(~m, std::memory_order_relaxed) & m) != 0;
+    });
     return dirty;
+}
+
+inline bool memory_region::get_dirty(hwaddr addr, hwaddr size, dirty_client client) const {
+    const dirty_word* bits = dirty_bitmap(client_index(client), false);
+    if (!bits) return false;
+    bool dirty = false;
+    for_each_dirty_word(addr, size, [&](std::size_t w, std::uint64_t m) {
+        dirty |= (bits[w].load(std::memory_order_relaxed) & m) != 0;
+    });
+    return dirty;
+}
+
+inline dirty_bitmap_snapshot memory_region::snapshot_and_clear_dirty(hwaddr addr, hwaddr size,
+                                                                     dirty_client client) {
+    QOMEM_ASSERT(logs_dirty(), "snapshot_and_clear_dirty on '{}', which has no RAM to log", name_);
+    const unsigned c = client_index(client);
+    QOMEM_ASSERT(u128(addr) + size <= size_,
+                 "snapshot_and_clear_dirty on '{}': [{:#x}, +{:#x}) is not inside its {} bytes", name_,
+                 addr, size, detail::hex(size_));
+    if (log_) log_->sync_dirty_log(*this);
+    // Whole words, as QEMU: bits are copied 64 pages at a time.
+    constexpr hwaddr word_span = 64 * dirty_page_size;
+    const hwaddr start = addr / word_span * word_span;
+    const u128 limit = u128(dirty_pages()) * dirty_page_size;
+    const u128 want_end = (u128(addr) + size + word_span - 1) / word_span * word_span;
+    const auto end = static_cast<hwaddr>(std::min(want_end, std::max<u128>(limit, start)));
+    std::vector<std::uint64_t> words(static_cast<std::size_t>((end - start + word_span - 1) / word_span));
+    if (dirty_word* bits = dirty_bitmap(c, false))
+        for (std::size_t i = 0; i < words.size(); ++i)
+            words[i] = bits[start / word_span + i].exchange(0, std::memory_order_relaxed);
+    if (log_) log_->after_dirty_log_sync();
+    return dirty_bitmap_snapshot(start, end, std::move(words));
+}
+
+inline void memory_region::clear_dirty_bitmap(hwaddr start, hwaddr len) {
+    if (log_) log_->clear_dirty_log(*this, start, len);
+}
+
+inline void memory_region::ram_resize(u128 new_size) {
+    QOMEM_ASSERT(is_plain_ram(), "ram_resize on '{}', which is not RAM", name_);
+    check_size(name_, new_size);
+    const u128 used = detail::align_up(new_size, page_size_);
+    detail::writer_hold w(log_);
+    if (used == used_length_) {
+        if (new_size != size_) {
+            // Within the used length: host memory is there (mapped in whole
+            // pages, or the caller's: then the used length is its size).
+            apply_size(new_size);
+            if (resized_) resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
+        }
+        return;
+    }
+    if (!resizeable_)
+        throw region_error(fmt::format("RAM '{}' is not resizeable: its used length {} cannot become {}",
+                                       name_, detail::hex(used_length_), detail::hex(used)));
+    if (used > backing_size_)
+        throw region_error(fmt::format("RAM '{}' cannot grow to {}: its maximum is {}", name_,
+                                       detail::hex(used), detail::hex(backing_size_)));
+    // Every client sees the whole new extent as written (QEMU: the contents
+    // must be sent again); the bitmaps exist before anything changes.
+    for (unsigned c = 0; c < dirty_client_count; ++c)
+        if (!dirty_bitmap(c, true)) throw std::bad_alloc();
+    for (unsigned c = 0; c < dirty_client_count; ++c)
+        reset_dirty(0, static_cast<hwaddr>(std::min<u128>(used_length_, ~hwaddr(0))), static_cast<dirty_client>(c));
+    used_length_ = used;
+    mark_dirty_slow(dirty_clients_all, 0, static_cast<hwaddr>(std::min<u128>(used, ~hwaddr(0))));
+    apply_size(new_size);
+    if (resized_) resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
 }
 
 inline void memory_region::unmap_backing() noexcept {
@@ -756,18 +1243,13 @@ inline void memory_region::unmap_backing() noexcept {
 
 inline std::byte* memory_region::host_ptr() const {
     std::byte* p = host_.load(std::memory_order_acquire);
-    if (p || !(ram_ || kind_ == region_kind::rom_device)) return p;
+    if (p || !has_host_memory()) return p;
     if (backing_size_ == 0 || backing_size_ >= (u128(1) << 63))
         throw region_error(fmt::format("region '{}': cannot back {} bytes of RAM", name_,
                                        detail::hex(backing_size_)));
     const auto len = static_cast<std::size_t>(backing_size_);
-    void* m;
-    if (fd_ >= 0)
-        m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, fd_shared_ ? MAP_SHARED : MAP_PRIVATE, fd_,
-                   static_cast<off_t>(fd_offset_));
-    else
-        m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
     if (m == MAP_FAILED)
         throw region_error(fmt::format("region '{}': mmap of {} bytes failed: {}", name_,
                                        detail::hex(backing_size_), std::strerror(errno)));
@@ -785,14 +1267,14 @@ inline const char* memory_region::type_string() const noexcept {
     if (alias_) return alias_->type_string();
     if (is_ram_device()) return "ramd";
     if (is_romd()) return "romd";
-    if (ram_ && readonly()) return "rom";
-    if (ram_) return "ram";
+    if (is_ram() && readonly()) return "rom";
+    if (is_ram()) return "ram";
     return "i/o";
 }
 
 inline bool memory_region::reaches(const memory_region& target) const {
     std::vector<const memory_region*> stack{this};
-    std::unordered_set<const memory_region*> seen{this};
+    std::set<const memory_region*> seen{this}; // aliases make it a DAG, not a tree
     while (!stack.empty()) {
         const memory_region* m = stack.back();
         stack.pop_back();
@@ -801,63 +1283,36 @@ inline bool memory_region::reaches(const memory_region& target) const {
             if (seen.insert(n).second) stack.push_back(n);
         };
         if (m->alias_) push(m->alias_);
-        for (const memory_region& s : m->subregions_) push(&s);
+        m->subregions_.for_each([&](const memory_region& s) { push(&s); });
     }
     return false;
 }
 
-inline void memory_region::insert_sorted(memory_region& sub) {
-    // Descending priority; a newcomer goes before the first sibling whose
-    // priority it equals or beats, so among equals the last added wins.
-    static std::uint64_t next_seq = 0;
-    sub.add_seq_ = ++next_seq;
-    auto it = subregions_.begin();
-    while (it != subregions_.end() && it->priority_ > sub.priority_) ++it;
-    subregions_.insert(it, sub);
-    index_insert(sub);
+inline void memory_region::check_same_system(const memory_region& a, const memory_region& b,
+                                             std::string_view how) {
+    QOMEM_ASSERT(!a.log_ || !b.log_ || a.log_ == b.log_,
+                 "cannot {}: region '{}' belongs to memory system {} and region '{}' to memory "
+                 "system {}",
+                 how, a.name_, static_cast<const void*>(a.system()), b.name_,
+                 static_cast<const void*>(b.system()));
 }
 
-inline void memory_region::index_insert(memory_region& sub) {
-    if (sub.size_ > huge_size) {
-        huge_subregions_.push_back(&sub);
-    } else {
-        by_addr_.emplace(sub.addr_, &sub);
-        if (sub.size_ > max_small_size_) max_small_size_ = sub.size_;
+inline void memory_region::join(detail::topology_log& log) {
+    // Everything connected to this region belongs to no system yet (regions
+    // connected to each other always share one): walk it once.
+    std::vector<memory_region*> stack{this};
+    while (!stack.empty()) {
+        memory_region* m = stack.back();
+        stack.pop_back();
+        if (m->log_) continue;
+        // Release: a thread marking the region dirty reads it (system_log).
+        std::atomic_ref<detail::topology_log*>(m->log_).store(&log, std::memory_order_release);
+        log.region_bound();
+        if (m->container_) stack.push_back(m->container_);
+        if (m->alias_) stack.push_back(m->alias_);
+        for (memory_region* a : m->alias_users_) stack.push_back(a);
+        m->subregions_.for_each([&](memory_region& s) { stack.push_back(&s); });
     }
-}
-
-inline void memory_region::index_erase(memory_region& sub) {
-    if (auto h = std::find(huge_subregions_.begin(), huge_subregions_.end(), &sub);
-        h != huge_subregions_.end()) {
-        huge_subregions_.erase(h);
-        return;
-    }
-    auto [b, e] = by_addr_.equal_range(sub.addr_);
-    for (auto it = b; it != e; ++it)
-        if (it->second == &sub) {
-            by_addr_.erase(it);
-            return;
-        }
-}
-
-template <class F>
-void memory_region::for_each_subregion_in(i128 lo, i128 hi, F&& f) const {
-    if (subregions_.size() <= index_threshold) {
-        for (const memory_region& s : subregions_) f(const_cast<memory_region&>(s));
-        return;
-    }
-    // Candidates from the index, then back into render order.
-    std::vector<memory_region*> found(huge_subregions_.begin(), huge_subregions_.end());
-    if (hi > 0 && lo < i128(u128_2_64)) {
-        const i128 from = lo - i128(max_small_size_);
-        auto it = from <= 0 ? by_addr_.begin() : by_addr_.lower_bound(static_cast<hwaddr>(from));
-        for (; it != by_addr_.end() && i128(it->first) < hi; ++it)
-            if (i128(it->first) + i128(it->second->size_) > lo) found.push_back(it->second);
-    }
-    std::sort(found.begin(), found.end(), [](const memory_region* a, const memory_region* b) {
-        return a->priority_ != b->priority_ ? a->priority_ > b->priority_ : a->add_seq_ > b->add_seq_;
-    });
-    for (memory_region* s : found) f(*s);
 }
 
 inline void memory_region::add_subregion(hwaddr offset, memory_region& sub, std::int32_t priority) {
@@ -865,30 +1320,35 @@ inline void memory_region::add_subregion(hwaddr offset, memory_region& sub, std:
                  sub.name_, name_);
     QOMEM_ASSERT(!sub.container_, "region '{}' is already a subregion of '{}'", sub.name_,
                  sub.container_ ? sub.container_->name_ : std::string());
+    check_same_system(*this, sub, fmt::format("add '{}' as a subregion of '{}'", sub.name_, name_));
     if (&sub == this || sub.reaches(*this))
         throw region_error(fmt::format(
             "adding '{}' as a subregion of '{}' would make a cycle: '{}' already leads back to "
             "'{}' through its subregions or alias targets",
             sub.name_, name_, sub.name_, name_));
+    detail::topology_log* log = log_ ? log_ : sub.log_;
+    detail::writer_hold w(log);
+    if (log) {
+        if (!log_) join(*log);
+        if (!sub.log_) sub.join(*log);
+    }
     memory_region_ref(sub);
     sub.container_ = this;
     sub.addr_ = offset;
     sub.priority_ = priority;
-    insert_sorted(sub);
+    subregions_.insert(sub);
     changed_inside(i128(offset), i128(offset) + i128(sub.size_));
 }
 
 inline void memory_region::del_subregion(memory_region& sub) {
     QOMEM_ASSERT(sub.container_ == this, "region '{}' is not a subregion of '{}'", sub.name_,
                  name_);
-    subregions_.erase(subregions_.iterator_to(sub));
-    index_erase(sub);
+    detail::writer_hold w(log_);
+    subregions_.erase(sub);
     sub.container_ = nullptr;
-    auto& core = detail::memory_core::get();
-    if (!sub.counted_ && core.depth > 0 && sub.ref_count() > 0) {
-        sub.ref();
-        core.held_until_commit.push_back(&sub);
-    }
+    // An ownerless region is not counted by the published view: if its handle
+    // goes before the commit replaced that view, keep it until then.
+    if (!sub.counted_ && log_ && sub.ref_count() > 0) log_->hold_until_commit(sub);
     try {
         changed_inside(i128(sub.addr_), i128(sub.addr_) + i128(sub.size_));
     } catch (...) {
@@ -898,93 +1358,132 @@ inline void memory_region::del_subregion(memory_region& sub) {
     memory_region_unref(sub);
 }
 
-inline void memory_region::set_enabled(bool enabled) {
-    if (enabled == enabled_) return;
-    enabled_ = enabled;
+template <class Set>
+void memory_region::change_whole(bool same, Set&& set) {
+    if (same) return;
+    detail::writer_hold w(log_);
+    set();
     changed_whole();
+}
+
+inline void memory_region::set_enabled(bool enabled) {
+    change_whole(enabled == enabled_, [&] { enabled_ = enabled; });
 }
 
 inline void memory_region::set_readonly(bool readonly) {
-    if (readonly == readonly_.load(std::memory_order_relaxed)) return;
-    readonly_.store(readonly, std::memory_order_relaxed);
-    changed_whole();
+    QOMEM_ASSERT(readonly || host_writable_,
+                 "region '{}' cannot be made writable: its memory is mapped read-only", name_);
+    change_whole(readonly == this->readonly(),
+                 [&] { readonly_.store(readonly, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_nonvolatile(bool nonvolatile) {
-    if (nonvolatile == nonvolatile_) return;
-    nonvolatile_ = nonvolatile;
+    change_whole(nonvolatile == nonvolatile_, [&] { nonvolatile_ = nonvolatile; });
+}
+
+inline void memory_region::set_unmergeable(bool unmergeable) {
+    detail::writer_hold w(log_);
+    if (unmergeable == unmergeable_) return;
+    unmergeable_ = unmergeable;
     changed_whole();
 }
 
 inline void memory_region::set_romd(bool romd) {
     QOMEM_ASSERT(is_rom_device(), "set_romd on '{}', which is not a ROM device", name_);
-    if (romd == romd_mode_.load(std::memory_order_relaxed)) return;
-    romd_mode_.store(romd, std::memory_order_relaxed);
-    changed_whole();
+    change_whole(romd == romd_mode(), [&] { romd_mode_.store(romd, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_address(hwaddr addr) {
+    detail::writer_hold w(log_);
     if (addr == addr_) return;
     if (!container_) {
         // A root moves everything it renders: render its views anew.
         addr_ = addr;
-        auto& core = detail::memory_core::get();
-        core.full = true;
-        core.windows.clear();
-        core.changed(this, 0, 0);
+        if (log_) log_->changed_everything();
         return;
     }
     memory_region& c = *container_;
     const i128 old_lo = i128(addr_);
-    c.subregions_.erase(c.subregions_.iterator_to(*this));
-    c.index_erase(*this);
+    c.subregions_.erase(*this);
     addr_ = addr;
-    c.insert_sorted(*this);
-    memory_transaction tx;
+    c.subregions_.insert(*this);
+    detail::region_transaction tx(log_);
     c.changed_inside(old_lo, old_lo + i128(size_));
     c.changed_inside(i128(addr), i128(addr) + i128(size_));
 }
 
 inline void memory_region::set_alias_offset(hwaddr offset) {
     QOMEM_ASSERT(alias_, "set_alias_offset on '{}', which is not an alias", name_);
-    if (offset == alias_offset_) return;
-    alias_offset_ = offset;
-    changed_whole();
+    change_whole(offset == alias_offset_, [&] { alias_offset_ = offset; });
 }
 
 inline void memory_region::set_size(u128 size) {
-    if (size > u128_2_64)
-        throw region_error(fmt::format("region '{}': size {} is larger than 2^64", name_,
-                                       detail::hex(size)));
-    if ((ram_ || kind_ == region_kind::rom_device) && size > backing_size_)
+    check_size(name_, size);
+    if (has_host_memory() && size > backing_size_)
         throw region_error(fmt::format("region '{}': cannot grow RAM from {} to {} bytes", name_,
                                        detail::hex(backing_size_), detail::hex(size)));
+    apply_size(size);
+}
+
+inline void memory_region::apply_size(u128 size) {
+    detail::writer_hold w(log_);
     if (size == size_) return;
     const u128 old = size_;
-    if (container_) container_->index_erase(*this);
     size_ = size;
-    if (container_) container_->index_insert(*this);
+    if (container_) container_->subregions_.resized(*this, old);
     // In its container's coordinates, which stay put if the region moves
     // before the commit; and in its own, which reach the views rendered
     // from it and the aliases showing it.
-    memory_transaction tx;
+    detail::region_transaction tx(log_);
     if (container_) container_->changed_inside(i128(addr_), i128(addr_) + i128(std::max(old, size)));
     changed_inside(0, i128(std::max(old, size)));
 }
 
 inline void memory_region::on_unparent() {
-    if (owner_ && parent() == owner_) {
+    if (owner_ && parent() == owner_ && !holds_owner_) {
         if (owner_->ref_count() == 0) {
-            // The owner is being finalized and is releasing its children: there
-            // is no owner left to hold. The region goes on ownerless (still
-            // counted) for as long as it is referenced.
+            // The owner is being finalized and is releasing its children.
+            // By the owners' rule (object::last_reference_dropped) nothing
+            // beyond the owner holds this region now: it is freed with the
+            // owner's other regions, and never reaches the owner again.
             owner_ = nullptr;
         } else {
+            // From now on the region holds its owner, once, until it is freed
+            // (added back as the owner's child and unparented again, it does
+            // not take a second reference).
             owner_->ref();
             holds_owner_ = true;
         }
     }
     object::on_unparent();
+}
+
+inline bool memory_region::held_beyond_owner(const object& owner) const noexcept {
+    if (!counted_ || owner_ != &owner) return false;
+    auto own = [&](const memory_region* r) { return r->owner_ == &owner && r->parent() == &owner; };
+    std::uint32_t internal = parent() == &owner ? 1 : 0; // the child property
+    if (container_ && own(container_)) ++internal;
+    for (const memory_region* a : alias_users_)
+        if (own(a)) ++internal;
+    return ref_count() > internal;
+}
+
+inline void memory_region::owner_destroyed_unfinalized(const object& owner) noexcept {
+    if (owner_ != &owner) return;
+    // Out of the guest's view at the next commit (now, unless a transaction
+    // is open), and no longer naming the owner (info mtree -o).
+    if (container_ && container_->owner_ != &owner) {
+        try {
+            container_->del_subregion(*this);
+        } catch (...) {
+            log_line(log_category::lifetime,
+                     fmt::format("qomem: region '{}' could not be removed from '{}' when its owner "
+                                 "{} was destroyed by a throwing constructor",
+                                 name_, container_ ? container_->name_ : std::string(), owner.type().name));
+        }
+    }
+    owner_ = nullptr;
+    holds_owner_ = false;
 }
 
 inline object::after_free_action memory_region::after_free() noexcept {
@@ -999,6 +1498,9 @@ inline void memory_region::check_finalizable() const {
                  name_, as_root_users_);
     QOMEM_ASSERT(alias_users_.empty(), "region '{}' freed while {} alias(es) still point to it",
                  name_, alias_users_.size());
+    const std::uint32_t dma = dma_users_.load(std::memory_order_acquire);
+    QOMEM_ASSERT(dma == 0, "ownerless region '{}' freed while {} DMA mapping(s) still hold it",
+                 name_, dma);
 }
 
 } // namespace qomem

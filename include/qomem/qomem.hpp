@@ -2,19 +2,31 @@
 // the optional ones with extra dependencies (fixture.hpp needs nlohmann-json).
 #pragma once
 
-#include <qomem/address_space.hpp>
-#include <qomem/assert.hpp>
-#include <qomem/device.hpp>
-#include <qomem/error.hpp>
-#include <qomem/flat_view.hpp>
-#include <qomem/log.hpp>
-#include <qomem/memory_listener.hpp>
-#include <qomem/memory_ops.hpp>
-#include <qomem/memory_region.hpp>
-#include <qomem/mtree.hpp>
-#include <qomem/object.hpp>
-#include <qomem/qom_tree.hpp>
-#include <qomem/rcu.hpp>
-#include <qomem/shmem.hpp>
-#include <qomem/type.hpp>
-#include <qomem/vhost_user.hpp>
+#include <qomem/address_space.hpp>   // address spaces: accesses, find, listeners
+#include <qomem/assert.hpp>          // QOMEM_ASSERT and its handler
+#include <qomem/device.hpp>          // devices and buses (qdev)
+#include <qomem/dirty_log.hpp>       // dirty-log clients and snapshots
+#include <qomem/dma.hpp>             // DMA mappings
+#include <qomem/error.hpp>           // exceptions for bad input
+#include <qomem/flat_view.hpp>       // rendered views
+#include <qomem/flatten.hpp>         // QEMU's rendering rules
+#include <qomem/fwd.hpp>             // forward declarations
+#include <qomem/hotplug.hpp>         // hotplug handlers, DEVICE_DELETED
+#include <qomem/log.hpp>             // diagnostic lines
+#include <qomem/machine.hpp>         // machines, each with its memory system
+#include <qomem/memory_listener.hpp> // following a flat view
+#include <qomem/memory_ops.hpp>      // MMIO callbacks
+#include <qomem/memory_region.hpp>   // regions, references, factories
+#include <qomem/memory_system.hpp>   // commits, transactions, the writer role
+#include <qomem/mtree.hpp>           // info mtree
+#include <qomem/object.hpp>          // QOM objects
+#include <qomem/property.hpp>        // typed properties
+#include <qomem/qom_tree.hpp>        // info qom-tree
+#include <qomem/rcu.hpp>             // read sections for lock-free readers
+#include <qomem/shmem.hpp>           // VIRTIO shared memory regions
+#include <qomem/type.hpp>            // QOM types
+#include <qomem/type_registry.hpp>   // types by name
+#include <qomem/types.hpp>           // hwaddr, u128
+#include <qomem/user_creatable.hpp>  // -object, /objects
+#include <qomem/vhost_log.hpp>       // the dirty log shared with a vhost-user back-end
+#include <qomem/vhost_user.hpp>      // vhost-user messages

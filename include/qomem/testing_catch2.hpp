@@ -2,11 +2,11 @@
 // that fails the test case through Catch2's own assertions.
 //
 //     #include <qomem/testing_catch2.hpp>
-//     TEST_CASE("unplugging the uart finalizes it") {
+//     TEST_CASE("a bus cannot be plugged under its own device") {
 //         qomem::testing::catch2::leak_check leaks;        // first: checked last
 //         qomem::testing::throwing_assertions asserts;
 //         ...
-//         REQUIRE_THROWS_AS(qomem::unparent(*orphan), qomem::assertion_failure);
+//         REQUIRE_THROWS_AS(bus->add_child("dev", *dev), qomem::assertion_failure);
 //     }
 //
 // The leak check fails with REQUIRE (ending the test case) when the scope

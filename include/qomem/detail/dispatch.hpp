@@ -1,6 +1,6 @@
-// qomem/detail/dispatch.hpp — one access to one flat range: RAM by memcpy,
-// MMIO through the region's ops with QEMU's access rules, and the
-// re-entrancy guard.
+// qomem/detail/dispatch.hpp — an access through a flat view: split at range
+// boundaries; RAM by memcpy, MMIO through the region's ops with QEMU's access
+// rules and the re-entrancy guard; holes answer a decode error.
 #pragma once
 
 #include <bit>
@@ -10,7 +10,7 @@
 
 #include <fmt/core.h>
 
-#include <qomem/device.hpp>
+#include <qomem/detail/fault_guard.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
@@ -56,8 +56,8 @@ inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
 /// The devices whose MMIO this thread is inside (re-entrancy guard). QEMU
 /// keeps one flag per device under its big lock; qomem keeps the set per
 /// thread, so two vCPUs using one device are not mistaken for re-entry.
-inline std::vector<const device*>& engaged_devices() noexcept {
-    thread_local std::vector<const device*> engaged;
+inline std::vector<const object*>& engaged_devices() noexcept {
+    thread_local std::vector<const object*> engaged;
     return engaged;
 }
 
@@ -66,7 +66,7 @@ inline std::vector<const device*>& engaged_devices() noexcept {
 /// alignment unless the implementation takes unaligned accesses, rounded
 /// down to a power of two.
 inline unsigned mmio_access_size(const memory_region& mr, hwaddr offset, u128 len) noexcept {
-    const ops_table* ops = mr.ops();
+    const region_ops* ops = mr.callbacks().ops;
     unsigned max = ops && ops->valid.max_access_size ? ops->valid.max_access_size : 4;
     if (!ops || !ops->impl.unaligned) {
         const hwaddr align = offset & (~offset + 1);
@@ -88,7 +88,8 @@ inline void log_invalid(const memory_region& mr, hwaddr offset, unsigned size, b
 /// `*value` holds host-order data (QEMU's memory_region_dispatch_read/write).
 inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::uint64_t* value,
                                   unsigned size, bool is_write, mem_attrs attrs) {
-    const ops_table* ops = mr.ops();
+    const region_ops* ops = mr.callbacks().ops;
+    void* const opaque = mr.callbacks().opaque;
     if (!is_write) *value = 0;
     if (!ops) { // a reservation: claims its range, answers nothing
         log_invalid(mr, offset, size, is_write, "reservation");
@@ -96,7 +97,7 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
     }
     // QEMU's memory_region_access_valid, in its order.
     const char* refused = nullptr;
-    if (ops->accepts && !ops->accepts(mr.opaque(), offset, size, is_write, attrs))
+    if (ops->accepts && !ops->accepts(opaque, offset, size, is_write, attrs))
         refused = "rejected";
     else if (!ops->valid.unaligned && (offset & (size - 1)))
         refused = "unaligned";
@@ -109,12 +110,12 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         return memtx_decode_error;
     }
 
-    const device* dev = mr.guarded_device();
+    const object* dev = mr.guarded_device();
     auto& engaged = engaged_devices();
     if (dev) {
-        for (const device* d : engaged) {
+        for (const object* d : engaged) {
             if (d == dev) {
-                if (!mr.reentrancy_logged.exchange(true, std::memory_order_relaxed))
+                if (mr.first_reentrancy_report())
                     log_line(log_category::reentrancy,
                              fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
                                          mr.region_name(), offset));
@@ -124,7 +125,7 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         engaged.push_back(dev);
     }
     struct disengage {
-        std::vector<const device*>* list;
+        std::vector<const object*>* list;
         ~disengage() {
             if (list) list->pop_back();
         }
@@ -146,10 +147,10 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         if (is_write) {
             const std::uint64_t part =
                 (shift >= 0 ? v >> shift : v << -shift) & mask;
-            r |= ops->write(mr.opaque(), offset + i, part, access, attrs);
+            r |= ops->write(opaque, offset + i, part, access, attrs);
         } else {
             std::uint64_t part = 0;
-            r |= ops->read(mr.opaque(), offset + i, &part, access, attrs);
+            r |= ops->read(opaque, offset + i, &part, access, attrs);
             part &= mask;
             combined |= shift >= 0 ? part << shift : part >> -shift;
         }
@@ -167,33 +168,36 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
 inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte* buf, u128 len,
                                  bool is_write, mem_attrs attrs) {
     const memory_region& mr = *fr.mr;
-    const bool plain_ram = mr.is_ram() && !mr.is_ram_device();
     if (attrs.memory && !mr.is_ram()) { // RAM devices are RAM here, as in QEMU
         if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
         return memtx_access_error;
     }
-    // Direct: RAM, ROMD reads, and debug writes (loaders) into ROMD memory.
-    const bool romd = mr.is_rom_device() && fr.romd_mode; // as rendered, not as changed since
-    if (is_write ? (plain_ram || (attrs.debug && romd)) : (plain_ram || romd)) {
-        std::byte* host = fr.region_host();
+    if (is_write ? fr.writes_direct(attrs) : fr.reads_direct()) {
+        const auto n = static_cast<std::size_t>(len);
+        std::byte* host = range_host(fr);
         if (!host) {
-            try {
-                host = mr.host_ptr();
-            } catch (const region_error&) {
-                if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+            if (!is_write) std::memset(buf, 0, n);
+            return memtx_error;
+        }
+        // A file another process can shrink is copied under a SIGBUS guard.
+        const auto copy = [&](void* to, const void* from) {
+            if (mr.backing_may_shrink()) [[unlikely]]
+                return guarded_copy(to, from, n);
+            std::memcpy(to, from, n);
+            return true;
+        };
+        if (!is_write) {
+            if (!copy(buf, host + offset)) {
+                std::memset(buf, 0, n);
                 return memtx_error;
             }
-        }
-        const auto n = static_cast<std::size_t>(len);
-        if (!is_write) {
-            std::memcpy(buf, host + offset, n);
-        } else if (!(fr.readonly || romd) ||
-                   (attrs.debug && mr.host_writable())) {
-            std::memcpy(host + offset, buf, n);
+        } else {
+            if (!copy(host + offset, buf)) return memtx_error;
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
-        } // else: a ROM ignores the guest's writes
+        }
         return memtx_ok;
     }
+    if (is_write && mr.is_plain_ram()) return memtx_ok; // a ROM ignores the guest's writes
     if (mr.is_ram_device()) {
         // Dispatched like MMIO (never a memcpy of the whole run): accesses of
         // the natural width, up to 8 bytes, unaligned allowed (QEMU's

@@ -1,8 +1,11 @@
-// qomem/detail/int128.hpp — 65-bit sizes for a 64-bit address space.
+// qomem/types.hpp — the address and size types of the memory API.
 //
 // A region may cover all 2^64 bytes of an address space, so sizes and
 // exclusive ends are held in 128-bit integers; addresses themselves stay
 // 64-bit (`hwaddr`). Never add a size to a `hwaddr` in 64 bits.
+//
+//     qomem::u128 size = qomem::u128_2_64;          // a whole 64-bit space
+//     qomem::hwaddr last = qomem::hwaddr(size - 1); // its last address
 #pragma once
 
 #include <cstdint>
@@ -23,10 +26,11 @@ inline constexpr u128 u128_2_64 = u128(1) << 64;
 
 namespace detail {
 
-/// "0x..." for a value up to 2^64 (for messages).
+/// "0x..." for a value up to 2^128 (for messages).
 inline std::string hex(u128 v) {
-    if (v >> 64) return fmt::format("0x{:x}{:016x}", static_cast<std::uint64_t>(v >> 64),
-                                    static_cast<std::uint64_t>(v));
+    if (v >> 64)
+        return fmt::format("0x{:x}{:016x}", static_cast<std::uint64_t>(v >> 64),
+                           static_cast<std::uint64_t>(v));
     return fmt::format("0x{:x}", static_cast<std::uint64_t>(v));
 }
 
