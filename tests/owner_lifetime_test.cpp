@@ -17,6 +17,8 @@
 
 #include <qomem/address_space.hpp>
 #include <qomem/device.hpp>
+#include <qomem/log.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/memory_system.hpp>
 #include <qomem/mtree.hpp>
@@ -299,4 +301,61 @@ TEST_CASE("freeing an ownerless region while a DMA mapping holds it is refused a
     m.data()[0] = std::byte{0x42};
     space.unmap(m, 8);
     ram = ref_ptr<memory_region>(raw, false); // the reference the failed release gave back
+}
+
+namespace {
+/// A device that keeps a ref_ptr to its own MMIO region: after an unplug the
+/// region holds the device and the device the region.
+class clinging_device : public device {
+    QOMEM_OBJECT(clinging_device, "clinging-device", device)
+public:
+    reg_device::regs ops;
+    ref_ptr<memory_region> keep;
+};
+
+std::vector<std::string>& logged() {
+    static std::vector<std::string> lines;
+    return lines;
+}
+void log_to_vector(std::string_view line) { logged().emplace_back(line); }
+} // namespace
+
+TEST_CASE("a device that keeps a ref_ptr to its own region makes a cycle: the machine's end "
+          "reports it by name, and dropping the reference frees both",
+          "[lifetime][owner][cycle]") {
+    leak_check leaks;
+    logged().clear();
+    const log_sink previous = set_log_sink(&log_to_vector);
+    clinging_device* raw = nullptr;
+    {
+        auto root = container::make_root();
+        machine& m = add_machine(*root);
+        auto sys = make_container(region_owner::ownerless_in(m.unattached()), "system", u128_2_64);
+        {
+            address_space space(m.memory(), *sys, "memory");
+            auto d = make<clinging_device>();
+            d->keep = make_io(*d, "clinging-mmio", 0x100, d->ops);
+            d->map_region(*sys, 0x1000, *d->keep);
+            m.peripheral().add_child("nic", *d);
+            d->realize();
+            CHECK(read32(space, 0x1000) == 0x5a5a5a5a);
+            raw = d.get();
+            d.reset();
+            unparent(*m.peripheral().child("nic")); // the hot-unplug
+            memtx_result r{};
+            read32(space, 0x1000, &r);
+            CHECK(r == memtx_result(memtx_decode_error)); // unmapped at unrealize
+            m.memory().synchronize();
+            CHECK(m.memory().stranded_regions().size() == 1);
+        }
+        sys.reset();
+        root.reset(); // the machine's end
+    }
+    set_log_sink(previous);
+    REQUIRE(logged().size() == 1);
+    CHECK_THAT(logged()[0], Catch::Contains("clinging-mmio") && Catch::Contains("clinging-device") &&
+                                Catch::Contains("cycle"));
+    CHECK(live_count("clinging-device") == 1); // the cycle, as reported
+    raw->keep.reset();                          // broken: both go
+    CHECK(live_count("clinging-device") == 0);
 }

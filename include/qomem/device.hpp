@@ -382,10 +382,10 @@ inline void device::unrealize() {
 inline void device::map_region(memory_region& container, hwaddr addr, memory_region& r,
                                std::int32_t priority) {
     QOMEM_ASSERT(r.owner() == this && r.parent() == this,
-                 "map_region: region '{}' is not a region of this {} (owner {}, parent {})", r.name(),
+                 "map_region: region '{}' is not a region of this {} (owner {}, parent {})", r.region_name(),
                  type().name, static_cast<const void*>(r.owner()), static_cast<const void*>(r.parent()));
-    QOMEM_ASSERT(!r.container(), "map_region: region '{}' is already in container '{}'", r.name(),
-                 r.container() ? r.container()->name() : std::string());
+    QOMEM_ASSERT(!r.container(), "map_region: region '{}' is already in container '{}'", r.region_name(),
+                 r.container() ? r.container()->region_name() : std::string());
     mapped_.reserve(mapped_.size() + 1); // the record cannot fail after the change
     container.add_subregion(addr, r, priority);
     mapped_.push_back(&r);
@@ -394,7 +394,7 @@ inline void device::map_region(memory_region& container, hwaddr addr, memory_reg
 inline void device::unmap_region(memory_region& r) {
     auto it = std::find(mapped_.begin(), mapped_.end(), &r);
     QOMEM_ASSERT(it != mapped_.end() && r.container(),
-                 "unmap_region: region '{}' was not placed by map_region of this {}", r.name(),
+                 "unmap_region: region '{}' was not placed by map_region of this {}", r.region_name(),
                  type().name);
     r.container()->del_subregion(r);
     mapped_.erase(it);

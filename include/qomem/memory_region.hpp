@@ -77,6 +77,7 @@
 #include <utility>
 #include <vector>
 
+#include <boost/intrusive/list_hook.hpp>
 #include <fmt/core.h>
 
 #include <qomem/assert.hpp>
@@ -568,6 +569,9 @@ private:
     detail::topology_log* log_ = nullptr; // the memory system, once placed in one
     bool counted_ = false;
     bool holds_owner_ = false;
+    // The memory system's list of its regions (memory_system::stranded_regions).
+    using member_hook = boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>;
+    member_hook system_member_;
     region_kind kind_;
     std::atomic<bool> readonly_{false}; // read by readers (re-entrancy guard)
     bool nonvolatile_ = false;
@@ -1028,7 +1032,7 @@ inline memory_region::memory_region(const init_args& a)
         // target's system. (Its creation changes no view: nothing shows it.)
         if (alias_->log_) {
             log_ = alias_->log_;
-            log_->region_bound();
+            log_->region_bound(*this);
         }
     }
 }
@@ -1051,7 +1055,7 @@ inline memory_region::~memory_region() {
     unmap_backing();
     for (auto& bits : dirty_) delete[] bits.exchange(nullptr);
     if (fd_ >= 0) ::close(std::exchange(fd_, -1));
-    if (log_) log_->region_unbound(); // may free the system: last
+    if (log_) log_->region_unbound(*this); // may free the system: last
 }
 
 inline void memory_region::last_reference_dropped() {
@@ -1307,7 +1311,7 @@ inline void memory_region::join(detail::topology_log& log) {
         if (m->log_) continue;
         // Release: a thread marking the region dirty reads it (system_log).
         std::atomic_ref<detail::topology_log*>(m->log_).store(&log, std::memory_order_release);
-        log.region_bound();
+        log.region_bound(*m);
         if (m->container_) stack.push_back(m->container_);
         if (m->alias_) stack.push_back(m->alias_);
         for (memory_region* a : m->alias_users_) stack.push_back(a);

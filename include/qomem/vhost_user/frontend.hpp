@@ -554,6 +554,7 @@ inline void frontend::sync_table() {
         send_acked(frontend_request::set_mem_table,
                    [&](bool nr) { return encode_mem_table(regions, nr); }, fds);
         std::vector<slot> next;
+        next.reserve(want.size());
         for (const slot* w : want) next.push_back(slot{w->entry, region_ref(*const_cast<memory_region*>(w->entry.mr))});
         table_ = std::move(next);
     }
