@@ -1,6 +1,6 @@
 # Entry points for developers and CI. CMake does the real work; see CMakeLists.txt.
 .NOTPARALLEL:
-.PHONY: deps build demo test test-asan test-tsan test-aarch64 test-qemu recapture lint bench bench-smoke clean
+.PHONY: deps build demo test test-asan test-tsan test-aarch64 test-qemu recapture lint fuzz bench bench-smoke clean
 
 JOBS := 2
 # The captures from a real QEMU (ctest label qemu): AUTO runs them when QEMU is
@@ -17,8 +17,13 @@ build:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
 	cmake --build build -j$(JOBS)
 
+# The SVGs are build outputs: the example writes a DOT picture of each step
+# under build/demo/nic_unplug/, and Graphviz's dot renders them there.
 demo: deps build
 	build/examples/hotplug
+	rm -rf build/demo/nic_unplug
+	build/examples/nic_unplug build/demo/nic_unplug
+	for f in build/demo/nic_unplug/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg" || exit 1; done
 	build/tools/mtree/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
@@ -53,7 +58,7 @@ recapture: deps build
 	done
 
 # ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
-# tests/memory_system_test.cpp, tests/rcu_test.cpp), and only those: only
+# tests/memory_system_test.cpp, tests/rcu_test.cpp, tests/unplug_vcpu_test.cpp), and only those: only
 # those targets are built, and -R keeps ctest off the others (an unbuilt
 # Catch2 target would show up as a failing *_NOT_BUILT test). Under TSan,
 # qomem/rcu.hpp compiles its membarrier(2) path out: readers take the fenced
@@ -62,8 +67,8 @@ recapture: deps build
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan
-	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test
-	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu)_test\.'
+	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.'
 
 # The tests that run threads, cross-built for AArch64 (Debian's
 # g++-aarch64-linux-gnu, cmake/aarch64-linux-gnu.cmake) and run under
@@ -121,5 +126,23 @@ lint: deps
 	printf '#include <%s>\n' $(patsubst include/%,%,$(HEADERS)) > build-lint/all_headers.cpp
 	clang-tidy-14 --config-file=.clang-tidy --quiet build-lint/all_headers.cpp -- -std=c++20 -Iinclude
 
+# Coverage-guided fuzzing (libFuzzer, clang 14, ASan+UBSan): each target in
+# tests/fuzz/ runs for FUZZ_SECONDS from its committed seed corpus (every
+# crash found so far is in it: a regression input) plus what it learns in
+# build-fuzz/. Any crash, leak or failed check fails the target.
+FUZZ_SECONDS ?= 60
+FUZZERS := $(patsubst tests/fuzz/fuzz_%.cpp,%,$(wildcard tests/fuzz/fuzz_*.cpp))
+fuzz: deps
+	mkdir -p build-fuzz
+	for f in $(FUZZERS); do \
+	  clang++-14 -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	    -Iinclude tests/fuzz/fuzz_$$f.cpp -lfmt -o build-fuzz/fuzz_$$f || exit 1; \
+	done
+	for f in $(FUZZERS); do \
+	  mkdir -p build-fuzz/corpus-$$f; \
+	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-$$f tests/fuzz/corpus/$$f || exit 1; \
+	done
+
 clean:
-	rm -rf build build-asan build-tsan build-aarch64 build-bench build-lint
+	rm -rf build build-asan build-tsan build-aarch64 build-bench build-lint build-fuzz

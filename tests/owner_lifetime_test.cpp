@@ -359,3 +359,27 @@ TEST_CASE("a device that keeps a ref_ptr to its own region makes a cycle: the ma
     raw->keep.reset();                          // broken: both go
     CHECK(live_count("clinging-device") == 0);
 }
+
+TEST_CASE("owners' rule: when one region is held beyond its owner, every region of the owner "
+          "leaves the tree — one left behind could hold it through another region (a cycle)",
+          "[lifetime][owner][fuzz]") {
+    // Found by fuzz_region_ops: the device's alias (dropped handle) targets
+    // an ownerless alias that targets the device's MMIO (handle kept). Had
+    // only the MMIO left the tree, the device would hold its alias, the
+    // alias the ownerless alias, that the MMIO, and the MMIO the device.
+    leak_check leaks;
+    event_recorder rec;
+    auto d = make<reg_device>();
+    rec.label(*d, "dev");
+    auto io = make_io(*d, "io", 0x100, d->ops);
+    rec.label(*io, "io");
+    auto loose = make_alias(nullptr, "loose", *io, 0, 0x100);
+    make_alias(*d, "own-alias", *loose, 0, 0x100); // its handle goes at once
+    d.reset();
+    CHECK(live_count("reg-device") == 1); // io is held beyond it: io holds it
+    loose.reset();                         // own-alias left with the device's other regions
+    CHECK(live_count("reg-device") == 1);
+    io.reset();
+    CHECK(live_count("reg-device") == 0);
+    CHECK(only(rec.take(), "finalizing ").back() == "finalizing dev");
+}

@@ -336,7 +336,12 @@ inline void device::realize() {
     QOMEM_ASSERT(!realized_, "{} '{}' is already realized", type().name, name());
     hotplug_handler* handler = hotplug_handler_of();
     if (handler) handler->pre_plug(*this);
-    do_realize();
+    try {
+        do_realize();
+    } catch (...) {
+        unmap_regions(); // placements it made before failing
+        throw;
+    }
     realized_ = true;
     for_each_child([](object& c) {
         if (auto* b = dynamic_cast_to<bus>(&c)) b->realized_ = true;
@@ -350,6 +355,7 @@ inline void device::realize() {
             });
             realized_ = false;
             do_unrealize();
+            unmap_regions();
             throw;
         }
     }

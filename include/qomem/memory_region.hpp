@@ -200,6 +200,10 @@ public:
     object* owner() const noexcept { return owner_; }
     /// True when memory_region_ref counts (the region was made with an owner).
     bool counted() const noexcept { return counted_; }
+    /// True while the region, unparented from its owner, holds one reference
+    /// to it (dropped after the region is freed; see the header overview).
+    /// Read-only, for tools that show who holds whom (reference_graph.hpp).
+    bool holds_owner() const noexcept { return holds_owner_; }
     /// The memory system this region belongs to, or null before it is placed
     /// in one (see the header overview).
     memory_system* system() const noexcept { return log_ ? &log_->system() : nullptr; }

@@ -45,11 +45,13 @@
 // under QEMU's big lock.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -458,10 +460,11 @@ protected:
     /// What dropping the last reference does. The rule for owners (any
     /// object, in the tree or not, device or not): when an owner's last
     /// reference goes while some of its followers (its memory regions) are
-    /// held beyond it (held_beyond_owner), those followers are unparented
-    /// first — as a device's unparent hook does — so each holds a reference
-    /// to the owner until it is freed; the owner is finalized when the last
-    /// of them goes. Otherwise, finalize_dropped() at once. A type may defer
+    /// held beyond it (held_beyond_owner), all its followers are unparented
+    /// first — as a device's unparent hook does — so each one still held
+    /// holds a reference to the owner until it is freed (the others are
+    /// freed at once); the owner is finalized when the last of them goes.
+    /// Otherwise, finalize_dropped() at once. A type may defer
     /// finalization instead (a memory region hands it to its system's writer).
     /// Effects: may unparent followers (each then references this object).
     virtual void last_reference_dropped() {
@@ -1113,22 +1116,31 @@ inline void object::finalize() noexcept {
 }
 
 inline bool object::hand_over_to_followers() noexcept {
-    std::vector<object*> held;
+    bool any_held = false;
+    for (const property& p : props_)
+        if (p.kind == role::child && p.target->follows_owner_out_of_tree() &&
+            p.target->held_beyond_owner(*this)) {
+            any_held = true;
+            break;
+        }
+    if (!any_held) return false;
+    // Then every follower leaves, as a device's unparent hook has them do:
+    // one left in the tree could hold, directly or through regions of
+    // others, one that now holds the owner (a cycle). Those nothing else
+    // holds are freed as they leave, releasing what they held.
+    std::vector<object*> followers;
     try {
         for (const property& p : props_)
-            if (p.kind == role::child && p.target->follows_owner_out_of_tree() &&
-                p.target->held_beyond_owner(*this))
-                held.push_back(p.target);
+            if (p.kind == role::child && p.target->follows_owner_out_of_tree()) followers.push_back(p.target);
     } catch (...) { // only the allocation can throw: then finalize as before
         return false;
     }
-    if (held.empty()) return false;
     // Nothing can reach a dead object, so bringing it back is ours alone: a
     // reference of our own while the followers take theirs.
     ref_.store(1, std::memory_order_relaxed);
     dropped_ = false;
     detail::first_error errors;
-    for (object* f : held) errors.run([&] { unparent(*f); });
+    for (object* f : followers) errors.run([&] { unparent(*f); });
     errors.report_to_finalization_handler(type().name);
     unref(); // ours: what the followers hold keeps the object alive
     return true;

@@ -23,6 +23,7 @@
 #include <qomem/property.hpp>        // typed properties
 #include <qomem/qom_tree.hpp>        // info qom-tree
 #include <qomem/rcu.hpp>             // read sections for lock-free readers
+#include <qomem/reference_graph.hpp> // who holds whom: DOT, replay under a rule
 #include <qomem/shmem.hpp>           // VIRTIO shared memory regions
 #include <qomem/type.hpp>            // QOM types
 #include <qomem/type_registry.hpp>   // types by name
