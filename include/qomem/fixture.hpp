@@ -79,7 +79,8 @@ enum class fixture_ownership : std::uint8_t {
 /// One region of a fixture.
 struct fixture_region {
     std::string name;
-    region_kind kind = region_kind::container; ///< container, io, ram, rom, rom_device, ram_device, alias
+    region_kind kind =
+        region_kind::container; ///< container, io, ram, rom, rom_device, ram_device, alias
     u128 size = 0;
     std::optional<std::size_t> parent; ///< the container's id
     hwaddr addr = 0;                   ///< in the parent; for a root, its own address
@@ -285,10 +286,11 @@ struct fixture_reader {
     std::size_t index(const nlohmann::json& v, std::size_t count, std::string_view where) const {
         if (!v.is_number_integer() || v.get<std::int64_t>() < 0 ||
             static_cast<std::uint64_t>(v.get<std::int64_t>()) >= count)
-            fail(where, count == 0 ? fmt::format("expected a region id, got {} (there are no regions)",
-                                                 v.dump())
-                                   : fmt::format("expected a region id from 0 to {}, got {}",
-                                                 count - 1, v.dump()));
+            fail(where,
+                 count == 0
+                     ? fmt::format("expected a region id, got {} (there are no regions)", v.dump())
+                     : fmt::format("expected a region id from 0 to {}, got {}", count - 1,
+                                   v.dump()));
         return static_cast<std::size_t>(v.get<std::int64_t>());
     }
 
@@ -320,9 +322,12 @@ struct fixture_kind_name {
     std::string_view name;
 };
 inline constexpr fixture_kind_name fixture_kinds[] = {
-    {region_kind::container, "container"}, {region_kind::io, "io"},
-    {region_kind::ram, "ram"},             {region_kind::rom, "rom"},
-    {region_kind::rom_device, "romd"},     {region_kind::ram_device, "ramd"},
+    {region_kind::container, "container"},
+    {region_kind::io, "io"},
+    {region_kind::ram, "ram"},
+    {region_kind::rom, "rom"},
+    {region_kind::rom_device, "romd"},
+    {region_kind::ram_device, "ramd"},
     {region_kind::alias, "alias"},
 };
 
@@ -362,7 +367,8 @@ inline fixture_owner read_fixture_owner(const fixture_reader& rd, const nlohmann
     if (j.contains("device")) o.device = rd.boolean(j["device"], named + " field 'device'");
     if (j.contains("id")) o.id = rd.string(j["id"], named + " field 'id'");
     if (j.contains("type")) o.type = rd.string(j["type"], named + " field 'type'");
-    if (!o.id.empty() && !o.device) rd.fail(named + " field 'id'", "given for an object that is not a device");
+    if (!o.id.empty() && !o.device)
+        rd.fail(named + " field 'id'", "given for an object that is not a device");
     return o;
 }
 
@@ -374,8 +380,8 @@ inline fixture_region read_fixture_region(const fixture_reader& rd, const nlohma
     const std::string label = fixture_region_label(id, name);
     auto where = [&](std::string_view field) { return fmt::format("{} field '{}'", label, field); };
     static constexpr std::string_view known[] = {
-        "id",      "name",        "kind",     "size",  "parent", "addr", "priority", "alias",
-        "alias_offset", "enabled", "nonvolatile", "readonly", "owner", "home"};
+        "id",    "name",         "kind",    "size",        "parent",   "addr",  "priority",
+        "alias", "alias_offset", "enabled", "nonvolatile", "readonly", "owner", "home"};
     rd.only_fields(j, known, label);
 
     fixture_region s;
@@ -403,21 +409,25 @@ inline fixture_region read_fixture_region(const fixture_reader& rd, const nlohma
     if (j.contains("addr")) s.addr = rd.address(j["addr"], where("addr"));
     if (j.contains("priority")) {
         const auto& p = j["priority"];
-        if (!p.is_number_integer() || p.get<std::int64_t>() < std::numeric_limits<std::int32_t>::min() ||
+        if (!p.is_number_integer() ||
+            p.get<std::int64_t>() < std::numeric_limits<std::int32_t>::min() ||
             p.get<std::int64_t>() > std::numeric_limits<std::int32_t>::max())
-            rd.fail(where("priority"), fmt::format("expected a 32-bit signed integer, got {}", p.dump()));
+            rd.fail(where("priority"),
+                    fmt::format("expected a 32-bit signed integer, got {}", p.dump()));
         s.priority = static_cast<std::int32_t>(p.get<std::int64_t>());
     }
     if (s.kind == region_kind::alias) {
         if (!j.contains("alias")) rd.fail(where("alias"), "missing (required for kind alias)");
         s.alias = rd.index(j["alias"], n, where("alias"));
-        if (j.contains("alias_offset")) s.alias_offset = rd.address(j["alias_offset"], where("alias_offset"));
+        if (j.contains("alias_offset"))
+            s.alias_offset = rd.address(j["alias_offset"], where("alias_offset"));
     } else if (j.contains("alias") || j.contains("alias_offset")) {
         rd.fail(where(j.contains("alias") ? "alias" : "alias_offset"),
                 fmt::format("given for a region of kind {}", kind));
     }
     if (j.contains("enabled")) s.enabled = rd.boolean(j["enabled"], where("enabled"));
-    if (j.contains("nonvolatile")) s.nonvolatile = rd.boolean(j["nonvolatile"], where("nonvolatile"));
+    if (j.contains("nonvolatile"))
+        s.nonvolatile = rd.boolean(j["nonvolatile"], where("nonvolatile"));
     if (j.contains("readonly")) s.readonly = rd.boolean(j["readonly"], where("readonly"));
     if (j.contains("owner")) {
         if (j["owner"].is_null()) {
@@ -429,7 +439,8 @@ inline fixture_region read_fixture_region(const fixture_reader& rd, const nlohma
     }
     if (j.contains("home")) {
         if (s.ownership != fixture_ownership::none)
-            rd.fail(where("home"), "given for a region that has an owner (only \"owner\": null takes a home)");
+            rd.fail(where("home"),
+                    "given for a region that has an owner (only \"owner\": null takes a home)");
         s.home = rd.string(j["home"], where("home"));
     }
     return s;
@@ -467,10 +478,10 @@ inline fixture_spec fixture_spec::read(std::string_view json_text, const std::st
             rd.fail(where, "expected an object with 'name' (a string) and 'root' (a region id)");
         static constexpr std::string_view known_as[] = {"name", "root"};
         rd.only_fields(j, known_as, where);
-        spec.address_spaces.push_back(
-            {j["name"].get<std::string>(),
-             rd.index(j["root"], n, fmt::format("address space {} ('{}') field 'root'", i,
-                                                j["name"].get<std::string>()))});
+        spec.address_spaces.push_back({j["name"].get<std::string>(),
+                                       rd.index(j["root"], n,
+                                                fmt::format("address space {} ('{}') field 'root'",
+                                                            i, j["name"].get<std::string>()))});
     }
     spec.check(source);
     return spec;
@@ -482,55 +493,64 @@ inline void fixture_spec::check(const std::string& source) const {
     const detail::fixture_reader rd{source};
     const std::size_t n = regions.size();
     auto where = [&](std::size_t id, std::string_view field) {
-        return fmt::format("{} field '{}'", detail::fixture_region_label(id, regions[id].name), field);
+        return fmt::format("{} field '{}'", detail::fixture_region_label(id, regions[id].name),
+                           field);
     };
     // Owners: distinct, and not where the machine's own objects are.
     for (std::size_t i = 0; i < owners.size(); ++i) {
         const fixture_owner& o = owners[i];
         const std::string label = fmt::format("owner {} ('{}')", i, o.path);
         if (!detail::fixture_path_ok(o.path))
-            rd.fail(label + " field 'path'", "not an absolute QOM path like \"/machine/peripheral/dev0\"");
+            rd.fail(label + " field 'path'",
+                    "not an absolute QOM path like \"/machine/peripheral/dev0\"");
         for (std::size_t k = 0; k < i; ++k)
             if (owners[k].path == o.path)
                 rd.fail(label + " field 'path'", fmt::format("owner {} has the same path", k));
         for (std::string_view fixed : {"/machine/unattached", "/machine/peripheral",
                                        "/machine/peripheral-anon", "/machine/fixture"})
             if (o.path == fixed)
-                rd.fail(label + " field 'path'", "that path belongs to the machine's own container");
+                rd.fail(label + " field 'path'",
+                        "that path belongs to the machine's own container");
         if (o.path == "/machine" && o.device)
             rd.fail(label + " field 'device'", "/machine is the machine object, not a device");
     }
     auto owner_known = [&](std::string_view p) {
-        return std::any_of(owners.begin(), owners.end(), [&](const fixture_owner& o) { return o.path == p; });
+        return std::any_of(owners.begin(), owners.end(),
+                           [&](const fixture_owner& o) { return o.path == p; });
     };
     for (std::size_t id = 0; id < n; ++id) {
         const fixture_region& s = regions[id];
         if (s.size > u128_2_64)
-            rd.fail(where(id, "size"), fmt::format("{} is larger than 2^64", detail::fixture_hex(s.size)));
+            rd.fail(where(id, "size"),
+                    fmt::format("{} is larger than 2^64", detail::fixture_hex(s.size)));
         if (s.parent) {
             if (*s.parent >= n)
                 rd.fail(where(id, "parent"), fmt::format("no region has id {}", *s.parent));
             if (*s.parent == id) rd.fail(where(id, "parent"), "a region cannot contain itself");
             if (regions[*s.parent].kind == region_kind::alias)
                 rd.fail(where(id, "parent"),
-                        fmt::format("region {} is an alias, and aliases have no subregions", *s.parent));
+                        fmt::format("region {} is an alias, and aliases have no subregions",
+                                    *s.parent));
         }
         if (s.kind == region_kind::alias) {
             if (!s.alias) rd.fail(where(id, "alias"), "missing (required for kind alias)");
-            if (*s.alias >= n) rd.fail(where(id, "alias"), fmt::format("no region has id {}", *s.alias));
+            if (*s.alias >= n)
+                rd.fail(where(id, "alias"), fmt::format("no region has id {}", *s.alias));
         } else if (s.alias) {
             rd.fail(where(id, "alias"), fmt::format("given for a region of kind {}",
                                                     detail::fixture_kind_to_string(s.kind)));
         }
         if (s.ownership == fixture_ownership::owner && !owner_known(s.owner))
-            rd.fail(where(id, "owner"), fmt::format("\"{}\" is not the path of an entry of 'owners'", s.owner));
+            rd.fail(where(id, "owner"),
+                    fmt::format("\"{}\" is not the path of an entry of 'owners'", s.owner));
         if (s.ownership == fixture_ownership::none && !s.home.empty() && !owner_known(s.home) &&
-            s.home != "/machine" && s.home != "/machine/unattached" && s.home != "/machine/peripheral" &&
-            s.home != "/machine/peripheral-anon")
-            rd.fail(where(id, "home"),
-                    fmt::format("\"{}\" is neither an owner's path nor one of /machine, "
-                                "/machine/unattached, /machine/peripheral, /machine/peripheral-anon",
-                                s.home));
+            s.home != "/machine" && s.home != "/machine/unattached" &&
+            s.home != "/machine/peripheral" && s.home != "/machine/peripheral-anon")
+            rd.fail(
+                where(id, "home"),
+                fmt::format("\"{}\" is neither an owner's path nor one of /machine, "
+                            "/machine/unattached, /machine/peripheral, /machine/peripheral-anon",
+                            s.home));
     }
     // Alias chains must end: follow each one, refusing a cycle.
     for (std::size_t id = 0; id < n; ++id) {
@@ -647,7 +667,8 @@ inline std::unique_ptr<fixture_machine> fixture_machine::load(const std::filesys
 
 inline std::unique_ptr<fixture_machine> fixture_machine::parse(std::string_view json_text,
                                                                std::string source) {
-    return build(fixture_spec::read(json_text, source), source);
+    const fixture_spec spec = fixture_spec::read(json_text, source);
+    return build(spec, std::move(source));
 }
 
 inline std::unique_ptr<fixture_machine> fixture_machine::build(const fixture_spec& spec,
@@ -677,10 +698,11 @@ inline void fixture_machine::build_tree() {
     // Parents before children: shorter paths first.
     std::vector<const fixture_owner*> order;
     for (const fixture_owner& o : spec_.owners) order.push_back(&o);
-    std::stable_sort(order.begin(), order.end(), [](const fixture_owner* a, const fixture_owner* b) {
-        return std::count(a->path.begin(), a->path.end(), '/') <
-               std::count(b->path.begin(), b->path.end(), '/');
-    });
+    std::stable_sort(order.begin(), order.end(),
+                     [](const fixture_owner* a, const fixture_owner* b) {
+                         return std::count(a->path.begin(), a->path.end(), '/') <
+                                std::count(b->path.begin(), b->path.end(), '/');
+                     });
     for (const fixture_owner* o : order) {
         if (o->path == "/machine") continue; // the machine object itself
         object* parent = root_.get();
@@ -751,7 +773,8 @@ inline void fixture_machine::build_regions() {
         try {
             made = make_region(a); // the owner or home now holds it
         } catch (const region_error& e) {
-            rd.fail(fmt::format("{} field 'size'", detail::fixture_region_label(id, s.name)), e.what());
+            rd.fail(fmt::format("{} field 'size'", detail::fixture_region_label(id, s.name)),
+                    e.what());
         }
         regions_[id] = made.get();
         if (!a.where.home()) orphans_.push_back(std::move(made));
@@ -771,7 +794,8 @@ inline void fixture_machine::build_regions() {
         try {
             regions_[*s.parent]->add_subregion(s.addr, *regions_[id], s.priority);
         } catch (const region_error& e) {
-            rd.fail(fmt::format("{} field 'parent'", detail::fixture_region_label(id, s.name)), e.what());
+            rd.fail(fmt::format("{} field 'parent'", detail::fixture_region_label(id, s.name)),
+                    e.what());
         }
     }
 }
@@ -828,8 +852,9 @@ inline fixture_machine::~fixture_machine() {
 // ---- lookups --------------------------------------------------------------------------
 
 inline memory_region& fixture_machine::region(std::size_t id) const {
-    QOMEM_ASSERT(id < regions_.size(), "fixture region id {} out of range (the fixture has {} regions)",
-                 id, regions_.size());
+    QOMEM_ASSERT(id < regions_.size(),
+                 "fixture region id {} out of range (the fixture has {} regions)", id,
+                 regions_.size());
     return *regions_[id];
 }
 
@@ -857,8 +882,8 @@ inline address_space& fixture_machine::space(std::string_view name) const {
 }
 
 inline address_space& fixture_machine::space(std::size_t i) const {
-    QOMEM_ASSERT(i < spaces_.size(), "fixture address space {} out of range (the fixture has {})", i,
-                 spaces_.size());
+    QOMEM_ASSERT(i < spaces_.size(), "fixture address space {} out of range (the fixture has {})",
+                 i, spaces_.size());
     return *spaces_[i];
 }
 
@@ -876,9 +901,10 @@ inline memory_region& fixture_machine::unique_region(std::string_view name) cons
         throw fixture_error(fmt::format("{}: no region is named \"{}\"", source_, name));
     std::string paths;
     for (memory_region* r : found)
-        paths += fmt::format("{}{}", paths.empty() ? "" : ", ", r->canonical_path().value_or("(orphan)"));
-    throw fixture_error(fmt::format("{}: {} regions are named \"{}\": {}", source_,
-                                    found.size(), name, paths));
+        paths += fmt::format("{}{}", paths.empty() ? "" : ", ",
+                             r->canonical_path().value_or("(orphan)"));
+    throw fixture_error(
+        fmt::format("{}: {} regions are named \"{}\": {}", source_, found.size(), name, paths));
 }
 
 inline memory_region* fixture_machine::region_at_path(std::string_view path) const {
@@ -897,7 +923,8 @@ inline std::vector<memory_region*> fixture_machine::regions_owned_by(std::string
     return out;
 }
 
-inline std::optional<hwaddr> fixture_machine::address_in(const address_space& as, const memory_region& mr) {
+inline std::optional<hwaddr> fixture_machine::address_in(const address_space& as,
+                                                         const memory_region& mr) {
     const ref_ptr<flat_view> v = as.view();
     for (const flat_range& r : v->ranges())
         if (r.mr == &mr) return r.start - r.offset_in_region;
@@ -914,8 +941,10 @@ inline void fixture_machine::replace_in_container(memory_region& old, memory_reg
     std::vector<memory_region*> later;
     bool past = false;
     c->for_each_subregion([&](memory_region& s) {
-        if (&s == &old) past = true;
-        else if (!past && s.priority() == old.priority()) later.push_back(&s);
+        if (&s == &old)
+            past = true;
+        else if (!past && s.priority() == old.priority())
+            later.push_back(&s);
     });
     const hwaddr addr = old.addr();
     const std::int32_t prio = old.priority();
@@ -924,7 +953,8 @@ inline void fixture_machine::replace_in_container(memory_region& old, memory_reg
         c->del_subregion(*s); // its owner or home still holds it
     }
     c->add_subregion(addr, fresh, prio);
-    for (auto it = later.rbegin(); it != later.rend(); ++it) c->add_subregion((*it)->addr(), **it, prio);
+    for (auto it = later.rbegin(); it != later.rend(); ++it)
+        c->add_subregion((*it)->addr(), **it, prio);
 }
 
 inline void fixture_machine::replace_spaces_rooted_at(memory_region& old, memory_region& fresh) {
@@ -943,8 +973,8 @@ inline void fixture_machine::retarget_aliases(memory_region& old, memory_region&
     old.for_each_alias_user([&](memory_region& a) { users.push_back(&a); });
     for (memory_region* a : users) {
         const std::optional<std::size_t> id = id_of(*a);
-        QOMEM_ASSERT(id, "alias '{}' of fixture region '{}' is not a fixture region", a->region_name(),
-                     old.region_name());
+        QOMEM_ASSERT(id, "alias '{}' of fixture region '{}' is not a fixture region",
+                     a->region_name(), old.region_name());
         const fixture_region& s = spec_.regions[*id];
         dead.emplace_back(a); // keeps it alive until the swap is done
         detach_from_tree(*a);

@@ -63,9 +63,9 @@ namespace qomem::hmp {
 
 /// The texts to import. `tree` and `flat` are required.
 struct import_texts {
-    std::string_view tree{};            ///< `info mtree -D`
-    std::string tree_source = "tree";   ///< names it in messages
-    std::string_view flat{};            ///< `info mtree -f`
+    std::string_view tree{};          ///< `info mtree -D`
+    std::string tree_source = "tree"; ///< names it in messages
+    std::string_view flat{};          ///< `info mtree -f`
     std::string flat_source = "flat";
     std::optional<std::string_view> owners{}; ///< `info mtree -o -D` (or `-o`)
     std::string owners_source = "owners";
@@ -147,7 +147,8 @@ inline keyed_flat key_flat(const mtree_flat& f) {
         };
         add(out.heads, " Root memory region: " + v.root, v.root);
         if (v.empty) add(out.heads, "  No rendered FlatView", v.root);
-        for (std::size_t i = 0; i < v.ranges.size(); ++i) add(out.lines, v.ranges[i], v.parsed[i].name);
+        for (std::size_t i = 0; i < v.ranges.size(); ++i)
+            add(out.lines, v.ranges[i], v.parsed[i].name);
         out.ranges[key] = v.parsed;
     }
     return out;
@@ -158,7 +159,8 @@ inline keyed_flat key_flat(const mtree_flat& f) {
 /// times a weight for what covers it differently (region, offset, type,
 /// priority). Unlike a line comparison this sees a change that fixes part
 /// of a merged range, or part of what a range shows.
-inline u128 flat_bytes_differing(const keyed_flat& want, const keyed_flat& got, std::vector<std::string>* names) {
+inline u128 flat_bytes_differing(const keyed_flat& want, const keyed_flat& got,
+                                 std::vector<std::string>* names) {
     u128 diff = 0;
     static const std::vector<mtree_flat_range> none;
     std::set<std::string> keys;
@@ -178,7 +180,8 @@ inline u128 flat_bytes_differing(const keyed_flat& want, const keyed_flat& got, 
         std::sort(cuts.begin(), cuts.end());
         cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
         std::size_t iw = 0, ig = 0;
-        auto at = [](const std::vector<mtree_flat_range>& list, std::size_t& i, u128 a) -> const mtree_flat_range* {
+        auto at = [](const std::vector<mtree_flat_range>& list, std::size_t& i,
+                     u128 a) -> const mtree_flat_range* {
             while (i < list.size() && u128(list[i].end) < a) ++i;
             return i < list.size() && u128(list[i].start) <= a ? &list[i] : nullptr;
         };
@@ -193,7 +196,8 @@ inline u128 flat_bytes_differing(const keyed_flat& want, const keyed_flat& got, 
             if (x && y) {
                 weight = 0;
                 if (x->name != y->name) weight += 4;
-                if (u128(x->offset) + (a - x->start) != u128(y->offset) + (a - y->start)) weight += 2;
+                if (u128(x->offset) + (a - x->start) != u128(y->offset) + (a - y->start))
+                    weight += 2;
                 if (x->type != y->type) weight += 1;
                 if (x->priority != y->priority) weight += 1;
                 if (x->nonvolatile != y->nonvolatile) weight += 1;
@@ -268,10 +272,10 @@ private:
     };
 
     struct solution {
-        std::vector<int> target;       // per class: chosen mr block (aliases)
-        std::vector<char> io;          // per class: open kind chosen as io
-        std::vector<char> one_byte;    // per class: open size chosen as 1
-        std::vector<char> readonly;    // per class
+        std::vector<int> target;                   // per class: chosen mr block (aliases)
+        std::vector<char> io;                      // per class: open kind chosen as io
+        std::vector<char> one_byte;                // per class: open size chosen as 1
+        std::vector<char> readonly;                // per class
         std::map<std::pair<int, int>, char> later; // overlapping pair (a<b): 1 = b added after a
     };
 
@@ -289,7 +293,7 @@ private:
         }
         std::vector<std::string> names; // regions named by differing lines
         std::vector<std::string> flat_missing, flat_extra, tree_missing, tree_extra;
-        std::string failure;           // why the build failed
+        std::string failure; // why the build failed
     };
 
     enum class choice_kind { target, kind, size, readonly, order };
@@ -304,12 +308,15 @@ private:
     region_class& cls(int c) { return classes_[static_cast<std::size_t>(c)]; }
     int class_of(int l) const { return line_class_[static_cast<std::size_t>(l)]; }
     const mtree_line& rep(int c) const { return line(cls(c).rep); }
-    int block_class(int b) const { return class_of(tree_.blocks[static_cast<std::size_t>(b)].root); }
+    int block_class(int b) const {
+        return class_of(tree_.blocks[static_cast<std::size_t>(b)].root);
+    }
     std::string where(int c) const {
         return fmt::format("'{}' ({}:{})", rep(c).name, tree_.source, rep(c).line_no);
     }
     std::string block_where(int b) const {
-        return fmt::format("{}:{}", tree_.source, tree_.blocks[static_cast<std::size_t>(b)].line_no);
+        return fmt::format("{}:{}", tree_.source,
+                           tree_.blocks[static_cast<std::size_t>(b)].line_no);
     }
 
     void read_texts();
@@ -322,7 +329,8 @@ private:
     void find_candidates();
     bool contains(int outer, int inner) const;
     solution default_solution();
-    bool assign_targets(solution& sol, const std::vector<int>& preferred, int fixed_class, int fixed_block);
+    bool assign_targets(solution& sol, const std::vector<int>& preferred, int fixed_class,
+                        int fixed_block);
     std::vector<int> add_order(const solution& sol, int container_class, bool& ok) const;
     fixture_spec make_spec(const solution& sol, bool with_owners, bool& ok) const;
     score evaluate(const solution& sol);
@@ -345,8 +353,8 @@ private:
     std::optional<qom_tree_text> qom_;
     keyed_flat want_flat_;
     keyed_lines want_tree_;
-    std::vector<std::size_t> hash_;  // per line: shape hash
-    std::vector<int> uf_;            // union-find over lines
+    std::vector<std::size_t> hash_; // per line: shape hash
+    std::vector<int> uf_;           // union-find over lines
     std::vector<int> line_class_;
     std::vector<region_class> classes_;
     std::vector<std::pair<int, int>> overlaps_; // overlapping equal-priority siblings (a<b)
@@ -356,7 +364,8 @@ private:
 
     int find(int x) {
         while (uf_[static_cast<std::size_t>(x)] != x) {
-            uf_[static_cast<std::size_t>(x)] = uf_[static_cast<std::size_t>(uf_[static_cast<std::size_t>(x)])];
+            uf_[static_cast<std::size_t>(x)] =
+                uf_[static_cast<std::size_t>(uf_[static_cast<std::size_t>(x)])];
             x = uf_[static_cast<std::size_t>(x)];
         }
         return x;
@@ -441,17 +450,21 @@ inline void importer::hash_lines() {
     hash_.assign(tree_.lines.size(), 0);
     for (std::size_t i = tree_.lines.size(); i-- > 0;) {
         const mtree_line& l = tree_.lines[i];
-        const hwaddr addr =
-            l.parent < 0 ? l.start : l.start - tree_.lines[static_cast<std::size_t>(l.parent)].start;
+        const hwaddr addr = l.parent < 0
+                                ? l.start
+                                : l.start - tree_.lines[static_cast<std::size_t>(l.parent)].start;
         std::string owner;
         if (l.owner) {
-            if (l.owner->owner) owner += l.owner->owner->id + "|" + l.owner->owner->path + "|" + l.owner->owner->type;
+            if (l.owner->owner)
+                owner +=
+                    l.owner->owner->id + "|" + l.owner->owner->path + "|" + l.owner->owner->type;
             if (l.owner->parent) owner += "^" + l.owner->parent->path;
             if (l.owner->orphan) owner += "orphan";
         }
-        std::string s = fmt::format("{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{:x}\x1f{:x}\x1f{:x}\x1f{}",
-                                    l.name, l.is_alias, l.target, l.type, l.nonvolatile, l.priority,
-                                    l.disabled, l.end - l.start, l.alias_start, addr, owner);
+        std::string s =
+            fmt::format("{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{}\x1f{:x}\x1f{:x}\x1f{:x}\x1f{}",
+                        l.name, l.is_alias, l.target, l.type, l.nonvolatile, l.priority, l.disabled,
+                        l.end - l.start, l.alias_start, addr, owner);
         for (int c : l.children) s += fmt::format("\x1e{:x}", hash_[static_cast<std::size_t>(c)]);
         hash_[i] = std::hash<std::string>{}(s);
     }
@@ -508,7 +521,8 @@ inline void importer::unify() {
             for (int o : by_hash[hash_[static_cast<std::size_t>(r)]]) {
                 if (find(o) == find(r) || !same_shape(o, r)) continue;
                 if (roots_in(o, blk.address_space) > 0) continue;
-                if (std::none_of(cands.begin(), cands.end(), [&](int c) { return find(c) == find(o); }))
+                if (std::none_of(cands.begin(), cands.end(),
+                                 [&](int c) { return find(c) == find(o); }))
                     cands.push_back(o);
             }
             if (cands.empty()) {
@@ -518,12 +532,14 @@ inline void importer::unify() {
             if (cands.size() > 1) {
                 if (!settle_one) continue;
                 std::string lines;
-                for (int c : cands) lines += fmt::format("{}{}", lines.empty() ? "" : ", ", line(c).line_no);
+                for (int c : cands)
+                    lines += fmt::format("{}{}", lines.empty() ? "" : ", ", line(c).line_no);
                 identity_notes_.push_back(fmt::format(
                     "{} block '{}' ({}) looks like {} regions printed elsewhere (lines {}); took "
                     "the one at line {}",
                     blk.address_space ? "address-space" : "memory-region", line(r).name,
-                    block_where(static_cast<int>(b)), cands.size(), lines, line(cands.front()).line_no));
+                    block_where(static_cast<int>(b)), cands.size(), lines,
+                    line(cands.front()).line_no));
             }
             unite_tree(cands.front(), r);
             done[b] = 1;
@@ -587,7 +603,8 @@ inline void importer::build_classes() {
             for (std::size_t j = i + 1; j < k.children.size(); ++j) {
                 const mtree_line& a = rep(k.children[i]);
                 const mtree_line& b = rep(k.children[j]);
-                if (a.priority != b.priority || a.start == b.start || a.overflow || b.overflow) continue;
+                if (a.priority != b.priority || a.start == b.start || a.overflow || b.overflow)
+                    continue;
                 if (std::max(a.start, b.start) <= std::min(a.end, b.end))
                     overlaps_.emplace_back(std::min(k.children[i], k.children[j]),
                                            std::max(k.children[i], k.children[j]));
@@ -617,8 +634,9 @@ inline void importer::find_candidates() {
         }
         // A target that contains its alias comes last: QEMU allows it (the
         // rendering is clipped), this library refuses a cycle of regions.
-        std::stable_partition(k.candidates.begin(), k.candidates.end(),
-                              [&](int b) { return !contains(block_class(b), static_cast<int>(c)); });
+        std::stable_partition(k.candidates.begin(), k.candidates.end(), [&](int b) {
+            return !contains(block_class(b), static_cast<int>(c));
+        });
         if (k.candidates.empty())
             fail(fmt::format("alias {} targets '{}', but no memory-region block of that name has "
                              "type {}",
@@ -637,8 +655,8 @@ inline void importer::find_candidates() {
 /// blocks queued already (latest first), then the next block.
 /// `fixed_class` (when >= 0) must take `fixed_block`. Returns false when no
 /// assignment fits.
-inline bool importer::assign_targets(solution& sol, const std::vector<int>& preferred, int fixed_class,
-                                     int fixed_block) {
+inline bool importer::assign_targets(solution& sol, const std::vector<int>& preferred,
+                                     int fixed_class, int fixed_block) {
     const int nblocks = static_cast<int>(tree_.blocks.size());
     // Events in text order: the first line of each alias class, and each
     // memory-region block's heading (its block must be queued by then).
@@ -665,7 +683,8 @@ inline bool importer::assign_targets(solution& sol, const std::vector<int>& pref
                      [](const event& a, const event& b) { return a.line_no < b.line_no; });
     const int nmr = static_cast<int>(mr_order.size());
     std::vector<int> rank(static_cast<std::size_t>(nblocks), -1); // queue position of each mr block
-    for (int i = 0; i < nmr; ++i) rank[static_cast<std::size_t>(mr_order[static_cast<std::size_t>(i)])] = i;
+    for (int i = 0; i < nmr; ++i)
+        rank[static_cast<std::size_t>(mr_order[static_cast<std::size_t>(i)])] = i;
 
     auto options_of = [&](int c) -> const std::vector<int>& { return cls(c).candidates; };
     auto can_take = [&](int c, int qpos) {
@@ -713,7 +732,9 @@ inline bool importer::assign_targets(solution& sol, const std::vector<int>& pref
             const mtree_line& al = rep(c);
             if (al.owner && al.owner->owner)
                 for (int b : cand)
-                    if (rep(block_class(b)).owner && rep(block_class(b)).owner->owner == al.owner->owner) push(b);
+                    if (rep(block_class(b)).owner &&
+                        rep(block_class(b)).owner->owner == al.owner->owner)
+                        push(b);
             for (int q = queued - 1; q >= 0; --q) {
                 const int b = mr_order[static_cast<std::size_t>(q)];
                 if (!contains(block_class(b), c)) push(b);
@@ -757,7 +778,8 @@ inline importer::solution importer::default_solution() {
     for (const mtree_flat_view& v : flat_.views)
         for (const mtree_flat_range& fr : v.parsed) shown.insert(fr.name);
     auto terminates = [&](const mtree_line& x) {
-        return !x.disabled && !x.is_alias && (x.type == "i/o" ? shown.count(x.name) != 0 : x.type != "container");
+        return !x.disabled && !x.is_alias &&
+               (x.type == "i/o" ? shown.count(x.name) != 0 : x.type != "container");
     };
     auto covered = [&](const mtree_line& r) {
         std::vector<std::pair<u128, u128>> parts; // [start, end + 1)
@@ -793,7 +815,8 @@ inline importer::solution importer::default_solution() {
 /// The order to add the subregions of `container_class`: at one address the
 /// tree prints the most recently added first; overlapping pairs at different
 /// addresses follow the solution; the rest follows reverse printed order.
-inline std::vector<int> importer::add_order(const solution& sol, int container_class, bool& ok) const {
+inline std::vector<int> importer::add_order(const solution& sol, int container_class,
+                                            bool& ok) const {
     const std::vector<int>& ch = cls(container_class).children;
     const std::size_t n = ch.size();
     std::vector<std::vector<std::size_t>> after(n); // edges i -> j: i added before j
@@ -805,14 +828,17 @@ inline std::vector<int> importer::add_order(const solution& sol, int container_c
     for (std::size_t i = 0; i + 1 < n; ++i) {
         const mtree_line& a = rep(ch[i]);
         const mtree_line& b = rep(ch[i + 1]);
-        if (a.start == b.start && a.priority == b.priority) edge(i + 1, i); // printed later: added earlier
+        if (a.start == b.start && a.priority == b.priority)
+            edge(i + 1, i); // printed later: added earlier
     }
     for (std::size_t i = 0; i < n; ++i)
         for (std::size_t j = 0; j < n; ++j) {
             auto it = sol.later.find({ch[i], ch[j]});
             if (it == sol.later.end() || i == j) continue;
-            if (it->second) edge(i, j); // ch[j] added after ch[i]
-            else edge(j, i);
+            if (it->second)
+                edge(i, j); // ch[j] added after ch[i]
+            else
+                edge(j, i);
         }
     // Kahn's algorithm, preferring reverse printed order.
     std::vector<int> out;
@@ -863,7 +889,8 @@ inline fixture_spec importer::make_spec(const solution& sol, bool with_owners, b
     // The machine's own containers exist already: a region "owned" by one is
     // made ownerless with that container as its home.
     auto fixed = [](const std::string& p) {
-        return p == "/machine/unattached" || p == "/machine/peripheral" || p == "/machine/peripheral-anon";
+        return p == "/machine/unattached" || p == "/machine/peripheral" ||
+               p == "/machine/peripheral-anon";
     };
     auto add_owner = [&](const mtree_object_ref& r) -> std::string {
         std::string p = owner_path(r);
@@ -881,16 +908,26 @@ inline fixture_spec importer::make_spec(const solution& sol, bool with_owners, b
         const mtree_line& r = line(k.rep);
         fixture_region s;
         s.name = r.name;
-        if (r.is_alias) s.kind = region_kind::alias;
-        else if (r.type == "ram") s.kind = region_kind::ram;
-        else if (r.type == "rom") s.kind = region_kind::rom;
-        else if (r.type == "romd") s.kind = region_kind::rom_device;
-        else if (r.type == "ramd") s.kind = region_kind::ram_device;
-        else if (r.type == "container") s.kind = region_kind::container;
-        else s.kind = sol.io[static_cast<std::size_t>(c)] ? region_kind::io : region_kind::container;
-        if (k.open_size) s.size = sol.one_byte[static_cast<std::size_t>(c)] ? 1 : 0;
-        else if (r.end - r.start == ~hwaddr(0)) s.size = u128_2_64;
-        else s.size = u128(r.end - r.start) + 1;
+        if (r.is_alias)
+            s.kind = region_kind::alias;
+        else if (r.type == "ram")
+            s.kind = region_kind::ram;
+        else if (r.type == "rom")
+            s.kind = region_kind::rom;
+        else if (r.type == "romd")
+            s.kind = region_kind::rom_device;
+        else if (r.type == "ramd")
+            s.kind = region_kind::ram_device;
+        else if (r.type == "container")
+            s.kind = region_kind::container;
+        else
+            s.kind = sol.io[static_cast<std::size_t>(c)] ? region_kind::io : region_kind::container;
+        if (k.open_size)
+            s.size = sol.one_byte[static_cast<std::size_t>(c)] ? 1 : 0;
+        else if (r.end - r.start == ~hwaddr(0))
+            s.size = u128_2_64;
+        else
+            s.size = u128(r.end - r.start) + 1;
         if (k.container >= 0) {
             s.parent = id[static_cast<std::size_t>(k.container)];
             s.addr = r.start - line(r.parent).start;
@@ -938,13 +975,17 @@ inline fixture_spec importer::make_spec(const solution& sol, bool with_owners, b
     for (const mtree_flat_view& v : flat_.views)
         for (const mtree_flat_space& fs : v.spaces)
             for (std::size_t i = 0; i < spaces.size(); ++i)
-                if (!taken[i] && spaces[i].first == fs.name && rep(spaces[i].second).name == fs.root) {
+                if (!taken[i] && spaces[i].first == fs.name &&
+                    rep(spaces[i].second).name == fs.root) {
                     taken[i] = 1;
-                    spec.address_spaces.push_back({spaces[i].first, id[static_cast<std::size_t>(spaces[i].second)]});
+                    spec.address_spaces.push_back(
+                        {spaces[i].first, id[static_cast<std::size_t>(spaces[i].second)]});
                     break;
                 }
     for (std::size_t i = 0; i < spaces.size(); ++i)
-        if (!taken[i]) spec.address_spaces.push_back({spaces[i].first, id[static_cast<std::size_t>(spaces[i].second)]});
+        if (!taken[i])
+            spec.address_spaces.push_back(
+                {spaces[i].first, id[static_cast<std::size_t>(spaces[i].second)]});
     return spec;
 }
 
@@ -972,10 +1013,12 @@ inline importer::score importer::evaluate(const solution& sol) {
     }
     const keyed_flat got_flat = key_flat(read_mtree_flat(flat_text, "qomem -f"));
     const keyed_lines got_tree = key_tree(read_mtree_tree(tree_text, "qomem -D"));
-    s.structure = keyed_difference(want_flat_.heads, got_flat.heads, &s.names, &s.flat_missing, &s.flat_extra) +
+    s.structure = keyed_difference(want_flat_.heads, got_flat.heads, &s.names, &s.flat_missing,
+                                   &s.flat_extra) +
                   keyed_difference(want_tree_, got_tree, &s.names, &s.tree_missing, &s.tree_extra);
     s.bytes = flat_bytes_differing(want_flat_, got_flat, &s.names);
-    s.lines = keyed_difference(want_flat_.lines, got_flat.lines, nullptr, &s.flat_missing, &s.flat_extra);
+    s.lines =
+        keyed_difference(want_flat_.lines, got_flat.lines, nullptr, &s.flat_missing, &s.flat_extra);
     return s;
 }
 
@@ -990,8 +1033,8 @@ inline std::vector<importer::choice> importer::all_choices() const {
         if (k.open_size) out.push_back({choice_kind::size, c});
         // readonly: QEMU sets it on aliases (and on RAM, which prints it);
         // on containers and I/O regions only when nothing else will do.
-        if (r.is_alias || (wide_readonly_ && r.type != "ram" && r.type != "rom" && r.type != "ramd" &&
-                           r.type != "romd"))
+        if (r.is_alias || (wide_readonly_ && r.type != "ram" && r.type != "rom" &&
+                           r.type != "ramd" && r.type != "romd"))
             out.push_back({choice_kind::readonly, c});
     }
     for (const auto& [a, b] : overlaps_) out.push_back({choice_kind::order, a, b});
@@ -1001,33 +1044,39 @@ inline std::vector<importer::choice> importer::all_choices() const {
 /// The choices that can change lines naming `names`: those of the regions
 /// with these names, of their containers (up to the roots), of aliases that
 /// may lead to any of these, and so on.
-inline std::vector<importer::choice> importer::choices_near(const std::vector<std::string>& names) const {
+inline std::vector<importer::choice>
+importer::choices_near(const std::vector<std::string>& names) const {
     std::set<std::string> wanted(names.begin(), names.end());
     const std::size_t n = classes_.size();
     std::vector<char> near(n, 0);
     std::vector<int> work;
     for (std::size_t c = 0; c < n; ++c)
-        if (wanted.count(line(classes_[c].rep).name)) near[c] = 1, work.push_back(static_cast<int>(c));
+        if (wanted.count(line(classes_[c].rep).name))
+            near[c] = 1, work.push_back(static_cast<int>(c));
     std::vector<std::vector<int>> users(n); // class -> aliases that may target it
     for (std::size_t c = 0; c < n; ++c)
-        for (int b : classes_[c].candidates) users[static_cast<std::size_t>(block_class(b))].push_back(static_cast<int>(c));
+        for (int b : classes_[c].candidates)
+            users[static_cast<std::size_t>(block_class(b))].push_back(static_cast<int>(c));
     // What lies over a named region can hide it: its subregions, theirs, ...,
     // and its siblings (which it may hide in turn).
     for (int c : std::vector<int>(work))
         if (cls(c).container >= 0)
             for (int sib : cls(cls(c).container).children)
-                if (!near[static_cast<std::size_t>(sib)]) near[static_cast<std::size_t>(sib)] = 1, work.push_back(sib);
+                if (!near[static_cast<std::size_t>(sib)])
+                    near[static_cast<std::size_t>(sib)] = 1, work.push_back(sib);
     for (std::vector<int> down(work); !down.empty();) {
         const int c = down.back();
         down.pop_back();
         for (int ch : cls(c).children)
-            if (!near[static_cast<std::size_t>(ch)]) near[static_cast<std::size_t>(ch)] = 1, down.push_back(ch);
+            if (!near[static_cast<std::size_t>(ch)])
+                near[static_cast<std::size_t>(ch)] = 1, down.push_back(ch);
     }
     while (!work.empty()) {
         const int c = work.back();
         work.pop_back();
         auto visit = [&](int x) {
-            if (x >= 0 && !near[static_cast<std::size_t>(x)]) near[static_cast<std::size_t>(x)] = 1, work.push_back(x);
+            if (x >= 0 && !near[static_cast<std::size_t>(x)])
+                near[static_cast<std::size_t>(x)] = 1, work.push_back(x);
         };
         visit(cls(c).container);
         for (int u : users[static_cast<std::size_t>(c)]) visit(u);
@@ -1035,7 +1084,8 @@ inline std::vector<importer::choice> importer::choices_near(const std::vector<st
     std::vector<choice> out;
     for (const choice& ch : all_choices()) {
         if (ch.what == choice_kind::order) {
-            if (near[static_cast<std::size_t>(ch.cls)] || near[static_cast<std::size_t>(ch.other)]) out.push_back(ch);
+            if (near[static_cast<std::size_t>(ch.cls)] || near[static_cast<std::size_t>(ch.other)])
+                out.push_back(ch);
         } else if (near[static_cast<std::size_t>(ch.cls)]) {
             out.push_back(ch);
         }
@@ -1043,7 +1093,8 @@ inline std::vector<importer::choice> importer::choices_near(const std::vector<st
     return out;
 }
 
-inline std::vector<importer::solution> importer::alternatives(const solution& sol, const choice& c) {
+inline std::vector<importer::solution> importer::alternatives(const solution& sol,
+                                                              const choice& c) {
     std::vector<solution> out;
     const std::size_t i = static_cast<std::size_t>(c.cls);
     switch (c.what) {
@@ -1142,7 +1193,8 @@ inline void importer::search(solution& sol, score& best) {
 /// Applies to `into` what `changed` changed relative to `base` (the same
 /// one choice); false if that choice was an alias target (their queue ties
 /// aliases together: not merged).
-inline bool importer::merge_change(solution& into, const solution& base, const solution& changed) const {
+inline bool importer::merge_change(solution& into, const solution& base,
+                                   const solution& changed) const {
     if (changed.target != base.target) return false;
     for (std::size_t i = 0; i < base.io.size(); ++i) {
         if (changed.io[i] != base.io[i]) into.io[i] = changed.io[i];
@@ -1178,21 +1230,25 @@ inline void importer::report_unsettled(const solution& sol) {
     std::map<std::string, std::vector<std::string>> groups; // heading -> items
     for (const choice& ch : all_choices()) {
         const std::size_t i = static_cast<std::size_t>(ch.cls);
-        const bool shown = vis[i] || (ch.what == choice_kind::order && vis[static_cast<std::size_t>(ch.other)]);
+        const bool shown =
+            vis[i] || (ch.what == choice_kind::order && vis[static_cast<std::size_t>(ch.other)]);
 
         std::vector<int> equal; // alternatives that print the same texts
         if (shown) {
             for (solution& alt : alternatives(sol, ch)) {
                 if (result_.evaluations >= opt_.max_evaluations) break;
                 if (evaluate(alt).zero()) {
-                    if (ch.what == choice_kind::target) equal.push_back(alt.target[i]);
-                    else equal.push_back(1);
+                    if (ch.what == choice_kind::target)
+                        equal.push_back(alt.target[i]);
+                    else
+                        equal.push_back(1);
                 }
             }
             if (equal.empty()) continue; // settled
         }
-        const std::string why = shown ? "the texts come out the same either way"
-                                      : "not shown (disabled, or not reachable from an address space)";
+        const std::string why =
+            shown ? "the texts come out the same either way"
+                  : "not shown (disabled, or not reachable from an address space)";
         switch (ch.what) {
         case choice_kind::target: {
             std::string others;
@@ -1200,8 +1256,12 @@ inline void importer::report_unsettled(const solution& sol) {
             if (!shown)
                 for (int b : cls(ch.cls).candidates)
                     if (b != sol.target[i]) others += fmt::format(", {}", block_where(b));
-            groups[fmt::format("which same-named region an alias targets ({}); chose the first block listed", why)]
-                .push_back(fmt::format("{} -> {}{}", where(ch.cls), block_where(sol.target[i]), others));
+            groups
+                [fmt::format(
+                     "which same-named region an alias targets ({}); chose the first block listed",
+                     why)]
+                    .push_back(fmt::format("{} -> {}{}", where(ch.cls), block_where(sol.target[i]),
+                                           others));
             break;
         }
         case choice_kind::kind:
@@ -1213,13 +1273,16 @@ inline void importer::report_unsettled(const solution& sol) {
                 fmt::format("{} as {}", where(ch.cls), sol.one_byte[i] ? 1 : 0));
             break;
         case choice_kind::readonly:
-            groups[fmt::format("readonly ({}); assumed {}", why, sol.readonly[i] ? "true" : "false")].push_back(
-                where(ch.cls));
+            groups[fmt::format("readonly ({}); assumed {}", why,
+                               sol.readonly[i] ? "true" : "false")]
+                .push_back(where(ch.cls));
             break;
         case choice_kind::order: {
             auto it = sol.later.find({ch.cls, ch.other});
             const bool b_later = it != sol.later.end() && it->second;
-            groups[fmt::format("which of two overlapping regions of equal priority was added last ({})", why)]
+            groups[fmt::format(
+                       "which of two overlapping regions of equal priority was added last ({})",
+                       why)]
                 .push_back(fmt::format("{} or {}: chose {}", where(ch.cls), where(ch.other),
                                        b_later ? where(ch.other) : where(ch.cls)));
             break;
@@ -1241,18 +1304,21 @@ inline void importer::report_mismatch(const score& s) {
     }
     auto show = [](const std::vector<std::string>& lines, std::string_view sign) {
         std::string out;
-        for (std::size_t i = 0; i < lines.size() && i < 20; ++i) out += fmt::format("\n    {} {}", sign, lines[i]);
+        for (std::size_t i = 0; i < lines.size() && i < 20; ++i)
+            out += fmt::format("\n    {} {}", sign, lines[i]);
         if (lines.size() > 20) out += fmt::format("\n    ... and {} more", lines.size() - 20);
         return out;
     };
     if (!s.flat_missing.empty() || !s.flat_extra.empty())
-        fail(fmt::format("no fixture found prints {} exactly: {} line(s) differ (- QEMU's, + the fixture's){}{}",
-                         flat_.source, s.flat_missing.size() + s.flat_extra.size(),
-                         show(s.flat_missing, "-"), show(s.flat_extra, "+")));
+        fail(fmt::format(
+            "no fixture found prints {} exactly: {} line(s) differ (- QEMU's, + the fixture's){}{}",
+            flat_.source, s.flat_missing.size() + s.flat_extra.size(), show(s.flat_missing, "-"),
+            show(s.flat_extra, "+")));
     if (!s.tree_missing.empty() || !s.tree_extra.empty())
-        fail(fmt::format("no fixture found prints {} exactly: {} line(s) differ (- QEMU's, + the fixture's){}{}",
-                         tree_.source, s.tree_missing.size() + s.tree_extra.size(),
-                         show(s.tree_missing, "-"), show(s.tree_extra, "+")));
+        fail(fmt::format(
+            "no fixture found prints {} exactly: {} line(s) differ (- QEMU's, + the fixture's){}{}",
+            tree_.source, s.tree_missing.size() + s.tree_extra.size(), show(s.tree_missing, "-"),
+            show(s.tree_extra, "+")));
     std::set<std::string> names(s.names.begin(), s.names.end());
     std::string list;
     for (const std::string& nm : names) list += fmt::format("{}'{}'", list.empty() ? "" : ", ", nm);
@@ -1267,19 +1333,21 @@ inline bool importer::same_address_spaces() {
     for (const mtree_block& b : tree_.blocks)
         if (b.address_space)
             for (const std::string& n : b.names)
-                tree_spaces.insert(fmt::format("\"{}\", root: {}", n, line(b.root).is_alias
-                                                                          ? line(b.root).name + ", alias " + line(b.root).target
-                                                                          : line(b.root).name));
+                tree_spaces.insert(fmt::format(
+                    "\"{}\", root: {}", n,
+                    line(b.root).is_alias ? line(b.root).name + ", alias " + line(b.root).target
+                                          : line(b.root).name));
     for (const mtree_flat_view& v : flat_.views)
         for (const mtree_flat_space& sp : v.spaces)
-            flat_spaces.insert(fmt::format("\"{}\", root: {}", sp.name,
-                                           sp.root_alias.empty() ? sp.root : sp.root + ", alias " + sp.root_alias));
+            flat_spaces.insert(fmt::format(
+                "\"{}\", root: {}", sp.name,
+                sp.root_alias.empty() ? sp.root : sp.root + ", alias " + sp.root_alias));
     if (tree_spaces == flat_spaces) return true;
     std::vector<std::string> only_tree, only_flat;
-    std::set_difference(tree_spaces.begin(), tree_spaces.end(), flat_spaces.begin(), flat_spaces.end(),
-                        std::back_inserter(only_tree));
-    std::set_difference(flat_spaces.begin(), flat_spaces.end(), tree_spaces.begin(), tree_spaces.end(),
-                        std::back_inserter(only_flat));
+    std::set_difference(tree_spaces.begin(), tree_spaces.end(), flat_spaces.begin(),
+                        flat_spaces.end(), std::back_inserter(only_tree));
+    std::set_difference(flat_spaces.begin(), flat_spaces.end(), tree_spaces.begin(),
+                        tree_spaces.end(), std::back_inserter(only_flat));
     auto list = [](const std::vector<std::string>& v) {
         std::string out;
         for (const std::string& x : v) out += fmt::format("\n    {}", x);
@@ -1287,7 +1355,8 @@ inline bool importer::same_address_spaces() {
     };
     fail(fmt::format("{} and {} do not list the same address spaces (are they of one machine?); "
                      "only in {}:{}\n  only in {}:{}",
-                     tree_.source, flat_.source, tree_.source, list(only_tree), flat_.source, list(only_flat)));
+                     tree_.source, flat_.source, tree_.source, list(only_tree), flat_.source,
+                     list(only_flat)));
     return false;
 }
 
@@ -1299,11 +1368,13 @@ inline import_result importer::run() {
     unify();
     build_classes();
     find_candidates();
-    if (std::any_of(result_.findings.begin(), result_.findings.end(), [](const import_finding& f) { return f.error; }))
+    if (std::any_of(result_.findings.begin(), result_.findings.end(),
+                    [](const import_finding& f) { return f.error; }))
         return std::move(result_);
     if (!same_address_spaces()) return std::move(result_);
     solution sol = default_solution();
-    if (std::any_of(result_.findings.begin(), result_.findings.end(), [](const import_finding& f) { return f.error; }))
+    if (std::any_of(result_.findings.begin(), result_.findings.end(),
+                    [](const import_finding& f) { return f.error; }))
         return std::move(result_);
     score best = evaluate(sol);
     search(sol, best);
@@ -1318,11 +1389,14 @@ inline import_result importer::run() {
         // flat views or the tree; checked rather than assumed).
         try {
             auto m = fixture_machine::build(result_.spec, "import");
-            const keyed_flat f = key_flat(read_mtree_flat(info_mtree(m->spaces(), {.flatview = true}), "qomem"));
-            const keyed_lines t = key_tree(read_mtree_tree(info_mtree(m->spaces(), {.disabled = true}), "qomem"));
+            const keyed_flat f =
+                key_flat(read_mtree_flat(info_mtree(m->spaces(), {.flatview = true}), "qomem"));
+            const keyed_lines t =
+                key_tree(read_mtree_tree(info_mtree(m->spaces(), {.disabled = true}), "qomem"));
             if (keyed_difference(want_flat_.heads, f.heads, nullptr, nullptr, nullptr) +
                     keyed_difference(want_flat_.lines, f.lines, nullptr, nullptr, nullptr) +
-                    keyed_difference(want_tree_, t, nullptr, nullptr, nullptr) != 0)
+                    keyed_difference(want_tree_, t, nullptr, nullptr, nullptr) !=
+                0)
                 fail("the fixture with its owners prints differently from the one without (a bug)");
             else
                 result_.reproduces = true;

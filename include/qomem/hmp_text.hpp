@@ -24,8 +24,8 @@
 
 #include <fmt/core.h>
 
-#include <qomem/types.hpp>
 #include <qomem/error.hpp>
+#include <qomem/types.hpp>
 
 namespace qomem {
 
@@ -112,7 +112,7 @@ struct mtree_flat_range {
 struct mtree_flat_view {
     std::size_t line_no = 0;
     std::vector<mtree_flat_space> spaces;
-    std::string root; ///< "Root memory region: X" (X may be "(none)")
+    std::string root;   ///< "Root memory region: X" (X may be "(none)")
     bool empty = false; ///< "No rendered FlatView"
     /// The range lines as printed (without their -o annotation).
     std::vector<std::string> ranges;
@@ -157,10 +157,14 @@ inline bool parse_hex16(std::string_view s, hwaddr& out) {
     hwaddr v = 0;
     for (char c : s) {
         unsigned d;
-        if (c >= '0' && c <= '9') d = unsigned(c - '0');
-        else if (c >= 'a' && c <= 'f') d = unsigned(c - 'a' + 10);
-        else if (c >= 'A' && c <= 'F') d = unsigned(c - 'A' + 10);
-        else return false;
+        if (c >= '0' && c <= '9')
+            d = unsigned(c - '0');
+        else if (c >= 'a' && c <= 'f')
+            d = unsigned(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F')
+            d = unsigned(c - 'A' + 10);
+        else
+            return false;
         v = v << 4 | d;
     }
     out = v;
@@ -177,14 +181,21 @@ inline bool parse_object_ref(std::string_view s, mtree_object_ref& out) {
     // "{dev id=X}", "{dev path=P}", "{obj path=P}", "{obj type=T}"
     if (s.size() < 7 || s.front() != '{' || s.back() != '}') return false;
     s = s.substr(1, s.size() - 2);
-    if (s.substr(0, 4) == "dev ") out.device = true;
-    else if (s.substr(0, 4) == "obj ") out.device = false;
-    else return false;
+    if (s.substr(0, 4) == "dev ")
+        out.device = true;
+    else if (s.substr(0, 4) == "obj ")
+        out.device = false;
+    else
+        return false;
     s.remove_prefix(4);
-    if (s.substr(0, 3) == "id=") out.id = std::string(s.substr(3));
-    else if (s.substr(0, 5) == "path=") out.path = std::string(s.substr(5));
-    else if (s.substr(0, 5) == "type=") out.type = std::string(s.substr(5));
-    else return false;
+    if (s.substr(0, 3) == "id=")
+        out.id = std::string(s.substr(3));
+    else if (s.substr(0, 5) == "path=")
+        out.path = std::string(s.substr(5));
+    else if (s.substr(0, 5) == "type=")
+        out.type = std::string(s.substr(5));
+    else
+        return false;
     return true;
 }
 
@@ -265,7 +276,8 @@ inline bool parse_head(std::string_view s, hwaddr& start, hwaddr& end, std::int3
 
 /// Reads `info mtree` text (with or without -D; with -o when `with_owners`).
 /// Throws: hmp_error for a line that is not QEMU's format.
-inline mtree_tree read_mtree_tree(std::string_view text, std::string source, bool with_owners = false) {
+inline mtree_tree read_mtree_tree(std::string_view text, std::string source,
+                                  bool with_owners = false) {
     mtree_tree t;
     t.source = std::move(source);
     t.with_owners = with_owners;
@@ -291,7 +303,8 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source, boo
             stack.clear();
             continue;
         }
-        if (t.blocks.empty()) detail::fail(t.source, no, line, "a region line before any block header");
+        if (t.blocks.empty())
+            detail::fail(t.source, no, line, "a region line before any block header");
         in_headers = false;
         mtree_line l;
         l.line_no = no;
@@ -315,20 +328,25 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source, boo
             mtree_owner_info info;
             if (!detail::split_owner(rest, info))
                 detail::fail(t.source, no, line,
-                             "expected an -o annotation (\" owner:{...}\", \" parent:{...}\" or \" orphan\")");
+                             "expected an -o annotation (\" owner:{...}\", \" parent:{...}\" or \" "
+                             "orphan\")");
             l.owner = info;
         }
         const std::string_view disabled = " [disabled]";
-        if (rest.size() >= disabled.size() && rest.substr(rest.size() - disabled.size()) == disabled) {
+        if (rest.size() >= disabled.size() &&
+            rest.substr(rest.size() - disabled.size()) == disabled) {
             l.disabled = true;
             rest.remove_suffix(disabled.size());
         }
         // "alias NAME @TARGET START-END"
-        if (rest.substr(0, 6) == "alias " && rest.size() >= 6 + 34 && rest[rest.size() - 34] == ' ' &&
+        if (rest.substr(0, 6) == "alias " && rest.size() >= 6 + 34 &&
+            rest[rest.size() - 34] == ' ' &&
             detail::parse_range(rest.substr(rest.size() - 33), l.alias_start, l.alias_end)) {
             const std::string_view both = rest.substr(6, rest.size() - 6 - 34);
-            for (std::size_t at = both.find(" @"); at != std::string_view::npos; at = both.find(" @", at + 1))
-                l.alias_splits.emplace_back(std::string(both.substr(0, at)), std::string(both.substr(at + 2)));
+            for (std::size_t at = both.find(" @"); at != std::string_view::npos;
+                 at = both.find(" @", at + 1))
+                l.alias_splits.emplace_back(std::string(both.substr(0, at)),
+                                            std::string(both.substr(at + 2)));
             if (!l.alias_splits.empty()) {
                 l.is_alias = true;
                 l.name = l.alias_splits.front().first;
@@ -339,8 +357,8 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source, boo
         // The line minus its -o annotation: everything up to the end of the
         // region part (name, alias range, [disabled]).
         {
-            const std::size_t region_end = static_cast<std::size_t>(rest.data() - line.data()) + rest.size() +
-                                           (l.disabled ? disabled.size() : 0);
+            const std::size_t region_end = static_cast<std::size_t>(rest.data() - line.data()) +
+                                           rest.size() + (l.disabled ? disabled.size() : 0);
             l.text = std::string(line.substr(0, region_end));
         }
         const int idx = static_cast<int>(t.lines.size());
@@ -351,7 +369,8 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source, boo
             stack.assign(1, idx);
         } else {
             if (stack.size() < l.level - 1 || stack.empty())
-                detail::fail(t.source, no, line, "indented deeper than one level below the line above");
+                detail::fail(t.source, no, line,
+                             "indented deeper than one level below the line above");
             stack.resize(l.level - 1);
             l.parent = stack.back();
             t.lines[static_cast<std::size_t>(l.parent)].children.push_back(idx);
@@ -361,14 +380,15 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source, boo
     }
     for (const mtree_block& b : t.blocks)
         if (b.root < 0)
-            throw hmp_error(fmt::format("{}:{}: block \"{}\" has no region line", t.source, b.line_no,
-                                        b.names.front()));
+            throw hmp_error(fmt::format("{}:{}: block \"{}\" has no region line", t.source,
+                                        b.line_no, b.names.front()));
     return t;
 }
 
 /// Reads `info mtree -f` text (with -o when `with_owners`).
 /// Throws: hmp_error for a line that is not QEMU's format.
-inline mtree_flat read_mtree_flat(std::string_view text, std::string source, bool with_owners = false) {
+inline mtree_flat read_mtree_flat(std::string_view text, std::string source,
+                                  bool with_owners = false) {
     mtree_flat f;
     f.source = std::move(source);
     const auto lines = detail::split_lines(text);
@@ -381,7 +401,8 @@ inline mtree_flat read_mtree_flat(std::string_view text, std::string source, boo
             f.views.back().line_no = no;
             continue;
         }
-        if (f.views.empty()) detail::fail(f.source, no, line, "a line before the first \"FlatView #\"");
+        if (f.views.empty())
+            detail::fail(f.source, no, line, "a line before the first \"FlatView #\"");
         mtree_flat_view& v = f.views.back();
         if (line.substr(0, 5) == " AS \"") {
             const std::size_t q = line.find("\", root: ", 5);
@@ -416,10 +437,12 @@ inline mtree_flat read_mtree_flat(std::string_view text, std::string source, boo
             }
             std::string_view name = rest;
             hwaddr off = 0;
-            if (name.size() > 18 && name[name.size() - 18] == ' ' && name[name.size() - 17] == '@' &&
+            if (name.size() > 18 && name[name.size() - 18] == ' ' &&
+                name[name.size() - 17] == '@' &&
                 detail::parse_hex16(name.substr(name.size() - 16), off))
                 name.remove_suffix(18);
-            v.ranges.emplace_back(line.substr(0, static_cast<std::size_t>(rest.data() - line.data()) + rest.size()));
+            v.ranges.emplace_back(
+                line.substr(0, static_cast<std::size_t>(rest.data() - line.data()) + rest.size()));
             v.parsed.push_back({a, b, prio, nv, std::move(type), std::string(name), off});
         } else {
             detail::fail(f.source, no, line, "not a line of `info mtree -f`");
@@ -469,8 +492,9 @@ inline std::string mtree_text_difference(std::string_view expected, std::string_
     std::set_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(only_a));
     std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(only_b));
     if (!only_a.empty())
-        return fmt::format("{} block(s) of the expected text are not in the actual one; the first:\n{}",
-                           only_a.size(), only_a.front());
+        return fmt::format(
+            "{} block(s) of the expected text are not in the actual one; the first:\n{}",
+            only_a.size(), only_a.front());
     return fmt::format("{} block(s) of the actual text are not in the expected one; the first:\n{}",
                        only_b.size(), only_b.front());
 }
@@ -489,7 +513,8 @@ inline qom_tree_text read_qom_tree(std::string_view text, std::string source) {
         const std::size_t open = line.rfind(" (");
         if (spaces % 2 != 0 || spaces >= line.size() || line[spaces] != '/' || line.back() != ')' ||
             open == std::string_view::npos || open <= spaces)
-            detail::fail(q.source, i + 1, line, "expected \"/NAME (TYPE)\" indented by 2 per level");
+            detail::fail(q.source, i + 1, line,
+                         "expected \"/NAME (TYPE)\" indented by 2 per level");
         const std::size_t level = spaces / 2;
         if (level > stack.size()) detail::fail(q.source, i + 1, line, "indented too deep");
         stack.resize(level);

@@ -71,11 +71,14 @@ public:
     /// Reports through `report` (called once, from the destructor, only on
     /// a failure; it may throw unless an exception is already unwinding).
     explicit leak_check(reporter report)
-        : report_(std::move(report)), start_(live_object_count()), unwinding_(std::uncaught_exceptions()) {}
+        : report_(std::move(report)), start_(live_object_count()),
+          unwinding_(std::uncaught_exceptions()) {}
     leak_check(const leak_check&) = delete;
     leak_check& operator=(const leak_check&) = delete;
 
-    ~leak_check() noexcept(false) {
+    // Throwing is how the default reporter fails a test (never while an
+    // exception unwinds the scope): the escape is the point.
+    ~leak_check() noexcept(false) { // NOLINT(bugprone-exception-escape)
         if (clean()) return;
         const std::string what = message();
         if (report_) {
@@ -148,9 +151,13 @@ public:
     /// being finalized still appears in its children's unparenting events),
     /// so an object made later at the same address and of the same type
     /// would inherit the label: label such objects too.
-    void label(const object& obj, std::string name) { labels_[&obj] = {&obj.type(), std::move(name)}; }
+    void label(const object& obj, std::string name) {
+        labels_[&obj] = {&obj.type(), std::move(name)};
+    }
 
-    void finalizing(const object& obj) noexcept override { log_->add("finalizing " + label_of(obj)); }
+    void finalizing(const object& obj) noexcept override {
+        log_->add("finalizing " + label_of(obj));
+    }
     void unparenting(const object& child, const object& parent) noexcept override {
         log_->add("unparenting " + label_of(child) + " from " + label_of(parent));
     }
@@ -174,7 +181,8 @@ private:
 
 /// The events that start with `prefix`, in order (e.g. only the
 /// "finalizing " ones).
-inline std::vector<std::string> only(const std::vector<std::string>& events, std::string_view prefix) {
+inline std::vector<std::string> only(const std::vector<std::string>& events,
+                                     std::string_view prefix) {
     std::vector<std::string> out;
     for (const std::string& e : events)
         if (std::string_view(e).substr(0, prefix.size()) == prefix) out.push_back(e);
