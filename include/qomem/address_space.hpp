@@ -67,7 +67,8 @@ public:
         : memory_section(std::exchange(static_cast<memory_section&>(o), memory_section{})),
           hold_(std::move(o.hold_)) {}
     found_section& operator=(found_section&& o) noexcept {
-        static_cast<memory_section&>(*this) = std::exchange(static_cast<memory_section&>(o), memory_section{});
+        static_cast<memory_section&>(*this) =
+            std::exchange(static_cast<memory_section&>(o), memory_section{});
         hold_ = std::move(o.hold_);
         return *this;
     }
@@ -148,7 +149,8 @@ public:
         // The common case: all of it in one directly readable RAM range
         // (64-bit arithmetic only).
         if (const flat_range* fr = v.lookup_cached(addr);
-            fr && fr->host_base && len != 0 && len - 1 <= fr->last() - addr && !attrs.memory) [[likely]] {
+            fr && fr->host_base && len != 0 && len - 1 <= fr->last() - addr && !attrs.memory)
+            [[likely]] {
             std::memcpy(buf, fr->host_at(addr), len);
             return memtx_ok;
         }
@@ -385,7 +387,8 @@ inline void dma_mapping::end() {
         address_space::end_direct(*this, is_write_ ? len_ : 0);
 }
 
-inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
+inline dma_mapping& dma_mapping::operator=(
+    dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
     if (this != &o) {
         if (ptr_) end();
         take(o);

@@ -65,7 +65,8 @@ struct flat_range {
     std::byte* host_at(hwaddr a) const noexcept {
         // An integer on purpose: host_base is a guest-0 address that may lie
         // outside any object (see above); only the sum is a pointer.
-        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a)); // NOLINT(performance-no-int-to-ptr)
+        return reinterpret_cast<std::byte*>(
+            host_base + static_cast<std::uintptr_t>(a)); // NOLINT(performance-no-int-to-ptr)
     }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {
@@ -215,7 +216,8 @@ public:
             using pointer = const flat_range*;
             using reference = const flat_range&;
             iterator() noexcept = default;
-            iterator(const flat_view* v, std::size_t c, std::size_t i) noexcept : v_(v), c_(c), i_(i) {}
+            iterator(const flat_view* v, std::size_t c, std::size_t i) noexcept
+                : v_(v), c_(c), i_(i) {}
             reference operator*() const noexcept { return v_->chunks_[c_]->ranges()[i_]; }
             pointer operator->() const noexcept { return &**this; }
             iterator& operator++() noexcept {
@@ -350,7 +352,9 @@ private:
         return prefix_[c - 1] + detail::upper_index(st.data(), st.size(), addr);
     }
     std::size_t chunk_of(std::size_t i) const noexcept {
-        return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) - prefix_.begin()) - 1;
+        return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) -
+                                        prefix_.begin()) -
+               1;
     }
 
     mutable std::atomic<const flat_range*> mru_{nullptr};
@@ -364,7 +368,8 @@ private:
 
 template <class OnChange>
 ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& windows,
-                                     const std::vector<flat_range>& fresh, OnChange&& on_change) const {
+                                     const std::vector<flat_range>& fresh,
+                                     OnChange&& on_change) const {
     std::vector<detail::chunk_ptr> out;
     out.reserve(chunks_.size() + 4);
     std::size_t next_chunk = 0; // first chunk of this view not yet copied or rebuilt
@@ -400,7 +405,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
         std::vector<flat_range> old_span;
         if (size_ > 0)
             for (std::size_t c = c0; c <= c1; ++c)
-                old_span.insert(old_span.end(), chunks_[c]->ranges().begin(), chunks_[c]->ranges().end());
+                old_span.insert(old_span.end(), chunks_[c]->ranges().begin(),
+                                chunks_[c]->ranges().end());
         // The old ranges cut to what lies outside the windows...
         std::vector<flat_range> outside;
         std::size_t w = wi;
@@ -414,7 +420,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
                         flat_range piece = r; // host_base stays valid: same mapping
                         piece.start = static_cast<hwaddr>(pos);
                         piece.size = windows[k].first - pos;
-                        piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                        piece.offset_in_region =
+                            static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
                         outside.push_back(piece);
                     }
                     pos = std::max(pos, windows[k].second);
@@ -423,7 +430,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
                     flat_range piece = r;
                     piece.start = static_cast<hwaddr>(pos);
                     piece.size = end - pos;
-                    piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                    piece.offset_in_region =
+                        static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
                     outside.push_back(piece);
                     pos = end;
                 }
@@ -448,6 +456,5 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
     for (; next_chunk < chunks_.size(); ++next_chunk) out.push_back(chunks_[next_chunk]);
     return ref_ptr<flat_view>(new flat_view(root_, root_addr_, std::move(out)));
 }
-
 
 } // namespace qomem

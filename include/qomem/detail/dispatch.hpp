@@ -26,30 +26,64 @@ inline bool device_is_big_endian(endianness e) noexcept {
 
 inline std::uint64_t bswap_n(std::uint64_t v, unsigned size) noexcept {
     switch (size) {
-    case 2: return __builtin_bswap16(static_cast<std::uint16_t>(v));
-    case 4: return __builtin_bswap32(static_cast<std::uint32_t>(v));
-    case 8: return __builtin_bswap64(v);
-    default: return v;
+    case 2:
+        return __builtin_bswap16(static_cast<std::uint16_t>(v));
+    case 4:
+        return __builtin_bswap32(static_cast<std::uint32_t>(v));
+    case 8:
+        return __builtin_bswap64(v);
+    default:
+        return v;
     }
 }
 
 /// Loads `size` bytes in host order (QEMU's ldn_he_p).
 inline std::uint64_t load_host(const std::byte* p, unsigned size) noexcept {
     switch (size) {
-    case 1: { std::uint8_t v; std::memcpy(&v, p, 1); return v; }
-    case 2: { std::uint16_t v; std::memcpy(&v, p, 2); return v; }
-    case 4: { std::uint32_t v; std::memcpy(&v, p, 4); return v; }
-    default: { std::uint64_t v; std::memcpy(&v, p, 8); return v; }
+    case 1: {
+        std::uint8_t v;
+        std::memcpy(&v, p, 1);
+        return v;
+    }
+    case 2: {
+        std::uint16_t v;
+        std::memcpy(&v, p, 2);
+        return v;
+    }
+    case 4: {
+        std::uint32_t v;
+        std::memcpy(&v, p, 4);
+        return v;
+    }
+    default: {
+        std::uint64_t v;
+        std::memcpy(&v, p, 8);
+        return v;
+    }
     }
 }
 
 /// Stores `size` bytes in host order (QEMU's stn_he_p).
 inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
     switch (size) {
-    case 1: { auto x = static_cast<std::uint8_t>(v); std::memcpy(p, &x, 1); break; }
-    case 2: { auto x = static_cast<std::uint16_t>(v); std::memcpy(p, &x, 2); break; }
-    case 4: { auto x = static_cast<std::uint32_t>(v); std::memcpy(p, &x, 4); break; }
-    default: std::memcpy(p, &v, 8); break;
+    case 1: {
+        auto x = static_cast<std::uint8_t>(v);
+        std::memcpy(p, &x, 1);
+        break;
+    }
+    case 2: {
+        auto x = static_cast<std::uint16_t>(v);
+        std::memcpy(p, &x, 2);
+        break;
+    }
+    case 4: {
+        auto x = static_cast<std::uint32_t>(v);
+        std::memcpy(p, &x, 4);
+        break;
+    }
+    default:
+        std::memcpy(p, &v, 8);
+        break;
     }
 }
 
@@ -116,9 +150,10 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         for (const object* d : engaged) {
             if (d == dev) {
                 if (mr.first_reentrancy_report())
-                    log_line(log_category::reentrancy,
-                             fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
-                                         mr.region_name(), offset));
+                    log_line(
+                        log_category::reentrancy,
+                        fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
+                                    mr.region_name(), offset));
                 return memtx_access_error;
             }
         }
@@ -139,14 +174,14 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
     const unsigned impl_min = ops->impl.min_access_size ? ops->impl.min_access_size : 1;
     const unsigned impl_max = ops->impl.max_access_size ? ops->impl.max_access_size : 4;
     const unsigned access = std::max(std::min(size, impl_max), impl_min);
-    const std::uint64_t mask = access >= 8 ? ~std::uint64_t(0) : (std::uint64_t(1) << (access * 8)) - 1;
+    const std::uint64_t mask =
+        access >= 8 ? ~std::uint64_t(0) : (std::uint64_t(1) << (access * 8)) - 1;
     memtx_result r = memtx_ok;
     std::uint64_t combined = 0;
     for (unsigned i = 0; i < size; i += access) {
         const int shift = big ? (int(size) - int(access) - int(i)) * 8 : int(i) * 8;
         if (is_write) {
-            const std::uint64_t part =
-                (shift >= 0 ? v >> shift : v << -shift) & mask;
+            const std::uint64_t part = (shift >= 0 ? v >> shift : v << -shift) & mask;
             r |= ops->write(opaque, offset + i, part, access, attrs);
         } else {
             std::uint64_t part = 0;
