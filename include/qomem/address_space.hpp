@@ -387,8 +387,9 @@ inline void dma_mapping::end() {
         address_space::end_direct(*this, is_write_ ? len_ : 0);
 }
 
-inline dma_mapping& dma_mapping::operator=(
-    dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
+// Not noexcept (see dma.hpp): ending the old mapping may write back through MMIO.
+// NOLINTNEXTLINE(performance-noexcept-move-constructor)
+inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) {
     if (this != &o) {
         if (ptr_) end();
         take(o);

@@ -65,8 +65,8 @@ struct flat_range {
     std::byte* host_at(hwaddr a) const noexcept {
         // An integer on purpose: host_base is a guest-0 address that may lie
         // outside any object (see above); only the sum is a pointer.
-        return reinterpret_cast<std::byte*>(
-            host_base + static_cast<std::uintptr_t>(a)); // NOLINT(performance-no-int-to-ptr)
+        // NOLINTNEXTLINE(performance-no-int-to-ptr)
+        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a));
     }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {

@@ -136,7 +136,7 @@ class pci_bus : public bus {
 public:
     /// `memory` is where the BARs of the bus's devices go; it must outlive
     /// the bus (the host bridge owns both).
-    explicit pci_bus(memory_region& memory) noexcept : memory_(&memory) {}
+    explicit pci_bus(memory_region& memory) : memory_(&memory) {}
 
     memory_region& memory() const noexcept { return *memory_; }
 

@@ -52,7 +52,7 @@ public:
 class virtio_bus : public bus {
     QOMEM_OBJECT(virtio_bus, "virtio-bus", bus)
 public:
-    virtio_bus() noexcept = default;
+    virtio_bus() = default;
 
     /// The device plugged in, or null.
     virtio_shmem_device* device() const noexcept {
