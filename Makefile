@@ -37,7 +37,8 @@ test: deps build
 test-asan: export ASAN_OPTIONS := detect_leaks=1:abort_on_error=1
 test-asan: export UBSAN_OPTIONS := print_stacktrace=1:halt_on_error=1
 test-asan: deps
-	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=address,undefined -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=address,undefined \
+	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
 	cmake --build build-asan -j$(JOBS)
 	ctest --test-dir build-asan --output-on-failure -j$(JOBS)
 
