@@ -125,7 +125,7 @@ TEST_CASE("owners' rule: a device never added to the tree, with an unmapped regi
 }
 
 TEST_CASE("owners' rule: a non-device owner (a GPU blob) unparented while its RAM region is "
-          "DMA-mapped lives until the unmap; the DMA reads the blob's memory",
+          "DMA-mapped lives until the unmap, and the DMA reads the blob's memory",
           "[lifetime][owner][dma]") {
     leak_check leaks;
     event_recorder rec;
@@ -277,7 +277,7 @@ TEST_CASE("owners' rule: a region unparented, added back to its owner and unpare
 }
 
 TEST_CASE("freeing an ownerless region while a DMA mapping holds it is refused as misuse, "
-          "naming the region; the mapping keeps working",
+          "naming the region, and the mapping keeps working",
           "[lifetime][dma]") {
     leak_check leaks;
     qomem_test::throwing_assertions asserts;

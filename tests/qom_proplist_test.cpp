@@ -85,7 +85,7 @@ TEST_CASE("proplist createv: new_with_props makes the object, sets its propertie
     CHECK(qomem::resolve_path_component(parent, "dummy0") == nullptr);
 }
 
-TEST_CASE("proplist createcmdline: -object text under /objects; a clashing id is refused; "
+TEST_CASE("proplist createcmdline: -object text under /objects, a clashing id is refused, "
           "object-del and create again",
           "[qom][proplist]") {
     leak_check leaks;
@@ -180,7 +180,7 @@ TEST_CASE("object-add refuses types that are not user-creatable, bad ids, and ob
     CHECK(qomem::live_objects().count("qemu-dummy") == 0);
 }
 
-TEST_CASE("proplist getenum: an enum by its type name; another enum type or a missing property "
+TEST_CASE("proplist getenum: an enum by its type name, and another enum type or a missing property "
           "is an error",
           "[qom][proplist]") {
     leak_check leaks;
@@ -213,7 +213,7 @@ TEST_CASE("proplist class_iterator: the class's properties alone", "[qom][propli
     CHECK(seen == names{"type", "av", "sv"});
 }
 
-TEST_CASE("resolve partial: a unique suffix resolves; several matches are ambiguous",
+TEST_CASE("resolve partial: a unique suffix resolves, and several matches are ambiguous",
           "[qom][path]") {
     leak_check leaks;
     auto root = qomem::container::make_root();
