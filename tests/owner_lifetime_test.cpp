@@ -303,6 +303,64 @@ TEST_CASE("freeing an ownerless region while a DMA mapping holds it is refused a
     ram = ref_ptr<memory_region>(raw, false); // the reference the failed release gave back
 }
 
+TEST_CASE("an ownerless region removed inside a transaction and dropped while an alias still "
+          "targets it is refused at the drop, naming it, not later at the commit",
+          "[lifetime][transaction]") {
+    leak_check leaks;
+    qomem_test::throwing_assertions asserts;
+    auto sys = make_container(nullptr, "sys", u128_2_64);
+    auto ms = memory_system::make();
+    address_space space(*ms, *sys, "m");
+    auto ram = make_ram(nullptr, "loose-ram", 0x1000);
+    auto alias = make_alias(nullptr, "loose-alias", *ram, 0, 0x1000);
+    sys->add_subregion(0, *ram);
+    ms->begin_transaction();
+    sys->del_subregion(*ram);
+    memory_region* raw = ram.detach();
+    try {
+        raw->unref();
+        FAIL("dropping an alias target was not refused at the drop");
+    } catch (const assertion_failure& e) {
+        CHECK_THAT(e.what(), Catch::Contains("loose-ram") && Catch::Contains("alias"));
+    }
+    ram = ref_ptr<memory_region>(raw, false); // given back by the refused release
+    CHECK_NOTHROW(ms->commit_transaction()); // nothing is reported late
+    CHECK(space.view()->ranges().empty());
+    alias.reset();
+    ram.reset();
+    ms->synchronize();
+    CHECK(live_count("memory-region") == 1); // sys
+}
+
+TEST_CASE("an ownerless RAM region removed inside a transaction and dropped stays readable "
+          "through the published view until the commit, and is freed a grace period after it",
+          "[lifetime][transaction]") {
+    leak_check leaks;
+    auto sys = make_container(nullptr, "sys", u128_2_64);
+    auto ms = memory_system::make();
+    address_space space(*ms, *sys, "m");
+    auto ram = make_ram(nullptr, "loose-ram", 0x1000);
+    sys->add_subregion(0, *ram);
+    const std::uint32_t pattern = 0x12345678;
+    REQUIRE(space.write(0x10, &pattern, 4) == memtx_ok);
+    const std::size_t regions = live_count("memory-region");
+    {
+        memory_transaction tx(*ms);
+        sys->del_subregion(*ram);
+        ram.reset(); // its last reference, while the published view still shows it
+        // A reader on the published view (another thread, in QEMU's use)
+        // still reaches the RAM: it must not have been freed.
+        std::uint32_t v = 0;
+        CHECK(space.read(0x10, &v, 4) == memtx_ok);
+        CHECK(v == pattern);
+        CHECK(live_count("memory-region") == regions);
+    }
+    std::uint32_t v = 0;
+    CHECK(space.read(0x10, &v, 4) != memtx_ok); // gone from the view
+    ms->synchronize();
+    CHECK(live_count("memory-region") == regions - 1);
+}
+
 namespace {
 /// A device that keeps a ref_ptr to its own MMIO region: after an unplug the
 /// region holds the device and the device the region.

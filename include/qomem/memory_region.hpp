@@ -565,6 +565,9 @@ private:
     /// Finalizes a region whose last reference was dropped (memory_system
     /// calls it on the writer).
     void finalize_now() { finalize_dropped(); }
+    /// Ownerless: finalizes the region on the writer once no reader can be
+    /// inside a view showing it (an RCU grace period from now).
+    void retire_ownerless();
 
     detail::subregion_hook sub_hook_;
     std::uint64_t sub_seq_ = 0; // when added to its container (render order among equals)
@@ -575,6 +578,9 @@ private:
     detail::topology_log* log_ = nullptr; // the memory system, once placed in one
     bool counted_ = false;
     bool holds_owner_ = false;
+    // Ownerless, removed inside a transaction: the number of the commit
+    // whose views no longer show it (memory_system::retire_after_commit).
+    std::uint64_t shown_until_commit_ = 0;
     // The memory system's list of its regions (memory_system::stranded_regions).
     using member_hook = boost::intrusive::list_member_hook<
         boost::intrusive::link_mode<boost::intrusive::normal_link>>;
@@ -1085,12 +1091,18 @@ inline void memory_region::last_reference_dropped() {
         // still be inside one. Report misuse now, on this thread, then
         // finalize once no reader can hold such a view (never a wait here:
         // this may be a reader's thread, inside a read section).
+        // A region removed inside a transaction still shows in the published
+        // views: its grace period starts once the commit replaced them.
         check_dropped();
-        rcu::retire(this, [](void* p) {
-            auto* mr = static_cast<memory_region*>(p);
-            mr->log_->finalize_on_writer(*mr);
-        });
+        if (!log_->retire_after_commit(*this)) retire_ownerless();
     }
+}
+
+inline void memory_region::retire_ownerless() {
+    rcu::retire(this, [](void* p) {
+        auto* mr = static_cast<memory_region*>(p);
+        mr->log_->finalize_on_writer(*mr);
+    });
 }
 
 inline void memory_region::dma_hold() noexcept {
@@ -1373,9 +1385,10 @@ inline void memory_region::del_subregion(memory_region& sub) {
     detail::writer_hold w(log_);
     subregions_.erase(sub);
     sub.container_ = nullptr;
-    // An ownerless region is not counted by the published view: if its handle
-    // goes before the commit replaced that view, keep it until then.
-    if (!sub.counted_ && log_ && sub.ref_count() > 0) log_->hold_until_commit(sub);
+    // An ownerless region is not counted by the published view: if its last
+    // handle goes before the commit replaced that view, its finalization
+    // waits for the commit (misuse is still reported at the drop).
+    if (!sub.counted_ && log_) log_->shown_until_commit(sub);
     try {
         changed_inside(i128(sub.addr_), i128(sub.addr_) + i128(sub.size_));
     } catch (...) {

@@ -252,7 +252,8 @@ private:
     void end() override;
     void changed(const memory_region& in, i128 lo, i128 hi) override;
     void changed_everything() override;
-    void hold_until_commit(memory_region& mr) override;
+    void shown_until_commit(memory_region& mr) override;
+    bool retire_after_commit(memory_region& mr) override;
     void forget(const memory_region& mr) noexcept override;
     void finalize_on_writer(memory_region& mr) override;
     void region_bound(memory_region& mr) noexcept override {
@@ -337,8 +338,12 @@ private:
     /// Counted regions named by pending windows, referenced until the commit
     /// has used the windows (so none is freed in between).
     std::vector<memory_region*> window_refs_;
-    /// Ownerless regions removed inside a transaction (see hold_until_commit).
-    std::vector<memory_region*> held_until_commit_;
+    /// Ownerless regions removed inside a transaction and dropped before
+    /// its commit (retire_after_commit), and the number of that commit:
+    /// guarded by after_commit_mutex_, since the drop may be on any thread.
+    std::mutex after_commit_mutex_;
+    std::uint64_t commit_number_ = 1;
+    std::vector<memory_region*> retire_after_commit_;
     bool verify_incremental_ = false;
     detail::slot_list slots_;
     memory_listener::system_list_type listeners_; // every listener, in priority order
@@ -559,10 +564,17 @@ inline void memory_system::changed_everything() {
     if (tx_depth_ == 0) commit();
 }
 
-inline void memory_system::hold_until_commit(memory_region& mr) {
+inline void memory_system::shown_until_commit(memory_region& mr) {
     if (tx_depth_ == 0) return; // the commit follows at once
-    mr.ref();
-    held_until_commit_.push_back(&mr);
+    std::lock_guard g(after_commit_mutex_);
+    mr.shown_until_commit_ = commit_number_;
+}
+
+inline bool memory_system::retire_after_commit(memory_region& mr) {
+    std::lock_guard g(after_commit_mutex_);
+    if (mr.shown_until_commit_ != commit_number_) return false;
+    retire_after_commit_.push_back(&mr);
+    return true;
 }
 
 inline void memory_system::forget(const memory_region& mr) noexcept {
@@ -579,13 +591,21 @@ inline void memory_system::commit() {
     committing_ = true;
     ref_ptr<memory_system> keep(this);
     try {
-        while (pending_ || !held_until_commit_.empty() || !window_refs_.empty()) {
+        while (pending_ || !window_refs_.empty()) {
             pending_ = false;
             render();
+            // The views published now show no region removed before: what
+            // was dropped meanwhile starts its grace period.
+            std::vector<memory_region*> retire;
+            {
+                std::lock_guard g(after_commit_mutex_);
+                ++commit_number_;
+                retire.swap(retire_after_commit_);
+            }
+            for (memory_region* r : retire) r->retire_ownerless();
             // Releasing may free regions, which may change the topology
             // again: loop until it settles.
             for (memory_region* r : std::exchange(window_refs_, {})) memory_region_unref(*r);
-            for (memory_region* r : std::exchange(held_until_commit_, {})) r->unref();
         }
     } catch (...) {
         // The failed render consumed the windows: views may now lag the
@@ -595,8 +615,9 @@ inline void memory_system::commit() {
         full_ = true;
         windows_.clear();
         pending_ = true;
+        // Regions dropped since the last commit may still show in the views
+        // the failed render did not replace: they wait for the next commit.
         for (memory_region* r : std::exchange(window_refs_, {})) memory_region_unref(*r);
-        for (memory_region* r : std::exchange(held_until_commit_, {})) r->unref();
         throw;
     }
     committing_ = false;

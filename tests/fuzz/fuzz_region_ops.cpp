@@ -190,11 +190,9 @@ void run(input in) {
                 }
                 break;
             case 10: // drop a handle: misuse (an ownerless region still in use) is refused
-                // Not inside a transaction: an ownerless region deleted and
-                // dropped there is held until the commit, and what misuse
-                // the harness could then commit is reported only at the
-                // commit (see the note on issue 18).
-                if (depth == 0) drop(r[in.byte() % slots]);
+                // at the drop, also inside a transaction (where a removed
+                // ownerless region dropped is finalized after the commit).
+                drop(r[in.byte() % slots]);
                 break;
             case 11: // a DMA mapping, held across later changes
                 if (dma.size() < 4 && depth == 0) {

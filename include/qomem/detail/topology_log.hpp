@@ -41,9 +41,14 @@ public:
     virtual void changed(const memory_region& in, i128 lo, i128 hi) = 0;
     /// Records that every view must be rendered anew (a root moved).
     virtual void changed_everything() = 0;
-    /// Keeps an ownerless region, removed inside a transaction, alive until
-    /// the commit replaced the views showing it (one object reference).
-    virtual void hold_until_commit(memory_region& mr) = 0;
+    /// An ownerless region was removed from its container: inside a
+    /// transaction the published views show it until the commit. Writer only.
+    virtual void shown_until_commit(memory_region& mr) = 0;
+    /// An ownerless region's last reference was dropped (its misuse checks
+    /// passed, on the dropping thread). True if published views may still
+    /// show it: the system then retires it once the commit replaced them.
+    /// Any thread.
+    virtual bool retire_after_commit(memory_region& mr) = 0;
     /// Forgets the pending windows recorded in `mr`, which is being freed.
     virtual void forget(const memory_region& mr) noexcept = 0;
 
