@@ -9,16 +9,20 @@
 //
 //   dispatch/read_random/{qomem,baseline_vector,unicorn}/N     N = 16, 1000
 //   dispatch/read_repeated/{qomem,baseline_vector,unicorn}/N   one address, over and over
+//   dispatch/read_random_shared/qomem/N                        N = 16, 100000: the same
+//       random reads, every region RAM over one of 16 shared 4 KiB host buffers, so both
+//       read the same 64 KiB of host memory and the row compares the dispatch alone
 //   dispatch/dma_map_unmap/{qomem,baseline_vector}/N           as.map(4 KiB) + as.unmap
-//   dispatch/read_2threads/{writer,no_writer}                  2 readers, 16 regions; a
-//       writer thread toggling an unrelated region's set_enabled every 100 us, or none
+//   dispatch/read_threads/no_writer/threads:{1,2}              1 or 2 readers, 16 regions
+//   dispatch/read_threads/writer/threads:2                     2 readers and a writer thread
+//       toggling an unrelated region's set_enabled every 100 us; reports the commit
+//       latency (p50, p99) the writer saw with the readers running
 //
 // qomem's regions are owned by a device, so DMA takes real (atomic)
 // references; the vector baseline's DMA takes an atomic pair on a per-region
 // count. Targets (issue 6): see benchmarks/report.py.
 //
-// Nothing here is large enough to need shrinking for CI's smoke run
-// (QOMEM_BENCH_SMOKE=1): --benchmark_min_time alone keeps it short.
+// QOMEM_BENCH_SMOKE=1 (CI) shrinks the 100,000-region machine to 2,000.
 #include <sys/prctl.h>
 
 #include <algorithm>
@@ -27,13 +31,16 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <typeinfo>
 #include <vector>
 
@@ -134,6 +141,48 @@ struct qomem_machine : ram_machine {
     qomem::memory_region* toggle = nullptr;
 };
 
+/// The layout with every region RAM over one of 16 shared host buffers
+/// (region i over buffer i % 16, filled as region i % 16 would be).
+struct shared_machine {
+    static constexpr std::size_t buffers = 16;
+    shared_machine(std::size_t n, bool) : host(new std::byte[buffers * region_size]) {
+        for (std::size_t b = 0; b < buffers; ++b) fill_region(host.get() + b * region_size, b);
+        {
+            qomem::memory_transaction tx(*memory);
+            for (std::size_t i = 0; i < n; ++i) {
+                auto r = qomem::make_ram_from_ptr(*dev, fmt::format("ram{}", i), region_size,
+                                                  host.get() + (i % buffers) * region_size);
+                sys->add_subregion(region_start(i), *r);
+            }
+        }
+        as.emplace(*memory, *sys, "memory");
+    }
+    ~shared_machine() {
+        as.reset();
+        sys.reset();
+        dev.reset();
+        memory->synchronize();
+    }
+    shared_machine(const shared_machine&) = delete;
+    shared_machine& operator=(const shared_machine&) = delete;
+    std::uint64_t read(hwaddr a) {
+        std::uint64_t v = 0;
+        benchmark::DoNotOptimize(as->read(a, &v, 8));
+        return v;
+    }
+    /// What the word at `a` holds: its region's buffer's index, not its own.
+    static std::uint64_t expected(hwaddr a) {
+        const hwaddr rel = a - region_base;
+        return (std::uint64_t(rel / region_stride % buffers) << 32) | (rel % region_stride);
+    }
+
+    std::unique_ptr<std::byte[]> host; // outlives the regions (declared first)
+    qomem::ref_ptr<qomem::memory_system> memory = qomem::memory_system::make();
+    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
+    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    std::optional<qomem::address_space> as;
+};
+
 /// The baseline an emulator author writes by hand: a sorted vector of
 /// region starts, std::upper_bound, a host pointer per region and a count
 /// per region for DMA.
@@ -206,12 +255,20 @@ T* acquire(benchmark::State& state, std::size_t n) {
     }
 }
 
+template <class M>
+std::uint64_t expected_of(hwaddr a) {
+    if constexpr (std::is_same_v<M, shared_machine>)
+        return shared_machine::expected(a);
+    else
+        return expected_word(a);
+}
+
 /// Every implementation must read what the layout says, or its timing
 /// means nothing.
 template <class M>
 bool verified(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
     for (std::size_t i = 0; i < std::min<std::size_t>(addrs.size(), 256); ++i)
-        if (m.read(addrs[i]) != expected_word(addrs[i])) {
+        if (m.read(addrs[i]) != expected_of<M>(addrs[i])) {
             state.SkipWithError(fmt::format("wrong value read at {:#x}", addrs[i]).c_str());
             return false;
         }
@@ -297,13 +354,14 @@ void dma_vector(benchmark::State& state) {
     state.counters["regions"] = static_cast<double>(n);
 }
 
-// ---- two readers, with and without a writer ------------------------------------------
+// ---- reader threads, with and without a writer ----------------------------------------
 
 constexpr std::size_t threaded_regions = 16;
 constexpr auto writer_period = std::chrono::microseconds(100);
 
 /// Commits a topology change every `writer_period` (set_enabled of a region
-/// no reader touches), sleeping in between, until destroyed.
+/// no reader touches), sleeping in between, until destroyed; records how
+/// long each commit took.
 class topology_writer {
 public:
     explicit topology_writer(qomem::memory_region& r) : thread_([this, &r] { run(r); }) {}
@@ -314,6 +372,18 @@ public:
     topology_writer(const topology_writer&) = delete;
     topology_writer& operator=(const topology_writer&) = delete;
     std::uint64_t commits() const noexcept { return commits_.load(std::memory_order_relaxed); }
+    /// The commit latencies recorded from index `from` on, sorted.
+    std::vector<double> latencies_since(std::size_t from) {
+        std::lock_guard lock(mutex_);
+        std::vector<double> out(latencies_.begin() + static_cast<std::ptrdiff_t>(std::min(from, latencies_.size())),
+                                latencies_.end());
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+    std::size_t recorded() {
+        std::lock_guard lock(mutex_);
+        return latencies_.size();
+    }
 
 private:
     void run(qomem::memory_region& r) {
@@ -326,7 +396,13 @@ private:
             if (const auto now = clock::now(); next < now) next = now; // late: no burst
             std::this_thread::sleep_until(next);
             on = !on;
+            const auto t0 = clock::now();
             r.set_enabled(on);
+            const double ns = std::chrono::duration<double, std::nano>(clock::now() - t0).count();
+            {
+                std::lock_guard lock(mutex_);
+                latencies_.push_back(ns);
+            }
             commits_.fetch_add(1, std::memory_order_relaxed);
         }
         if (!on) r.set_enabled(true);
@@ -334,6 +410,8 @@ private:
 
     std::atomic<bool> stop_{false};
     std::atomic<std::uint64_t> commits_{0};
+    std::mutex mutex_;
+    std::vector<double> latencies_;
     std::thread thread_; // last: starts once the counters exist
 };
 
@@ -351,10 +429,11 @@ void setup_with_writer(const benchmark::State& s) { threaded_setup(s, true); }
 void setup_without_writer(const benchmark::State& s) { threaded_setup(s, false); }
 void threaded_teardown(const benchmark::State&) { g_writer.reset(); }
 
-void read_2threads(benchmark::State& state) {
+void read_threads(benchmark::State& state) {
     qomem_machine& m = *g_threaded;
     const std::vector<hwaddr>& addrs = g_thread_addrs[state.thread_index() & 1];
     const std::uint64_t commits_before = g_writer ? g_writer->commits() : 0;
+    const std::size_t recorded_before = g_writer ? g_writer->recorded() : 0;
     const auto t0 = std::chrono::steady_clock::now();
     std::size_t i = 0;
     for (auto _ : state) {
@@ -362,10 +441,15 @@ void read_2threads(benchmark::State& state) {
         ++i;
     }
     state.SetItemsProcessed(state.iterations());
-    if (state.thread_index() == 0) {
+    if (state.thread_index() == 0 && g_writer) {
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const std::uint64_t commits = g_writer ? g_writer->commits() - commits_before : 0;
+        const std::uint64_t commits = g_writer->commits() - commits_before;
         state.counters["writer_commits_per_s"] = secs > 0 ? static_cast<double>(commits) / secs : 0;
+        const std::vector<double> lat = g_writer->latencies_since(recorded_before);
+        if (!lat.empty()) {
+            state.counters["commit_p50_ns"] = lat[lat.size() / 2];
+            state.counters["commit_p99_ns"] = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)];
+        }
     }
 }
 
@@ -396,9 +480,13 @@ int main(int argc, char** argv) {
                           pattern::repeated)
             ->Arg(n);
     }
-    RegisterBenchmark("dispatch/read_2threads/no_writer", read_2threads)
-        ->Setup(setup_without_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
-    RegisterBenchmark("dispatch/read_2threads/writer", read_2threads)
+    const bool smoke = std::getenv("QOMEM_BENCH_SMOKE") != nullptr;
+    for (const std::int64_t n : {std::int64_t{16}, std::int64_t{smoke ? 2000 : 100000}})
+        RegisterBenchmark("dispatch/read_random_shared/qomem", read_bench<shared_machine>, pattern::random)
+            ->Arg(n);
+    RegisterBenchmark("dispatch/read_threads/no_writer", read_threads)
+        ->Setup(setup_without_writer)->Teardown(threaded_teardown)->Threads(1)->Threads(2)->UseRealTime();
+    RegisterBenchmark("dispatch/read_threads/writer", read_threads)
         ->Setup(setup_with_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
 
     benchmark::RunSpecifiedBenchmarks();

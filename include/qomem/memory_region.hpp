@@ -669,6 +669,7 @@ inline void memory_region::set_dirty_log(bool on) {
         rcu::retire(dirty_.exchange(nullptr, std::memory_order_acq_rel),
                     [](void* p) { delete[] static_cast<std::atomic<std::uint64_t>*>(p); });
     }
+    if (log_) log_->access_changed(); // CPU TLBs store to RAM directly only while logging is off
 }
 
 inline void memory_region::mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset,

@@ -45,6 +45,7 @@
 #pragma once
 
 #include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -87,16 +88,38 @@ struct view_slot {
 using slot_list = boost::intrusive::list<
     view_slot, boost::intrusive::member_hook<view_slot, decltype(view_slot::hook), &view_slot::hook>>;
 
+/// A cache on the readers' side (a CPU TLB) that must drop what it holds
+/// whenever a view of its memory system is replaced or dirty logging is
+/// switched. The writer calls invalidate() after publishing the new view and
+/// before retiring the old one, on its own thread, while the cache's owner
+/// may be using it: invalidate must only make the owner's next access miss
+/// (one atomic store the owner's accesses read anyway).
+class reader_cache {
+public:
+    virtual void invalidate() noexcept = 0;
+
+protected:
+    reader_cache() = default;
+    ~reader_cache() = default;
+
+private:
+    friend class qomem::memory_system;
+    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>> cache_hook_;
+};
+
 } // namespace detail
 
 class memory_system final : private detail::topology_log {
 public:
     /// A new, independent memory system (held by the returned handle).
     /// Counted by live_objects() as a "memory-system" while it lives.
-    static ref_ptr<memory_system> make() {
+    /// `target` is the guest's byte order: what `endianness::native` means
+    /// for the devices of this system (QEMU's DEVICE_NATIVE_ENDIAN).
+    static ref_ptr<memory_system> make(std::endian target = std::endian::native) {
         auto* s = new memory_system;
         detail::live_registry::get().add("memory-system");
         s->counted_live_ = true;
+        s->target_big_ = target == std::endian::big;
         return ref_ptr<memory_system>(s);
     }
 
@@ -113,6 +136,33 @@ public:
 
     memory_system(const memory_system&) = delete;
     memory_system& operator=(const memory_system&) = delete;
+
+    // ---- the target ------------------------------------------------------
+
+    /// The guest's byte order (the host's unless made or set otherwise).
+    std::endian target_endianness() const noexcept {
+        return target_big_ ? std::endian::big : std::endian::little;
+    }
+    /// Sets the guest's byte order. Requires (asserted): no address space
+    /// of this system exists yet (accesses in flight read it).
+    void set_target_endianness(std::endian target) {
+        QOMEM_ASSERT(slots_.empty(), "memory system {}: the target byte order is set before its first "
+                                     "address space ({} exist)",
+                     static_cast<const void*>(this), slots_.size());
+        target_big_ = target == std::endian::big;
+    }
+    bool target_big_endian() const noexcept { return target_big_; }
+
+    // ---- what readers cache ------------------------------------------------
+
+    /// A count that changes (grows) whenever something a reader-side cache
+    /// may hold changes: a flat view of this system is replaced, or dirty
+    /// logging of one of its regions is switched. Bumped after the new view
+    /// is published and before the old one is retired, so a reader that
+    /// still sees the old count inside its read section may still use what
+    /// it cached from the old view. (CPU TLBs are told directly instead:
+    /// see cpu_tlb.) Any thread.
+    const std::atomic<std::uint64_t>& generation() const noexcept { return generation_; }
 
     // ---- the writer role (Lockable; recursive) ----------------------------
 
@@ -181,6 +231,7 @@ public:
 private:
     friend class address_space;
     friend class memory_region;
+    friend class cpu_tlb;
 
     memory_system() = default;
     ~memory_system();
@@ -203,6 +254,20 @@ private:
         regions_.fetch_sub(1, std::memory_order_relaxed);
         intrusive_ptr_release(this);
     }
+    void access_changed() noexcept override {
+        generation_.fetch_add(1, std::memory_order_seq_cst);
+        std::lock_guard g(caches_mutex_);
+        for (detail::reader_cache& c : caches_) c.invalidate();
+    }
+    /// `c` is invalidated from now on (until removed). Any thread.
+    void add_reader_cache(detail::reader_cache& c) {
+        std::lock_guard g(caches_mutex_);
+        caches_.push_back(c);
+    }
+    void remove_reader_cache(detail::reader_cache& c) noexcept {
+        std::lock_guard g(caches_mutex_);
+        caches_.erase(caches_.iterator_to(c));
+    }
 
     /// The address space of `slot` joins (leaves) this system. Writer only.
     void add_space(detail::view_slot& slot);
@@ -215,9 +280,10 @@ private:
     /// publishes it.
     void render();
     static void tell_listeners(detail::view_slot& slot, const detail::view_diff& d);
-    /// Publishes `v` as the slot's view (taking a reference) and retires the
-    /// old one (its reference dropped after a grace period).
-    static void publish(detail::view_slot& slot, flat_view* v);
+    /// Publishes `v` as the slot's view (taking a reference), bumps the
+    /// generation and retires the old view (its reference dropped after a
+    /// grace period).
+    void publish(detail::view_slot& slot, flat_view* v);
     void drain_deferred();
     /// The view every address space with no flat-view root shares.
     flat_view* empty_view();
@@ -225,6 +291,15 @@ private:
     std::atomic<std::size_t> refs_{0};
     std::atomic<std::size_t> regions_{0};
     bool counted_live_ = false; // in live_objects() (every system but the default one)
+    bool target_big_ = std::endian::native == std::endian::big;
+    std::atomic<std::uint64_t> generation_{1};
+    // Reader-side caches told about every change (access_changed).
+    std::mutex caches_mutex_;
+    boost::intrusive::list<detail::reader_cache,
+                           boost::intrusive::member_hook<detail::reader_cache,
+                                                         decltype(detail::reader_cache::cache_hook_),
+                                                         &detail::reader_cache::cache_hook_>>
+        caches_;
 
     // The writer role.
     std::mutex writer_mutex_;
@@ -554,6 +629,11 @@ inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
     // section (address_space::current); see rcu.hpp for why the reader's
     // epoch announcement is ordered before that load.
     flat_view* old = slot.current.exchange(v, std::memory_order_seq_cst);
+    // After the exchange: a reader seeing the new count sees the new view;
+    // before the retire: one still seeing the old count (or a CPU TLB not
+    // yet invalidated) inside its read section began it before the old view
+    // was retired.
+    access_changed();
     if (old) rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
 

@@ -2,6 +2,7 @@
 // the optional ones with extra dependencies (fixture.hpp needs nlohmann-json).
 #pragma once
 
+#include <qomem/accessors.hpp>       // typed accessors: ldl_le, stq_be, ...
 #include <qomem/address_space.hpp>   // address spaces: accesses, find, listeners
 #include <qomem/assert.hpp>          // QOMEM_ASSERT and its handler
 #include <qomem/device.hpp>          // devices and buses (qdev)
@@ -15,12 +16,15 @@
 #include <qomem/memory_listener.hpp> // following a flat view
 #include <qomem/memory_ops.hpp>      // MMIO callbacks
 #include <qomem/memory_region.hpp>   // regions, references, factories
+#include <qomem/memory_region_cache.hpp> // cached translations (virtio rings)
 #include <qomem/memory_system.hpp>   // commits, transactions, the writer role
 #include <qomem/mtree.hpp>           // info mtree
 #include <qomem/object.hpp>          // QOM objects
 #include <qomem/qom_tree.hpp>        // info qom-tree
 #include <qomem/rcu.hpp>             // read sections for lock-free readers
+#include <qomem/region_dispatch.hpp> // one access to one region (MemOp)
 #include <qomem/shmem.hpp>           // VIRTIO shared memory regions
+#include <qomem/tlb.hpp>             // a CPU's TLB
 #include <qomem/type.hpp>            // QOM types
 #include <qomem/types.hpp>           // hwaddr, u128
 #include <qomem/vhost_user.hpp>      // vhost-user messages

@@ -49,6 +49,10 @@ public:
     /// hand it to the writer, which finalizes it when it gives the role back.
     virtual void finalize_on_writer(memory_region& mr) = 0;
 
+    /// Something readers may cache changed without a new view (dirty
+    /// logging switched): bumps the system's generation.
+    virtual void access_changed() noexcept = 0;
+
     /// A region joins (leaves) the system: the system lives as long as one
     /// of its regions does.
     virtual void region_bound() noexcept = 0;
