@@ -9,6 +9,10 @@
 //
 //   dispatch/read_random/{qomem,baseline_vector,unicorn}/N     N = 16, 1000
 //   dispatch/read_repeated/{qomem,baseline_vector,unicorn}/N   one address, over and over
+//   dispatch/read_alternating/qomem/N                          two addresses in two regions,
+//       in turn (an interpreter's code and data through the plain API: with one
+//       most-recently-used entry per view they evicted each other)
+//   dispatch/write_random/{qomem,baseline_vector}/N            8-byte writes, random addresses
 //   dispatch/read_random_shared/qomem/N                        N = 16, 100000: the same
 //       random reads, every region RAM over one of 16 shared 4 KiB host buffers, so both
 //       read the same 64 KiB of host memory and the row compares the dispatch alone
@@ -138,6 +142,7 @@ struct qomem_machine : ram_machine {
         benchmark::DoNotOptimize(as->read(a, &v, 8));
         return v;
     }
+    qomem::memtx_result write(hwaddr a, std::uint64_t v) { return as->write(a, &v, 8); }
     qomem::memory_region* toggle = nullptr;
 };
 
@@ -212,6 +217,12 @@ struct vector_machine {
         if (i != npos) std::memcpy(&v, hosts[i] + (a - starts[i]), 8);
         return v;
     }
+    bool write(hwaddr a, std::uint64_t v) {
+        const std::size_t i = find(a, 8);
+        if (i == npos) return false;
+        std::memcpy(hosts[i] + (a - starts[i]), &v, 8);
+        return true;
+    }
 
     static constexpr std::size_t npos = ~std::size_t(0);
     std::unique_ptr<std::byte[]> host_;
@@ -277,11 +288,12 @@ bool verified(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
 
 // ---- reads -------------------------------------------------------------------------
 
-enum class pattern { random, repeated };
+enum class pattern { random, repeated, alternating };
 
 std::vector<hwaddr> addresses_for(pattern p, std::size_t n) {
     std::vector<hwaddr> a = random_words(n, 42);
     if (p == pattern::repeated) a.resize(1);
+    if (p == pattern::alternating) a = {region_start(0) + 0x40, region_start(n - 1) + 0x80};
     return a;
 }
 
@@ -304,6 +316,28 @@ void read_bench(benchmark::State& state, pattern p) {
     const auto n = static_cast<std::size_t>(state.range(0));
     const std::vector<hwaddr> addrs = addresses_for(p, n);
     if (M* m = acquire<M>(state, n)) read_loop(state, *m, addrs);
+}
+
+/// 8-byte writes at random addresses (address_space::write, or the sorted
+/// vector's search + memcpy); each writes back the word the layout says is
+/// there, so the reads stay verified.
+template <class M>
+void write_random(benchmark::State& state) {
+    const auto n = static_cast<std::size_t>(state.range(0));
+    const std::vector<hwaddr> addrs = addresses_for(pattern::random, n);
+    std::vector<std::uint64_t> values(addrs.size());
+    for (std::size_t i = 0; i < addrs.size(); ++i) values[i] = expected_word(addrs[i]);
+    M* m = acquire<M>(state, n);
+    if (!m || !verified(state, *m, addrs)) return;
+    std::size_t i = 0;
+    for (auto _ : state) {
+        const std::size_t k = i & (address_count - 1);
+        benchmark::DoNotOptimize(m->write(addrs[k], values[k]));
+        ++i;
+    }
+    if (!verified(state, *m, addrs)) return;
+    state.SetItemsProcessed(state.iterations());
+    state.counters["regions"] = static_cast<double>(n);
 }
 
 // ---- DMA -----------------------------------------------------------------------------
@@ -466,6 +500,10 @@ int main(int argc, char** argv) {
             ->Arg(n);
         RegisterBenchmark("dispatch/read_repeated/qomem", read_bench<qomem_machine>, pattern::repeated)
             ->Arg(n);
+        RegisterBenchmark("dispatch/read_alternating/qomem", read_bench<qomem_machine>,
+                          pattern::alternating)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/write_random/qomem", write_random<qomem_machine>)->Arg(n);
         RegisterBenchmark("dispatch/dma_map_unmap/qomem", dma_qomem)->Arg(n);
         RegisterBenchmark("dispatch/read_random/baseline_vector", read_bench<vector_machine>,
                           pattern::random)
@@ -473,6 +511,7 @@ int main(int argc, char** argv) {
         RegisterBenchmark("dispatch/read_repeated/baseline_vector", read_bench<vector_machine>,
                           pattern::repeated)
             ->Arg(n);
+        RegisterBenchmark("dispatch/write_random/baseline_vector", write_random<vector_machine>)->Arg(n);
         RegisterBenchmark("dispatch/dma_map_unmap/baseline_vector", dma_vector)->Arg(n);
         RegisterBenchmark("dispatch/read_random/unicorn", read_bench<unicorn_machine>, pattern::random)
             ->Arg(n);

@@ -139,6 +139,15 @@ def rows():
     for n in (16, 1000):
         out.append(Row(f"8-byte RAM read, repeated address, {n} regions",
                        f"dispatch/read_repeated/qomem/{n}", None, "abs", 3.0))
+    out += [
+        Row("8-byte RAM reads alternating between two regions (code and data), 16 regions",
+            "dispatch/read_alternating/qomem/16", "dispatch/read_repeated/qomem/16", "le", 1.3,
+            "one address, repeated"),
+    ]
+    for n in (16, 1000):
+        out.append(Row(f"8-byte RAM write, random addresses, {n} regions",
+                       f"dispatch/write_random/qomem/{n}", f"dispatch/write_random/baseline_vector/{n}",
+                       "le", 1.5, "sorted vector + memcpy"))
     for n, target in ((16, 1.5), (1000, 2.0)):
         out.append(Row(f"DMA map + unmap of a RAM range (4 KiB), {n} regions",
                        f"dispatch/dma_map_unmap/qomem/{n}",

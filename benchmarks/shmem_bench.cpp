@@ -42,7 +42,7 @@ using qomem::hwaddr;
 constexpr std::uint64_t window_size = 4 << 20; // room for the 2 MiB mapping
 constexpr std::uint64_t file_size = 2 << 20;
 constexpr hwaddr window_addr = 0x8000'0000;
-constexpr std::uint64_t rw = static_cast<std::uint64_t>(qomem::shmem_flags::read_write);
+constexpr auto rw = qomem::shmem_flags::read_write;
 
 /// A memfd of `file_size` bytes, closed on destruction.
 class memfd {

@@ -15,8 +15,10 @@
 //     starts a DMA from it
 //                                      <------  SHMEM_MAP data.csv[p1] -> 0x4000
 //                                      <------  SHMEM_UNMAP 0x0000
-//     the guest no longer sees README.txt, the DMA still does; DMA ends
+//     the guest no longer sees README.txt, the DMA still does
 //                                      <------  SHMEM_MAP notes.txt   -> 0x0000
+//     the range was free at once: the guest reads notes.txt there, the DMA
+//     still reads README.txt's pages; the DMA ends
 //                                      <------  MEM_WRITE into the GPU's blob
 //                                      <------  MEM_READ  of the GPU's blob
 //
@@ -58,7 +60,9 @@
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
 #include <qomem/shmem.hpp>
-#include <qomem/vhost_user.hpp>
+#include <qomem/vhost_user/backend_requests.hpp>
+#include <qomem/vhost_user/channel.hpp>
+#include <qomem/vhost_user/wire.hpp>
 
 namespace {
 
@@ -172,9 +176,9 @@ std::string describe(const vu::backend_message& m) {
     if (auto* map = std::get_if<vu::shmem_map_request>(&m.body))
         return fmt::format("SHMEM_MAP shmid {} fd_offset {:#x} shm_offset {:#x} len {:#x} flags {}",
                            map->map.shmid, map->map.fd_offset, map->map.shm_offset, map->map.len,
-                           map->map.flags == 1   ? "read"
-                           : map->map.flags == 3 ? "read|write"
-                                                 : "?");
+                           map->map.flags == 0   ? "read-only"
+                           : map->map.flags == 1 ? "read-write"
+                                                 : "invalid");
     if (auto* unmap = std::get_if<vu::shmem_unmap_request>(&m.body))
         return fmt::format("SHMEM_UNMAP shmid {} shm_offset {:#x} len {:#x}", unmap->map.shmid,
                            unmap->map.shm_offset, unmap->map.len);
@@ -210,12 +214,11 @@ int backend(vu::channel ch) {
                                               "notes.txt page 1: a two-page window\n"});
     if (readme < 0 || data < 0 || notes < 0) return 1;
 
-    auto window = [](std::uint64_t fd_offset, std::uint64_t shm_offset, std::uint64_t len,
-                     std::uint64_t flags) {
+    auto window = [](std::uint64_t fd_offset, std::uint64_t shm_offset, std::uint64_t len, qomem::shmem_flags flags) {
         return vu::make_mmap_payload(dax_shmid, fd_offset, shm_offset, len, flags);
     };
-    constexpr std::uint64_t ro = static_cast<std::uint64_t>(qomem::shmem_flags::read);
-    constexpr std::uint64_t rw = static_cast<std::uint64_t>(qomem::shmem_flags::read_write);
+    constexpr auto ro = qomem::shmem_flags::read_only;
+    constexpr auto rw = qomem::shmem_flags::read_write;
     const qomem::hwaddr blob = gpu_bar + page; // in the GPU's region: we cannot translate it
 
     // Each request asks for a reply; the front-end answers a u64, 0 = success.
@@ -227,7 +230,7 @@ int backend(vu::channel ch) {
     const std::vector<request> script{
         {vu::encode_shmem_map(window(0, 0, page, ro), true), readme},               // README.txt at 0
         {vu::encode_shmem_map(window(page, 4 * page, page, rw), true), data},       // data.csv page 1
-        {vu::encode_shmem_unmap(window(0, 0, page, 0), true), -1},                  // README.txt out
+        {vu::encode_shmem_unmap(window(0, 0, page, ro), true), -1},                 // README.txt out
         {vu::encode_shmem_map(window(0, 0, 2 * page, rw), true), notes},            // notes.txt at 0
         {vu::encode_mem_write(blob, as_bytes(blob_text), true), -1},                // the fallback
     };
@@ -286,8 +289,7 @@ int main() {
 
         // The GPU's own back-end has a blob mapped in its region (here, by us).
         const int blob_file = make_file("gpu-blob", {"GPU blob 0: untouched\n"});
-        gpu_dev->shmem_map(gpu_shmid, blob_file, 0, page, page,
-                           static_cast<std::uint64_t>(qomem::shmem_flags::read_write));
+        gpu_dev->shmem_map(gpu_shmid, blob_file, 0, page, page, qomem::shmem_flags::read_write);
         ::close(blob_file); // the mapping keeps the pages, not the fd
 
         fmt::print("== the machine before the back-end connects\n");
@@ -311,7 +313,7 @@ int main() {
         // ---- the front-end -------------------------------------------------------------
         // QEMU's vhost-user-fs: requests from the back-end apply to the device's
         // shared memory regions; MEM_READ / MEM_WRITE go through its DMA space.
-        vu::frontend fe(*fs_dev, *memory);
+        vu::backend_request_handler fe(fs_dev, *memory);
         qomem::virtio_shmem& window = fs_dev->window();
         std::optional<qomem::dma_mapping> dma; // a guest DMA from README.txt
         int step = 0;
@@ -325,9 +327,9 @@ int main() {
                 if (!fe.last_error().empty()) fmt::print("  refused: {}\n", fe.last_error());
                 if (reply) front.send(*reply);
 
-                switch (static_cast<vu::request>(m.header.request)) {
-                case vu::request::backend_shmem_map:
-                case vu::request::backend_shmem_unmap:
+                switch (static_cast<vu::backend_request>(m.header.request)) {
+                case vu::backend_request::shmem_map:
+                case vu::backend_request::shmem_unmap:
                     print_window(*memory, window);
                     print_flat_view(*memory);
                     break;
@@ -348,13 +350,19 @@ int main() {
                                static_cast<const void*>(dma->data()));
                 }
                 if (step == 3 && dma) {
-                    // README.txt is gone from the guest's view, but the DMA
-                    // still reads the file's pages; ending it frees the range.
+                    // README.txt is gone from the guest's view and its range is
+                    // free, but the DMA still reads the file's pages.
                     const std::string_view text(reinterpret_cast<const char*>(dma->data()), 32);
                     fmt::print("  the DMA still reads: \"{}...\"\n", text);
+                }
+                if (step == 4 && dma) {
+                    // notes.txt took the range at once; the DMA is undisturbed.
+                    const std::string_view text(reinterpret_cast<const char*>(dma->data()), 32);
+                    fmt::print("  the guest reads {} at {:#x}; the DMA still reads: \"{}...\"\n",
+                               guest_line(*memory, dax_bar), dax_bar, text);
                     memory->unmap(*dma, 0);
                     dma.reset();
-                    fmt::print("  guest DMA ended: {} mapping(s) live; the range is PROT_NONE again\n",
+                    fmt::print("  guest DMA ended: {} mapping(s) live; README.txt's pages are gone\n",
                                window.live_mappings());
                 }
             }

@@ -201,7 +201,7 @@ TEST_CASE("typed accessors on RAM read the bytes in the order they name, and no 
             CHECK(as.stw(0x201, 0xbeef) == qomem::memtx_ok);
             std::uint8_t two[2];
             CHECK(as.read(0x201, two, 2) == qomem::memtx_ok);
-            CHECK(qomem_test::bytes(two, 2) == (target == std::endian::big ? "be ef" : "ef be"));
+            CHECK(qomem_test::hex_bytes(two, 2) == (target == std::endian::big ? "be ef" : "ef be"));
         }
         b.root->del_subregion(*ram);
     }
@@ -331,7 +331,7 @@ TEST_CASE("set writes a byte value over RAM and MMIO, ignores ROM, and reports a
         CHECK(as.set(0x1ff0, 0xab, 0x20) == qomem::memtx_ok); // RAM, then ROM (ignored)
         std::uint8_t buf[0x20];
         CHECK(as.read(0x1ff0, buf, 0x20) == qomem::memtx_ok);
-        CHECK(qomem_test::bytes(buf + 0xe, 4) == "ab ab 00 00");
+        CHECK(qomem_test::hex_bytes(buf + 0xe, 4) == "ab ab 00 00");
         CHECK(ram->test_and_clear_dirty(0xff0, 0x10));
         CHECK(as.set(0x3000, 0x5c, 8) == qomem::memtx_ok);
         CHECK(ops.calls == strings{"w 0x0/4=0x5c5c5c5c", "w 0x4/4=0x5c5c5c5c"});

@@ -968,8 +968,10 @@ TEST_CASE("concurrency: a vCPU thread loading a device's RAM and MMIO through it
                 qomem::rcu::read_guard section;
                 for (int i = 0; i < 64; ++i) {
                     std::uint64_t a = 1, b = 1;
-                    check(tlb.ldq_le(0x8000 + 8 * (i % 512), a), a, 0x3c3c3c3c3c3c3c3cULL);
-                    check(tlb.ldq_le(0x9000, b), b, 0x5a5a5a5a5a5a5a5aULL);
+                    const qomem::memtx_result ra = tlb.ldq_le(0x8000 + 8 * (i % 512), a);
+                    check(ra, a, 0x3c3c3c3c3c3c3c3cULL);
+                    const qomem::memtx_result rb = tlb.ldq_le(0x9000, b);
+                    check(rb, b, 0x5a5a5a5a5a5a5a5aULL);
                 }
             }
         });

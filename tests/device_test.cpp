@@ -1,6 +1,8 @@
 // Tests for qomem/device.hpp: realize and unrealize, buses holding their
 // devices, the device unparent hook (hot-unplug) and its finalization order,
 // /machine/unattached and the machine's containers.
+#include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -352,5 +354,77 @@ TEST_CASE("an orphan device on a machine's bus is attached to /machine/unattache
         third->plug_into(*b.bus0);
         third->realize();
         CHECK(third->canonical_path() == "/machine/unattached/device[0]");
+    }
+}
+
+namespace {
+// A device whose unparent hook throws: before running the device hook (so
+// it never leaves its bus by itself) or after it.
+class throwing_device : public test_device {
+    QOMEM_OBJECT(throwing_device, "test-throwing-device", test_device)
+public:
+    throwing_device(event_log& log, std::string label, bool before)
+        : test_device(log, std::move(label)), before_(before) {}
+
+protected:
+    void on_unparent() override {
+        if (!before_) device::on_unparent();
+        throw std::runtime_error(label_ + ": unparent hook failed");
+    }
+
+private:
+    bool before_;
+};
+
+std::vector<std::string> device_finalization_errors;
+void record_device_finalization_error(const qomem::finalization_error& e) noexcept {
+    try {
+        std::rethrow_exception(e.error);
+    } catch (const std::exception& x) {
+        device_finalization_errors.push_back(std::string(e.type) + ": " + x.what());
+    }
+}
+} // namespace
+
+TEST_CASE("a device on a bus whose unparent hook throws leaks nothing: its controller, bus "
+          "and siblings all go, and the error reaches the caller or the handler",
+          "[device][unparent][finalize]") {
+    leak_check leaks;
+    event_log log;
+    event_recorder events(log);
+    device_finalization_errors.clear();
+    qomem::scoped_finalization_error_handler handler{&record_device_finalization_error};
+    const bool before = GENERATE(true, false);
+    INFO((before ? "throws before the device hook" : "throws after the device hook"));
+    std::optional<board> b(std::in_place, log);
+    b->label(events);
+    auto bad = qomem::make<throwing_device>(log, "bad", before);
+    bad->plug_into(*b->bus0);
+    b->machine.peripheral().add_child("bad", *bad);
+    events.label(*bad, "bad");
+    bad.reset();
+    b->ctrl->realize();
+    b->dev->realize();
+    log.clear();
+
+    SECTION("hot-unplug of the controller: every step runs, then the error is rethrown") {
+        CHECK_THROWS_WITH(qomem::unparent(*b->ctrl), "bad: unparent hook failed");
+        CHECK(only(log.events(), "finalizing ") ==
+              strings{"finalizing dev", "finalizing bad", "finalizing bus0", "finalizing ctrl"});
+        CHECK(b->sysbus->devices().empty());
+        CHECK_FALSE(b->machine.peripheral().has_property("ctrl"));
+        CHECK_FALSE(b->machine.peripheral().has_property("bad"));
+        CHECK(qomem::live_objects() == std::map<std::string, std::size_t, std::less<>>{
+                                           {"bus", 1}, {"container", 4}, {"machine", 1}});
+        CHECK(device_finalization_errors.empty());
+    }
+    SECTION("finalizing the whole machine: nothing escapes a destructor, nothing is left") {
+        b.reset(); // drops the root handle: the tree is finalized
+        CHECK(qomem::live_object_count() == 0);
+        // Reported once, by the finalization that caught it: the machine's,
+        // releasing its newest child, the system bus, whose hook unparented
+        // the controller, whose hook unparented bus0, whose hook unparented
+        // bad; each finished its work and rethrew.
+        CHECK(device_finalization_errors == strings{"machine: bad: unparent hook failed"});
     }
 }

@@ -45,7 +45,8 @@ using strings = std::vector<std::string>;
 constexpr hwaddr max_addr = ~hwaddr{0};
 
 using qomem_test::board;
-using qomem_test::bytes;
+/// "11 22 33 44" (test_support.hpp).
+constexpr auto bytes = &qomem_test::hex_bytes;
 using qomem_test::offset_bytes;
 
 /// MMIO callbacks that record every call (test_support.hpp).

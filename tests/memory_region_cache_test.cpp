@@ -59,7 +59,7 @@ TEST_CASE("region cache over RAM: reads and writes by offset through a host poin
         CHECK(c.stb(0x100, 1) == qomem::memtx_decode_error);
         std::uint8_t buf[4];
         CHECK(c.read(0x20, buf, 4) == qomem::memtx_ok);
-        CHECK(qomem_test::bytes(buf, 4) == "7e 7e 7e 7e");
+        CHECK(qomem_test::hex_bytes(buf, 4) == "7e 7e 7e 7e");
     }
     ram->set_dirty_log(false);
     b.sys->del_subregion(*ram);

@@ -7,6 +7,7 @@
 // Also run under ThreadSanitizer by `make test-tsan`. Threads other than the
 // test's own record what they saw and the test checks it after joining them
 // (Catch2 v2 assertions are not thread-safe).
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -393,7 +394,7 @@ TEST_CASE("memory systems: an ownerless region freed while a reader is inside a 
         // The region was removed and its handle dropped: the view this
         // section holds still shows it, and its memory is still there.
         std::uint64_t v = 0;
-        std::memcpy(&v, fr->host_base + 0x10, 8);
+        std::memcpy(&v, fr->host_at(0x10), 8);
         seen.store(v);
     });
     while (stage.load() != 1) std::this_thread::sleep_for(1ms);
@@ -405,6 +406,46 @@ TEST_CASE("memory systems: an ownerless region freed while a reader is inside a 
     CHECK(seen.load() == 0x3c3c3c3c3c3c3c3cull);
     sys->synchronize();
     CHECK(qomem_test::live_count("memory-region") == 1);
+}
+
+TEST_CASE("memory systems: an MMIO handler that frees an ownerless RAM region in the middle of an "
+          "access leaves the rest of that access reading live memory",
+          "[memory_system][lifetime]") {
+    qomem_test::leak_check leaks;
+    auto sys = qomem::memory_system::make();
+    qomem_test::board b;
+    struct remover {
+        qomem::memory_region* container = nullptr;
+        qomem::ref_ptr<qomem::memory_region> victim;
+        std::uint64_t read(hwaddr, unsigned) {
+            if (victim) {
+                // Inside the access's read section: remove and free it now.
+                container->del_subregion(*victim);
+                victim.reset();
+            }
+            return 0x11;
+        }
+        void write(hwaddr, std::uint64_t, unsigned) {}
+    } regs;
+    auto io = qomem::make_io(*b.dev, "remover", 0x8, regs);
+    auto orphan = qomem::make_ram(nullptr, "orphan", 0x1000);
+    std::memset(orphan->host_ptr(), 0x22, 0x1000);
+    b.sys->add_subregion(0x0, *io);
+    b.sys->add_subregion(0x8, *orphan);
+    qomem::address_space as(*sys, *b.sys, "memory");
+    regs.container = b.sys.get();
+    regs.victim = std::move(orphan);
+
+    // 8 bytes of MMIO (1 byte each, the default maximum being 4: 2 calls),
+    // then 8 bytes of the RAM that the first call removed and freed.
+    std::array<std::uint8_t, 16> buf{};
+    as.read(0x0, buf.data(), buf.size());
+    CHECK(qomem_test::hex_bytes(buf.data() + 8, 8) == "22 22 22 22 22 22 22 22");
+    CHECK(qomem_test::live_count("memory-region") == 3); // sys, remover, and orphan until a grace period
+    sys->synchronize();
+    CHECK(qomem_test::live_count("memory-region") == 2);
+    std::uint8_t after = 0xff;
+    CHECK(as.read(0x8, &after, 1) == qomem::memtx_decode_error);
 }
 
 TEST_CASE("memory systems: unlock without holding the writer role, and synchronize while holding "

@@ -86,7 +86,7 @@ TEST_CASE("page table: a page shared by several ranges dispatches every byte to 
     // A read of the shared page crosses all three.
     std::uint8_t buf[0x30];
     CHECK(as.read(0x110f8, buf, sizeof buf) == qomem::memtx_ok);
-    CHECK(qomem_test::bytes(buf, 10) == "11 11 11 11 11 11 11 11 22 22");
+    CHECK(qomem_test::hex_bytes(buf, 10) == "11 11 11 11 11 11 11 11 22 22");
     CHECK(buf[0x28] == 0x11);
     std::uint8_t one = 0xff;
     CHECK(as.read(0x117ff, &one, 1) == qomem::memtx_ok);

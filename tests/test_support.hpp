@@ -17,25 +17,51 @@
 // in reverse order, so the check runs after every handle has been dropped.
 #pragma once
 
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
+#include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
 #include <fmt/core.h>
 
+#include <qomem/address_space.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/memory_system.hpp>
+#include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/shmem.hpp>
+#include <qomem/vhost_user/unique_fd.hpp>
+
+extern char** environ;
 
 namespace qomem_test {
 
@@ -163,7 +189,7 @@ inline std::size_t live_count(std::string_view type) {
 }
 
 /// "11 22 33 44": bytes as the guest sees them in a buffer.
-inline std::string bytes(const void* p, std::size_t n) {
+inline std::string hex_bytes(const void* p, std::size_t n) {
     const auto* b = static_cast<const unsigned char*>(p);
     std::string out;
     for (std::size_t i = 0; i < n; ++i) {
@@ -246,6 +272,368 @@ public:
 private:
     qomem::memory_system& sys_;
     bool previous_;
+};
+
+} // namespace qomem_test
+
+// ---- shared memory regions, vhost-user and real back-ends -------------------
+//
+// fd counting, memfds with patterns, the machine the shmem and vhost-user
+// tests share (shmem_rig), and programs started by a test (backend_process):
+//
+//     qomem_test::shmem_rig r;                                  // RAM at 0, space "memory"
+//     auto& dev = r.add_device("fs", 0xfe000000, 0x100000);     // a BAR at 0xfe000000
+//     qomem::virtio_shmem& shm = r.add_region(dev, 0, 16 * page);
+//     qomem::vhost_user::unique_fd f = qomem_test::pattern_memfd(2 * page, 7);
+//     shm.map(f.get(), 0, 0, 2 * page, qomem::shmem_flags::read_write);
+
+namespace qomem_test {
+
+using qomem::vhost_user::unique_fd;
+using bytes = std::vector<std::byte>;
+
+/// The host page size.
+inline std::uint64_t host_page() {
+    static const auto p = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+    return p;
+}
+
+/// Open fds of this process (the directory's own fd not counted).
+inline std::size_t count_open_fds() {
+    DIR* d = ::opendir("/proc/self/fd");
+    REQUIRE(d != nullptr);
+    const int self = ::dirfd(d);
+    std::size_t n = 0;
+    while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        if (std::atoi(e->d_name) != self) ++n;
+    }
+    ::closedir(d);
+    return n;
+}
+
+inline bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
+
+/// The kernel mappings of this process (lines of /proc/self/maps).
+inline std::size_t count_kernel_mappings() {
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    std::size_t n = 0;
+    while (std::getline(maps, line)) ++n;
+    return n;
+}
+
+inline bytes bytes_of(std::string_view s) {
+    bytes out(s.size());
+    std::memcpy(out.data(), s.data(), s.size());
+    return out;
+}
+
+/// The byte at offset `i` of a file filled with pattern `seed`.
+inline std::byte pattern_byte(unsigned seed, std::uint64_t i) {
+    return static_cast<std::byte>((i * 131 + seed * 17 + (i >> 12)) & 0xff);
+}
+/// Bytes [from, from + n) of pattern `seed`.
+inline bytes pattern(unsigned seed, std::uint64_t from, std::uint64_t n) {
+    bytes out(static_cast<std::size_t>(n));
+    for (std::uint64_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = pattern_byte(seed, from + i);
+    return out;
+}
+
+/// A memfd of `size` bytes holding `content` at its start (sealable when
+/// `sealable`).
+inline unique_fd memfd_with(std::uint64_t size, std::span<const std::byte> content = {}, bool sealable = false) {
+    unique_fd fd(::memfd_create("qomem-test", MFD_CLOEXEC | (sealable ? MFD_ALLOW_SEALING : 0u)));
+    REQUIRE(fd);
+    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
+    if (!content.empty())
+        REQUIRE(::pwrite(fd.get(), content.data(), content.size(), 0) == static_cast<ssize_t>(content.size()));
+    return fd;
+}
+/// A memfd of `size` bytes filled with pattern `seed`.
+inline unique_fd pattern_memfd(std::uint64_t size, unsigned seed) {
+    const bytes b = pattern(seed, 0, size);
+    return memfd_with(size, b);
+}
+
+inline bytes pread_bytes(int fd, std::uint64_t offset, std::size_t n) {
+    bytes out(n);
+    REQUIRE(::pread(fd, out.data(), n, static_cast<off_t>(offset)) == static_cast<ssize_t>(n));
+    return out;
+}
+
+/// The device type the shmem and vhost-user tests use.
+class shmem_test_device : public qomem::virtio_shmem_device {
+    QOMEM_OBJECT(shmem_test_device, "test-shm-device", qomem::virtio_shmem_device)
+public:
+    shmem_test_device() = default;
+};
+
+/// A machine: a "system" container (2^64) with RAM at 0 and the address
+/// space "memory" over it; devices (children "name" of the root) whose shared
+/// memory regions sit in BAR containers of their own, placed in the system
+/// space as a PCI transport would. Devices still plugged are unplugged when
+/// the rig goes.
+class shmem_rig {
+public:
+    explicit shmem_rig(std::uint64_t ram_size = 0x10000)
+        : ram(qomem::make_ram(nullptr, "ram", ram_size)) {
+        sys->add_subregion(0, *ram);
+        as.emplace(*sys, "memory");
+    }
+    shmem_rig(const shmem_rig&) = delete;
+    shmem_rig& operator=(const shmem_rig&) = delete;
+    ~shmem_rig() {
+        while (!devices_.empty()) unplug(*devices_.front().dev);
+        as.reset();
+        sys.reset(); // detaches the BARs and RAM, which are ownerless
+        bars_.clear();
+    }
+
+    /// Adds device `name` with an (ownerless) BAR container of `bar_size` at `bar_addr`.
+    shmem_test_device& add_device(const std::string& name, qomem::hwaddr bar_addr, std::uint64_t bar_size) {
+        auto d = qomem::make<shmem_test_device>();
+        root->add_child(name, *d);
+        auto bar = qomem::make_container(nullptr, name + "-bar", bar_size);
+        sys->add_subregion(bar_addr, *bar);
+        devices_.push_back({d.get(), bar.get()});
+        bars_.push_back(std::move(bar));
+        return *d;
+    }
+    /// Declares shared memory region `shmid` of `size` bytes on `dev` and
+    /// places it at `offset` of the device's BAR.
+    qomem::virtio_shmem& add_region(shmem_test_device& dev, std::uint8_t shmid, std::uint64_t size,
+                                    std::uint64_t offset = 0) {
+        qomem::virtio_shmem& s = dev.declare_shmem(shmid, size);
+        bar(dev).add_subregion(offset, s.region());
+        return s;
+    }
+    qomem::memory_region& bar(const shmem_test_device& dev) const {
+        for (const auto& d : devices_)
+            if (d.dev == &dev) return *d.bar;
+        FAIL("no such device in the rig");
+        throw std::logic_error("unreachable");
+    }
+    /// Hot-unplugs `dev` (unparent): it and its regions may be gone afterwards.
+    void unplug(shmem_test_device& dev) {
+        std::erase_if(devices_, [&](const plugged& d) { return d.dev == &dev; });
+        qomem::unparent(dev);
+    }
+
+    std::string flat() const {
+        const std::array<const qomem::address_space*, 1> spaces{&*as};
+        return qomem::info_mtree(spaces, {.flatview = true});
+    }
+    std::string tree() const {
+        const std::array<const qomem::address_space*, 1> spaces{&*as};
+        return qomem::info_mtree(spaces);
+    }
+
+    qomem::ref_ptr<qomem::container> root = qomem::container::make_root();
+    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    qomem::ref_ptr<qomem::memory_region> ram;
+    std::optional<qomem::address_space> as;
+
+private:
+    struct plugged {
+        shmem_test_device* dev;
+        qomem::memory_region* bar;
+    };
+    std::vector<plugged> devices_;
+    std::vector<qomem::ref_ptr<qomem::memory_region>> bars_;
+};
+
+/// Restores the process-wide shared-memory mapping limit when it goes.
+class scoped_shmem_mapping_limit {
+public:
+    explicit scoped_shmem_mapping_limit(std::size_t n) : old_(qomem::shmem_mapping_limit()) {
+        qomem::set_shmem_mapping_limit(n);
+    }
+    ~scoped_shmem_mapping_limit() { qomem::set_shmem_mapping_limit(old_); }
+    scoped_shmem_mapping_limit(const scoped_shmem_mapping_limit&) = delete;
+    scoped_shmem_mapping_limit& operator=(const scoped_shmem_mapping_limit&) = delete;
+
+private:
+    std::size_t old_;
+};
+
+/// A directory of its own under $TMPDIR (or /tmp), removed with everything
+/// in it when the object goes.
+class temp_dir {
+public:
+    temp_dir() {
+        const char* base = std::getenv("TMPDIR");
+        std::string tmpl = std::string(base && *base ? base : "/tmp") + "/qomem-test-XXXXXX";
+        REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+        path_ = tmpl;
+    }
+    ~temp_dir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    temp_dir(const temp_dir&) = delete;
+    temp_dir& operator=(const temp_dir&) = delete;
+    const std::filesystem::path& path() const noexcept { return path_; }
+    std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+
+private:
+    std::filesystem::path path_;
+};
+
+/// A program a test starts, listening on a Unix socket the test made: the
+/// listening socket is its fd 3 (write "{fd}" in the arguments for the
+/// number); stdout and stderr go to `log_path`. Stopped by its pid — SIGTERM,
+/// then SIGKILL after two seconds — when the object goes or stop() is called.
+class backend_process {
+public:
+    backend_process(std::vector<std::string> argv, const std::string& socket_path, const std::string& log_path)
+        : socket_path_(socket_path), log_path_(log_path) {
+        unique_fd listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        REQUIRE(listener);
+        sockaddr_un addr{};
+        addr.sun_family = AF_UNIX;
+        REQUIRE(socket_path.size() < sizeof addr.sun_path);
+        std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size() + 1);
+        REQUIRE(::bind(listener.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0);
+        REQUIRE(::listen(listener.get(), 1) == 0);
+        // Far from 1-3, which the child's actions below set.
+        listener = unique_fd(::fcntl(listener.get(), F_DUPFD_CLOEXEC, 100));
+        REQUIRE(listener);
+        for (std::string& a : argv)
+            for (std::size_t at; (at = a.find("{fd}")) != std::string::npos;) a.replace(at, 4, "3");
+        std::vector<char*> args;
+        for (std::string& a : argv) args.push_back(a.data());
+        args.push_back(nullptr);
+        posix_spawn_file_actions_t actions;
+        posix_spawn_file_actions_init(&actions);
+        posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        posix_spawn_file_actions_adddup2(&actions, 1, 2);
+        posix_spawn_file_actions_adddup2(&actions, listener.get(), 3); // dup2 clears close-on-exec
+        const int r = ::posix_spawnp(&pid_, args[0], &actions, nullptr, args.data(), environ);
+        posix_spawn_file_actions_destroy(&actions);
+        INFO("starting " << argv[0]);
+        REQUIRE(r == 0);
+    }
+    /// Stops it; when a failed REQUIRE is unwinding the test, prints what it logged.
+    ~backend_process() {
+        stop();
+        if (std::uncaught_exceptions() > unwinding_)
+            std::fprintf(stderr, "---- %s ----\n%s\n----\n", log_path_.c_str(), log().c_str());
+    }
+    backend_process(const backend_process&) = delete;
+    backend_process& operator=(const backend_process&) = delete;
+
+    pid_t pid() const noexcept { return pid_; }
+    const std::string& socket_path() const noexcept { return socket_path_; }
+
+    /// True while it has not exited (reaps it if it has).
+    bool running() {
+        if (pid_ <= 0) return false;
+        int status = 0;
+        if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+            status_ = status;
+            pid_ = -1;
+            return false;
+        }
+        return true;
+    }
+    /// Stops it (if still running) and returns its wait status.
+    int stop() {
+        if (running()) {
+            ::kill(pid_, SIGTERM);
+            const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+            while (running() && std::chrono::steady_clock::now() < deadline)
+                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            if (running()) {
+                ::kill(pid_, SIGKILL);
+                int status = 0;
+                ::waitpid(pid_, &status, 0);
+                status_ = status;
+                pid_ = -1;
+            }
+        }
+        return status_;
+    }
+    /// What it printed.
+    std::string log() const {
+        std::ifstream in(log_path_);
+        std::stringstream s;
+        s << in.rdbuf();
+        return s.str();
+    }
+
+private:
+    std::string socket_path_;
+    std::string log_path_;
+    pid_t pid_ = -1;
+    int status_ = 0;
+    int unwinding_ = std::uncaught_exceptions();
+};
+
+} // namespace qomem_test
+
+namespace qomem_test {
+
+/// A guest for the vhost-user front-end tests: RAM from a sealable memfd at
+/// 0, a one-page MMIO hole over it at `hole` (a reservation, which splits
+/// the RAM into two flat ranges), the address space "memory"; more RAM can be
+/// hot-added, each from a memfd of its own. Every region is ownerless; the
+/// memfds stay open as long as the guest (a vhost-user back-end maps them).
+class vhost_guest {
+public:
+    explicit vhost_guest(std::uint64_t ram_size = 2 << 20, qomem::hwaddr hole = 0x100000) {
+        ram0 = &add_ram(0, ram_size, "ram0");
+        hole_ = qomem::make_reservation(nullptr, "mmio-hole", host_page());
+        sys->add_subregion(hole, *hole_, 1);
+        as.emplace(*sys, "memory");
+    }
+    ~vhost_guest() {
+        as.reset();
+        sys.reset();
+    }
+    vhost_guest(const vhost_guest&) = delete;
+    vhost_guest& operator=(const vhost_guest&) = delete;
+
+    /// Hot-adds `size` bytes of RAM (a new memfd) at `addr`.
+    qomem::memory_region& add_ram(qomem::hwaddr addr, std::uint64_t size, const std::string& name = "ram") {
+        ram r{memfd_with(size, {}, true), nullptr};
+        r.region = qomem::make_ram_from_fd(nullptr, name, size, r.fd.get(), 0);
+        sys->add_subregion(addr, *r.region);
+        rams_.push_back(std::move(r));
+        return *rams_.back().region;
+    }
+    /// Takes RAM added by add_ram out of the guest's memory map.
+    void remove_ram(qomem::memory_region& mr) {
+        sys->del_subregion(mr);
+        std::erase_if(rams_, [&](const ram& r) { return r.region.get() == &mr; });
+    }
+    /// The memfd behind `mr`.
+    int fd_of(const qomem::memory_region& mr) const {
+        for (const ram& r : rams_)
+            if (r.region.get() == &mr) return r.fd.get();
+        FAIL("not RAM of this guest");
+        return -1;
+    }
+    void write(qomem::hwaddr addr, std::span<const std::byte> b) {
+        REQUIRE(as->write(addr, b.data(), b.size()) == qomem::memtx_ok);
+    }
+    bytes read(qomem::hwaddr addr, std::size_t n) {
+        bytes out(n);
+        REQUIRE(as->read(addr, out.data(), n) == qomem::memtx_ok);
+        return out;
+    }
+
+    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    qomem::memory_region* ram0 = nullptr;
+    std::optional<qomem::address_space> as;
+
+private:
+    struct ram {
+        unique_fd fd;
+        qomem::ref_ptr<qomem::memory_region> region;
+    };
+    std::vector<ram> rams_;
+    qomem::ref_ptr<qomem::memory_region> hole_;
 };
 
 } // namespace qomem_test

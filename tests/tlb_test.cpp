@@ -9,14 +9,19 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
 #include <qomem/address_space.hpp>
 #include <qomem/device.hpp>
+#include <qomem/dirty_log.hpp>
 #include <qomem/memory_region.hpp>
+#include <qomem/memory_region_cache.hpp>
 #include <qomem/memory_system.hpp>
 #include <qomem/rcu.hpp>
+#include <qomem/shmem.hpp>
 #include <qomem/tlb.hpp>
 
 #include "test_support.hpp"
@@ -85,7 +90,7 @@ TEST_CASE("tlb: a load misses once per page and then hits, and loads and stores 
     CHECK(tlb.fills() == 1); // the store hit the same entry
     std::uint8_t buf[8];
     CHECK(m.as->read(0x1008, buf, 8) == qomem::memtx_ok);
-    CHECK(qomem_test::bytes(buf, 8) == "88 77 66 55 44 33 22 11");
+    CHECK(qomem_test::hex_bytes(buf, 8) == "88 77 66 55 44 33 22 11");
     std::uint32_t be = 0;
     CHECK(tlb.ldl_be(0x1008, be) == qomem::memtx_ok);
     CHECK(be == 0x88776655);
@@ -237,7 +242,7 @@ TEST_CASE("tlb: an unaligned access, or one crossing a page into another region,
     CHECK(tlb.stq_le(0x1ffc, 0x8877665544332211) == qomem::memtx_ok); // two RAM pages
     std::uint8_t buf[8];
     CHECK(m.as->read(0x1ffc, buf, 8) == qomem::memtx_ok);
-    CHECK(qomem_test::bytes(buf, 8) == "11 22 33 44 55 66 77 88");
+    CHECK(qomem_test::hex_bytes(buf, 8) == "11 22 33 44 55 66 77 88");
     std::uint64_t v = 0;
     CHECK(tlb.ldq_le(0x1ffd, v) == qomem::memtx_ok);
     CHECK(v == 0x1188776655443322);
@@ -260,4 +265,77 @@ TEST_CASE("tlb: an access that misses outside an RCU read section is reported an
     qomem::rcu::read_guard g;
     CHECK(tlb.ldl_le(0x1000, v) == qomem::memtx_ok);
     CHECK(v == 0x10101010);
+}
+
+TEST_CASE("tlb: global dirty tracking (migration) is a commit: stores through a TLB filled before it go "
+          "through the dispatch from the next access on and mark the migration bitmap, and direct again "
+          "after it stops",
+          "[tlb][dirty]") {
+    qomem_test::leak_check leaks;
+    machine m;
+    qomem::cpu_tlb tlb(*m.as);
+    qomem::rcu::read_guard g;
+    using qomem::dirty_client;
+    CHECK(tlb.stl_le(0x1000, 1) == qomem::memtx_ok); // a writable entry
+    const auto fills = tlb.fills();
+    CHECK(tlb.stl_le(0x1004, 1) == qomem::memtx_ok);
+    CHECK(tlb.fills() == fills); // a hit: stored directly
+    m.as->system().global_dirty_log_start(qomem::global_dirty::migration);
+    CHECK(tlb.stl_le(0x1008, 2) == qomem::memtx_ok);
+    CHECK(m.ram->test_and_clear_dirty(0, 0x1000, dirty_client::migration));
+    CHECK(tlb.stl_le(0x1008, 3) == qomem::memtx_ok); // again: the entry was not made writable
+    CHECK(m.ram->test_and_clear_dirty(0, 0x1000, dirty_client::migration));
+    CHECK_FALSE(m.ram->get_dirty(0x1000, 0x1000, dirty_client::migration));
+    // The address space's inline store obeys the same rule.
+    CHECK(m.as->stl_le(0x2000, 4) == qomem::memtx_ok);
+    CHECK(m.ram->test_and_clear_dirty(0x1000, 0x1000, dirty_client::migration));
+    m.as->system().global_dirty_log_stop(qomem::global_dirty::migration);
+    CHECK(tlb.stl_le(0x1008, 5) == qomem::memtx_ok);
+    const auto after = tlb.fills();
+    CHECK(tlb.stl_le(0x100c, 6) == qomem::memtx_ok);
+    CHECK(tlb.fills() == after); // writable again: a hit
+    std::uint32_t v = 0;
+    CHECK(m.as->ldl_le(0x1008, v) == qomem::memtx_ok);
+    CHECK(v == 5);
+}
+
+TEST_CASE("tlb: RAM over a file another process may shrink is never mapped: once the file is cut, loads, "
+          "stores and fetches answer memtx_error instead of raising SIGBUS",
+          "[tlb][shmem]") {
+    qomem_test::leak_check leaks;
+    qomem_test::throwing_assertions asserts;
+    const std::uint64_t page = qomem_test::host_page();
+    constexpr hwaddr bar = 0xfe000000;
+    qomem_test::shmem_rig r;
+    auto& dev = r.add_device("fs", bar, 16 * page);
+    qomem::virtio_shmem& shm = r.add_region(dev, 0, 16 * page);
+    qomem_test::unique_fd f = qomem_test::pattern_memfd(2 * page, 4);
+    shm.map(f.get(), 0, 0, 2 * page, qomem::shmem_flags::read_write);
+    {
+        qomem::cpu_tlb tlb(*r.as);
+        qomem::rcu::read_guard g;
+        std::uint64_t v = 0;
+        CHECK(tlb.ldq_le(bar, v) == qomem::memtx_ok);
+        CHECK(tlb.stq_le(bar + 8, 0x1234) == qomem::memtx_ok);
+        CHECK(tlb.ldq_le(bar + 8, v) == qomem::memtx_ok);
+        CHECK(v == 0x1234);
+        CHECK(tlb.fills() == 0); // every access went through the guarded dispatch
+        REQUIRE(::ftruncate(f.get(), 0) == 0);
+        v = 7;
+        CHECK(tlb.ldq_le(bar, v) == qomem::memtx_error);
+        CHECK(v == 0);
+        CHECK(tlb.stq_le(bar + page, 1) == qomem::memtx_error);
+        std::uint32_t insn = 1;
+        CHECK(tlb.fetch<std::uint32_t, endianness::little>(bar + 16, insn) == qomem::memtx_error);
+        CHECK(insn == 0);
+        CHECK(tlb.fills() == 0);
+    }
+    // The plain API and a region cache are guarded the same way.
+    std::uint32_t w = 1;
+    CHECK(r.as->ldl_le(bar, w) == qomem::memtx_error);
+    qomem::memory_region_cache cache(*r.as, bar, 64, true);
+    CHECK(cache.size() == 64);
+    CHECK(cache.data() == nullptr); // no raw pointer into the file
+    CHECK(cache.ldl_le(0, w) == qomem::memtx_error);
+    CHECK(cache.stl_le(4, 9) == qomem::memtx_error);
 }

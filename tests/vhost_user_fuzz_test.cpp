@@ -1,8 +1,9 @@
-// Fuzz-style tests of the vhost-user message handling (qomem/vhost_user.hpp):
+// Fuzz-style tests of the vhost-user message handling (qomem/vhost_user/):
 // random and mutated messages — starting from valid encodings of every
 // request, with bytes, lengths and attached fds changed — fed to
-// decode_backend_message, to frontend::handle with a real device and address
-// space, and through a real socket to channel::receive.
+// decode_backend_message (with random sets of negotiated protocol features),
+// to backend_request_handler::handle with a real device and address space,
+// and through a real socket to channel::receive.
 //
 // The only acceptable outcomes are a decoded message or a protocol_error
 // (the decoder), a well-formed reply or none (the front-end), and no fd ever
@@ -40,13 +41,17 @@
 #include <qomem/memory_region.hpp>
 #include <qomem/object.hpp>
 #include <qomem/shmem.hpp>
-#include <qomem/vhost_user.hpp>
+#include <qomem/vhost_user/backend_requests.hpp>
+#include <qomem/vhost_user/channel.hpp>
+#include <qomem/vhost_user/wire.hpp>
 
 #include "test_support.hpp"
 
 namespace vu = qomem::vhost_user;
 using preason = vu::protocol_error::reason;
 using bytes_t = std::vector<std::byte>;
+using qomem_test::count_open_fds;
+using qomem_test::fd_is_open;
 using qomem_test::leak_check;
 using qomem_test::throwing_assertions;
 
@@ -66,21 +71,6 @@ std::uint64_t fuzz_seed() { return env_u64("QOMEM_FUZZ_SEED", 0x5eedf00dcafe2024
 std::size_t scaled(std::size_t n) {
     return static_cast<std::size_t>(n * env_u64("QOMEM_FUZZ_ITERATIONS", 100) / 100);
 }
-
-std::size_t count_open_fds() {
-    DIR* d = ::opendir("/proc/self/fd");
-    REQUIRE(d != nullptr);
-    const int self = ::dirfd(d);
-    std::size_t n = 0;
-    while (const dirent* e = ::readdir(d)) {
-        if (e->d_name[0] == '.') continue;
-        if (std::atoi(e->d_name) != self) ++n;
-    }
-    ::closedir(d);
-    return n;
-}
-
-bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
 
 std::string hex_dump(const bytes_t& b) {
     std::string out;
@@ -129,8 +119,10 @@ private:
 /// The verdict the vhost-user rules give a back-end message: nullopt when it
 /// is valid, else the reason to refuse it. The rules are checked in this
 /// order: header (length, version, flag bits, size field), then the reply
-/// flag, then per request: payload size, fds, MEM size bounds.
-std::optional<preason> model_verdict(const bytes_t& b, std::size_t nfds, std::uint32_t max_access) {
+/// flag, then per request: its protocol feature (SHMEM for 9 and 10, qomem's
+/// MEM access for 11 and 12), payload size, fds, MEM size bounds.
+std::optional<preason> model_verdict(const bytes_t& b, std::size_t nfds, std::uint32_t max_access,
+                                     bool shmem = true, bool mem_access = true) {
     if (b.size() < 12) return preason::truncated_header;
     const std::uint32_t req = get_u32(b, 0), flags = get_u32(b, 4), size = get_u32(b, 8);
     if ((flags & 0x3) != 0x1) return preason::bad_version;
@@ -144,12 +136,15 @@ std::optional<preason> model_verdict(const bytes_t& b, std::size_t nfds, std::ui
     };
     switch (req) {
     case 9:
+        if (!shmem) return preason::not_negotiated;
         if (size != 40) return preason::bad_payload;
         return fds(1);
     case 10:
+        if (!shmem) return preason::not_negotiated;
         if (size != 40) return preason::bad_payload;
         return fds(0);
     case 11: {
+        if (!mem_access) return preason::not_negotiated;
         if (size != 12) return preason::bad_payload;
         if (auto f = fds(0)) return f;
         const std::uint32_t n = get_u32(b, 20);
@@ -157,6 +152,7 @@ std::optional<preason> model_verdict(const bytes_t& b, std::size_t nfds, std::ui
         return std::nullopt;
     }
     case 12: {
+        if (!mem_access) return preason::not_negotiated;
         if (size < 12) return preason::bad_payload;
         if (auto f = fds(0)) return f;
         const std::uint32_t n = get_u32(b, 20);
@@ -190,17 +186,21 @@ bytes_t reencode(const vu::backend_message& m) {
 /// shared memory regions and RAM.
 bytes_t valid_message(rng& r) {
     const bool nr = r.one_in(2);
-    const std::array<std::uint64_t, 4> flag_values{1, 2, 3, 3};
+    // 0 read-only, 1 read-write; 2 and 3 carry an invalid bit (refused by the device).
+    const std::array<std::uint64_t, 4> flag_values{0, 1, 1, 3};
     const std::array<qomem::hwaddr, 4> bases{bar_a, bar_b, 0, bar_a + 16 * P};
     switch (r.below(5)) {
     case 0:
     case 1: // maps are what change state: make them common
         return vu::encode_shmem_map(vu::make_mmap_payload(static_cast<std::uint8_t>(r.below(3)), P * r.below(3),
-                                            P * r.below(36), P * (1 + r.below(4)), r.pick(flag_values)),
+                                                          P * r.below(36), P * (1 + r.below(4)),
+                                                          static_cast<qomem::shmem_flags>(r.pick(flag_values))),
                                     nr);
     case 2:
         return vu::encode_shmem_unmap(
-            vu::make_mmap_payload(static_cast<std::uint8_t>(r.below(2)), 0, P * r.below(36), P * (1 + r.below(4)), 0), nr);
+            vu::make_mmap_payload(static_cast<std::uint8_t>(r.below(2)), 0, P * r.below(36), P * (1 + r.below(4)),
+                                  qomem::shmem_flags::read_only),
+            nr);
     case 3: {
         const std::uint32_t size = r.one_in(8) ? static_cast<std::uint32_t>(1 + r.below(4096))
                                                : static_cast<std::uint32_t>(1 + r.below(64));
@@ -339,44 +339,20 @@ struct fd_source {
 
 // ---- the machine ---------------------------------------------------------------------------
 
-class fuzz_device : public qomem::virtio_shmem_device {
-    QOMEM_OBJECT(fuzz_device, "test-fuzz-device", qomem::virtio_shmem_device)
-public:
-    fuzz_device() = default;
-};
-
 /// RAM at 0; device A with shared memory regions 0 (32 pages, at bar_a) and
-/// 1 (8 pages, at bar_a + 32 pages); device B with region 0 (8 pages, at
-/// bar_b). The front-end serves device A.
-struct rig {
-    qomem::ref_ptr<qomem::container> root = qomem::container::make_root();
-    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
-    qomem::ref_ptr<qomem::memory_region> ram = qomem::make_ram(nullptr, "ram", 0x10000);
-    std::optional<qomem::address_space> as;
-    fuzz_device* a = nullptr;
-    fuzz_device* b = nullptr;
+/// 1 (8 pages, at bar_a + 32 pages) in its BAR; device B with region 0 (8
+/// pages, at bar_b). The handler serves device A.
+struct rig : qomem_test::shmem_rig {
+    qomem_test::shmem_test_device* a = nullptr;
+    qomem_test::shmem_test_device* b = nullptr;
 
     rig() {
-        sys->add_subregion(0, *ram);
-        as.emplace(*sys, "memory");
-        auto da = qomem::make<fuzz_device>();
-        root->add_child("a", *da);
-        a = da.get();
-        sys->add_subregion(bar_a, a->declare_shmem(0, 32 * P).region());
-        sys->add_subregion(bar_a + 32 * P, a->declare_shmem(1, 8 * P).region());
+        a = &add_device("a", bar_a, 40 * P);
+        add_region(*a, 0, 32 * P, 0);
+        add_region(*a, 1, 8 * P, 32 * P);
         a->shmem(0)->set_max_mappings(6); // small, so the limit is reached
-        auto db = qomem::make<fuzz_device>();
-        root->add_child("b", *db);
-        b = db.get();
-        sys->add_subregion(bar_b, b->declare_shmem(0, 8 * P).region());
-    }
-    rig(const rig&) = delete;
-    rig& operator=(const rig&) = delete;
-    ~rig() {
-        qomem::unparent(*a);
-        qomem::unparent(*b);
-        as.reset();
-        sys.reset();
+        b = &add_device("b", bar_b, 8 * P);
+        add_region(*b, 0, 8 * P);
     }
 };
 
@@ -404,17 +380,23 @@ TEST_CASE("fuzz: the decoder decodes or refuses with the model's reason, and clo
     {
         fd_source source(4 * P);
         const std::array<std::uint32_t, 5> limits{4096, 4096, 256, 1, 65536};
+        // Negotiated features: mostly both, sometimes one or none.
+        const std::array<unsigned, 6> feature_sets{3, 3, 3, 1, 2, 0};
         std::size_t decoded = 0, refused = 0;
         const std::size_t iterations = scaled(30000);
         for (std::size_t i = 0; i < iterations; ++i) {
             const bytes_t input = random_input(r);
             const std::size_t nfds = fd_source::how_many(r, input);
             const std::uint32_t limit = r.pick(limits);
+            const unsigned features = r.pick(feature_sets);
+            vu::backend_channel_options options{0, limit};
+            if (features & 1) options.protocol_features |= vu::mask(vu::protocol_feature::shmem);
+            if (features & 2) options.protocol_features |= vu::mask(vu::protocol_feature::qomem_mem_access);
             std::vector<int> numbers;
             std::vector<vu::unique_fd> fds = source.make(r, nfds, numbers);
-            const std::optional<preason> expected = model_verdict(input, nfds, limit);
+            const std::optional<preason> expected = model_verdict(input, nfds, limit, features & 1, features & 2);
             try {
-                vu::backend_message m = vu::decode_backend_message(input, std::move(fds), limit);
+                vu::backend_message m = vu::decode_backend_message(input, std::move(fds), options);
                 ++decoded;
                 if (expected)
                     FUZZ_FAIL(seed, i, input, nfds,
@@ -456,7 +438,7 @@ TEST_CASE("fuzz: the front-end answers every message correctly with a real devic
     {
         fd_source source(4 * P);
         rig g;
-        vu::frontend fe(*g.a, *g.as);
+        vu::backend_request_handler fe(g.a, *g.as);
         qomem::virtio_shmem& shm0 = *g.a->shmem(0);
         std::vector<qomem::dma_mapping> dma; // guest DMA keeping unmapped mappings alive
         std::size_t replies = 0, maps_ok = 0, peak_live = 0;
@@ -467,7 +449,8 @@ TEST_CASE("fuzz: the front-end answers every message correctly with a real devic
             bytes_t input;
             if (!active.empty() && r.one_in(12)) {
                 const auto& [offset, length] = active[r.below(active.size())];
-                input = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, offset, length, 0), r.one_in(2));
+                input = vu::encode_shmem_unmap(
+                    vu::make_mmap_payload(0, 0, offset, length, qomem::shmem_flags::read_only), r.one_in(2));
             } else {
                 input = r.one_in(3) ? valid_message(r) : random_input(r);
             }
@@ -595,7 +578,7 @@ TEST_CASE("fuzz: channel::receive over a real socket yields messages or protocol
                     if (!m) break;
                     ++messages;
                     try {
-                        (void)vu::decode_backend_message(m->bytes, std::move(m->fds), limit);
+                        (void)vu::decode_backend_message(m->bytes, std::move(m->fds), {.max_mem_access = limit});
                     } catch (const vu::protocol_error&) {
                     }
                 } catch (const vu::protocol_error&) {

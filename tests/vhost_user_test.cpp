@@ -1,8 +1,10 @@
-// Tests for qomem/vhost_user.hpp: the wire layouts of the shared-memory
-// messages, encode/decode round trips, a decoder that treats every byte as
-// hostile (each refusal with its precise reason, every fd closed), the
-// front-end's replies (0 or an errno when need-reply is set; MEM_READ always
-// answered), GET_SHMEM_CONFIG, and a real second process as the back-end: it
+// Tests for qomem/vhost_user/wire.hpp, channel.hpp and backend_requests.hpp:
+// the wire layouts of the shared-memory messages (as upstream), encode/decode
+// round trips, a decoder that treats every byte as hostile (each refusal with
+// its precise reason, every fd closed, requests without their protocol
+// feature refused), the back-end request handler's replies (0 or an errno
+// when need-reply is set; MEM_READ always answered), GET_SHMEM_CONFIG with its
+// 256 slots, and a real second process as the back-end: it
 // maps a memfd into the guest over a Unix socket, reads and writes guest
 // memory (including another device's shared memory region, the fallback
 // path), unmaps, then sends hostile messages over the real socket.
@@ -37,14 +39,21 @@
 #include <qomem/memory_region.hpp>
 #include <qomem/object.hpp>
 #include <qomem/shmem.hpp>
-#include <qomem/vhost_user.hpp>
+#include <qomem/vhost_user/backend_requests.hpp>
+#include <qomem/vhost_user/channel.hpp>
+#include <qomem/vhost_user/wire.hpp>
 
 #include "test_support.hpp"
 
 namespace vu = qomem::vhost_user;
 using preason = vu::protocol_error::reason;
 using bytes_t = std::vector<std::byte>;
+using qomem_test::bytes_of;
+using qomem_test::count_open_fds;
+using qomem_test::fd_is_open;
 using qomem_test::leak_check;
+using qomem_test::memfd_with;
+using qomem_test::pread_bytes;
 using qomem_test::throwing_assertions;
 
 namespace Catch {
@@ -68,41 +77,16 @@ const std::uint64_t P = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
 constexpr qomem::hwaddr bar_a = 0xfe000000; // device A's shared memory region (the one we serve)
 constexpr qomem::hwaddr bar_b = 0xfd000000; // device B's: the back-end cannot translate these
 
-constexpr std::uint64_t rw = static_cast<std::uint64_t>(qomem::shmem_flags::read_write);
-constexpr auto req_map = static_cast<std::uint32_t>(vu::request::backend_shmem_map);
-constexpr auto req_unmap = static_cast<std::uint32_t>(vu::request::backend_shmem_unmap);
-constexpr auto req_read = static_cast<std::uint32_t>(vu::request::backend_mem_read);
-constexpr auto req_write = static_cast<std::uint32_t>(vu::request::backend_mem_write);
+constexpr auto rw = qomem::shmem_flags::read_write;
+constexpr auto ro = qomem::shmem_flags::read_only;
+constexpr auto req_map = static_cast<std::uint32_t>(vu::backend_request::shmem_map);
+constexpr auto req_unmap = static_cast<std::uint32_t>(vu::backend_request::shmem_unmap);
+constexpr auto req_read = static_cast<std::uint32_t>(vu::backend_request::mem_read);
+constexpr auto req_write = static_cast<std::uint32_t>(vu::backend_request::mem_write);
 
 // ---- bytes and fds -------------------------------------------------------------------
 
-std::size_t count_open_fds() {
-    DIR* d = ::opendir("/proc/self/fd");
-    REQUIRE(d != nullptr);
-    const int self = ::dirfd(d);
-    std::size_t n = 0;
-    while (const dirent* e = ::readdir(d)) {
-        if (e->d_name[0] == '.') continue;
-        if (std::atoi(e->d_name) != self) ++n;
-    }
-    ::closedir(d);
-    return n;
-}
-
-bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
-
-bytes_t bytes_of(std::string_view s) {
-    bytes_t out(s.size());
-    std::memcpy(out.data(), s.data(), s.size());
-    return out;
-}
-
-bytes_t pattern(unsigned seed, std::uint64_t n) {
-    bytes_t out(static_cast<std::size_t>(n));
-    for (std::uint64_t i = 0; i < n; ++i)
-        out[static_cast<std::size_t>(i)] = static_cast<std::byte>((i * 29 + seed * 101 + (i >> 8)) & 0xff);
-    return out;
-}
+bytes_t pattern(unsigned seed, std::uint64_t n) { return qomem_test::pattern(seed, 0, n); }
 
 /// `base` with `patch` written at `at`.
 bytes_t patched(bytes_t base, std::size_t at, const bytes_t& patch) {
@@ -143,22 +127,6 @@ vu::unique_fd some_fd() {
     return vu::unique_fd(p[0]);
 }
 
-/// A memfd of `size` bytes holding `content` at its start.
-vu::unique_fd memfd_with(std::uint64_t size, const bytes_t& content) {
-    vu::unique_fd fd(::memfd_create("vhost-user-test", MFD_CLOEXEC));
-    REQUIRE(fd);
-    REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(size)) == 0);
-    REQUIRE(::pwrite(fd.get(), content.data(), content.size(), 0) == static_cast<ssize_t>(content.size()));
-    return fd;
-}
-
-bytes_t pread_bytes(int fd, std::uint64_t offset, std::size_t n) {
-    bytes_t out(n);
-    REQUIRE(::pread(fd, out.data(), n, static_cast<off_t>(offset)) == static_cast<ssize_t>(n));
-    return out;
-}
-
-
 vu::raw_message raw(bytes_t bytes, std::vector<vu::unique_fd> fds = {}) {
     return vu::raw_message{std::move(bytes), std::move(fds)};
 }
@@ -172,7 +140,7 @@ vu::raw_message raw(bytes_t bytes, vu::unique_fd fd) {
 /// for `why` whose message contains each needle, and requires every fd to
 /// have been closed.
 void require_refused(const bytes_t& bytes, std::size_t nfds, preason why,
-                     const std::vector<std::string>& needles, std::uint32_t max_mem_access = 4096) {
+                     const std::vector<std::string>& needles, vu::backend_channel_options options = {}) {
     std::vector<vu::unique_fd> fds;
     std::vector<int> numbers;
     for (std::size_t i = 0; i < nfds; ++i) {
@@ -180,7 +148,7 @@ void require_refused(const bytes_t& bytes, std::size_t nfds, preason why,
         numbers.push_back(fds.back().get());
     }
     try {
-        (void)vu::decode_backend_message(bytes, std::move(fds), max_mem_access);
+        (void)vu::decode_backend_message(bytes, std::move(fds), options);
         FAIL("decoded");
     } catch (const vu::protocol_error& e) {
         INFO("message: " << e.what());
@@ -217,45 +185,18 @@ bytes_t read_reply_data(const std::optional<bytes_t>& reply, std::uint64_t addr)
 
 // ---- the machine -------------------------------------------------------------------------
 
-class backend_device : public qomem::virtio_shmem_device {
-    QOMEM_OBJECT(backend_device, "test-vhost-user-device", qomem::virtio_shmem_device)
-public:
-    backend_device() = default;
-};
-
-/// RAM at 0, device A's shared memory region 0 (16 pages) at bar_a, device
-/// B's region 0 (8 pages) at bar_b, one address space; the front-end serves
-/// device A and does its DMA through that address space.
-struct rig {
-    qomem::ref_ptr<qomem::container> root = qomem::container::make_root();
-    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
-    qomem::ref_ptr<qomem::memory_region> ram = qomem::make_ram(nullptr, "ram", 0x10000);
-    std::optional<qomem::address_space> as;
-    backend_device* a = nullptr;
-    backend_device* b = nullptr;
+/// RAM at 0, device A's shared memory region 0 (16 pages) in a BAR at
+/// bar_a, device B's region 0 (8 pages) in a BAR at bar_b, one address space;
+/// the handler serves device A and does its DMA through that address space.
+struct rig : qomem_test::shmem_rig {
+    qomem_test::shmem_test_device* a = nullptr;
+    qomem_test::shmem_test_device* b = nullptr;
 
     rig() {
-        sys->add_subregion(0, *ram);
-        as.emplace(*sys, "memory");
-        a = add_device("fs", 16 * P, bar_a);
-        b = add_device("gpu", 8 * P, bar_b);
-    }
-    rig(const rig&) = delete;
-    rig& operator=(const rig&) = delete;
-    ~rig() {
-        qomem::unparent(*a);
-        qomem::unparent(*b);
-        as.reset();
-        sys.reset();
-    }
-
-    backend_device* add_device(const char* name, std::uint64_t size, qomem::hwaddr where) {
-        auto d = qomem::make<backend_device>();
-        root->add_child(name, *d);
-        // The shared memory region straight in the system space, as a BAR
-        // would place it: unplug takes it out again.
-        sys->add_subregion(where, d->declare_shmem(0, size).region());
-        return d.get();
+        a = &add_device("fs", bar_a, 16 * P);
+        add_region(*a, 0, 16 * P);
+        b = &add_device("gpu", bar_b, 8 * P);
+        add_region(*b, 0, 8 * P);
     }
     qomem::virtio_shmem& shm_a() const { return *a->shmem(0); }
     qomem::virtio_shmem& shm_b() const { return *b->shmem(0); }
@@ -277,11 +218,15 @@ void require_io_refusal(F&& f, preason why, const std::vector<std::string>& need
 
 // ---- layouts and round trips ------------------------------------------------------------
 
-TEST_CASE("wire layouts are pinned: 12-byte header, 40-byte VhostUserMMap, 72-byte shmem config",
+TEST_CASE("wire layouts are pinned as upstream: 12-byte header, 40-byte VhostUserMMap with flags 0 "
+          "read-only / 1 read-write, 2,056-byte shmem config, SHMEM protocol bit 22",
           "[vhost-user]") {
     static_assert(sizeof(vu::msg_header) == 12);
     static_assert(sizeof(vu::mmap_payload) == 40);
-    static_assert(sizeof(vu::shmem_config_payload) == 72);
+    static_assert(sizeof(vu::shmem_config_payload) == 2056);
+    static_assert(sizeof(vu::mem_region_payload) == 32 && sizeof(vu::vring_addr_payload) == 40);
+    static_assert(static_cast<std::uint64_t>(qomem::shmem_flags::read_only) == 0);
+    static_assert(static_cast<std::uint64_t>(qomem::shmem_flags::read_write) == 1);
     static_assert(offsetof(vu::mmap_payload, fd_offset) == 8);
     static_assert(offsetof(vu::mmap_payload, shm_offset) == 16);
     static_assert(offsetof(vu::mmap_payload, len) == 24);
@@ -289,12 +234,17 @@ TEST_CASE("wire layouts are pinned: 12-byte header, 40-byte VhostUserMMap, 72-by
     static_assert(offsetof(vu::shmem_config_payload, memory_sizes) == 8);
     static_assert(vu::header_size == 12 && vu::mem_access_header_size == 12);
     static_assert(vu::version == 0x1 && vu::flag_reply == 0x4 && vu::flag_need_reply == 0x8);
-    static_assert(vu::protocol_f_shmem == 20 && vu::max_shmem_regions == 8);
+    static_assert(vu::mask(vu::protocol_feature::shmem) == 0x400000 && vu::max_shmem_regions == 256);
+    static_assert(vu::mask(vu::protocol_feature::get_vring_base_inflight) == 0x100000); // not SHMEM
+    static_assert(vu::mask(vu::protocol_feature::gpa_addresses) == 0x200000);           // not SHMEM
+    static_assert(vu::mask(vu::protocol_feature::configure_mem_slots) == 0x8000);
     static_assert(req_map == 9 && req_unmap == 10 && req_read == 11 && req_write == 12);
-    static_assert(static_cast<std::uint32_t>(vu::request::get_shmem_config) == 44);
+    static_assert(static_cast<std::uint32_t>(vu::frontend_request::get_shmem_config) == 44);
+    static_assert(static_cast<std::uint32_t>(vu::frontend_request::add_mem_reg) == 37);
+    static_assert(static_cast<std::uint32_t>(vu::frontend_request::rem_mem_reg) == 38);
 
     // Every byte of an encoded SHMEM_MAP, little-endian, no holes.
-    vu::mmap_payload m = vu::make_mmap_payload(3, 0x1122334455667788, 0x0102030405060708, 0xa0b0c0d0e0f00010, 3);
+    vu::mmap_payload m = vu::make_mmap_payload(3, 0x1122334455667788, 0x0102030405060708, 0xa0b0c0d0e0f00010, rw);
     const bytes_t b = vu::encode_shmem_map(m, true);
     // clang-format off
     const std::array<std::uint8_t, 52> expected{
@@ -303,7 +253,7 @@ TEST_CASE("wire layouts are pinned: 12-byte header, 40-byte VhostUserMMap, 72-by
         0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11,                         // fd_offset
         0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,                         // shm_offset
         0x10, 0x00, 0xf0, 0xe0, 0xd0, 0xc0, 0xb0, 0xa0,                         // len
-        3,    0,    0,    0,    0,    0,    0,    0};                           // flags
+        1,    0,    0,    0,    0,    0,    0,    0};                           // flags: read-write
     // clang-format on
     REQUIRE(b.size() == expected.size());
     for (std::size_t i = 0; i < b.size(); ++i) {
@@ -320,20 +270,45 @@ TEST_CASE("wire layouts are pinned: 12-byte header, 40-byte VhostUserMMap, 72-by
     CHECK(bytes_t(r.begin(), r.begin() + 12) == header(11, vu::version, 12));
     CHECK(get_u64(r, 12) == 0x8877665544332211);
     CHECK(get_u32(r, 20) == 0x100);
-    // GET_SHMEM_CONFIG: a bare header; its reply 12 + 72 bytes.
+    // GET_SHMEM_CONFIG: a bare header; its reply 12 + 2,056 bytes, by shmid.
     CHECK(vu::encode_get_shmem_config() == header(44, vu::version, 0));
     vu::shmem_config_payload c{};
-    c.nregions = 2;
+    c.nregions = 3;
     c.memory_sizes[0] = 0x1000;
     c.memory_sizes[1] = 0x0102030405060708;
+    c.memory_sizes[255] = 0x2000;
     const bytes_t cr = vu::encode_shmem_config_reply(c);
-    REQUIRE(cr.size() == 12 + 72);
-    CHECK(bytes_t(cr.begin(), cr.begin() + 12) == header(44, vu::version | vu::flag_reply, 72));
-    CHECK(get_u32(cr, 12) == 2);
+    REQUIRE(cr.size() == 12 + 2056);
+    CHECK(bytes_t(cr.begin(), cr.begin() + 12) == header(44, vu::version | vu::flag_reply, 2056));
+    CHECK(get_u32(cr, 12) == 3);
     CHECK(get_u32(cr, 16) == 0);
     CHECK(get_u64(cr, 20) == 0x1000);
     CHECK(get_u64(cr, 28) == 0x0102030405060708);
     CHECK(get_u64(cr, 36) == 0);
+    CHECK(get_u64(cr, 20 + 8 * 255) == 0x2000);
+    // The front-end side's requests: SET_MEM_TABLE entries and ADD_MEM_REG.
+    const vu::mem_region_payload reg{0x100000, 0x200000, 0x7f0000001000, 0x3000};
+    const bytes_t add = vu::encode_mem_reg(vu::frontend_request::add_mem_reg, reg, true);
+    REQUIRE(add.size() == 12 + 40);
+    CHECK(bytes_t(add.begin(), add.begin() + 12) == header(37, vu::version | vu::flag_need_reply, 40));
+    CHECK(get_u64(add, 12) == 0); // padding
+    CHECK(get_u64(add, 20) == 0x100000);
+    CHECK(get_u64(add, 28) == 0x200000);
+    CHECK(get_u64(add, 36) == 0x7f0000001000);
+    CHECK(get_u64(add, 44) == 0x3000);
+    const std::array<vu::mem_region_payload, 2> two{reg, vu::mem_region_payload{1, 2, 3, 4}};
+    const bytes_t table = vu::encode_mem_table(two);
+    REQUIRE(table.size() == 12 + 8 + 64);
+    CHECK(bytes_t(table.begin(), table.begin() + 12) == header(5, vu::version, 72));
+    CHECK(get_u32(table, 12) == 2);
+    CHECK(get_u64(table, 20 + 32) == 1);
+    CHECK(get_u64(table, 20 + 56) == 4);
+    const bytes_t addr = vu::encode_vring_addr({1, 0, 0xa000, 0xc000, 0xb000, 0});
+    REQUIRE(addr.size() == 12 + 40);
+    CHECK(get_u32(addr, 12) == 1);
+    CHECK(get_u64(addr, 20) == 0xa000); // desc, used, avail: upstream's order
+    CHECK(get_u64(addr, 28) == 0xc000);
+    CHECK(get_u64(addr, 36) == 0xb000);
 }
 
 TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") {
@@ -358,13 +333,13 @@ TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") 
             CHECK(body->map.fd_offset == 0x3000);
             CHECK(body->map.shm_offset == 0x7000);
             CHECK(body->map.len == 0x2000);
-            CHECK(body->map.flags == rw);
+            CHECK(body->map.flags == 1); // read-write
             CHECK(body->fd.get() == number); // the very fd, owned by the message now
             CHECK(vu::encode_shmem_map(body->map, need_reply) == vu::encode_shmem_map(m, need_reply));
         }
     }
     SECTION("SHMEM_UNMAP") {
-        const vu::mmap_payload m = vu::make_mmap_payload(1, 0, 0x10000, 0x1000, 0);
+        const vu::mmap_payload m = vu::make_mmap_payload(1, 0, 0x10000, 0x1000, ro);
         vu::backend_message d = vu::decode_backend_message(vu::encode_shmem_unmap(m, true), {});
         auto* body = std::get_if<vu::shmem_unmap_request>(&d.body);
         REQUIRE(body);
@@ -413,7 +388,7 @@ TEST_CASE("every back-end request survives encode then decode", "[vhost-user]") 
 TEST_CASE("the decoder refuses each hostile input with its reason, closing every fd", "[vhost-user]") {
     const std::size_t fds_before = count_open_fds();
     const bytes_t map = vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, 0x1000, rw), true);
-    const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 0, 0x1000, 0), true);
+    const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 0, 0x1000, ro), true);
     const bytes_t read = vu::encode_mem_read(0x1000, 16);
     const bytes_t write = vu::encode_mem_write(0x1000, pattern(1, 16), true);
 
@@ -471,9 +446,20 @@ TEST_CASE("the decoder refuses each hostile input with its reason, closing every
         require_refused(vu::encode_mem_read(0, 4097), 0, preason::oversized, {"4097", "4096"});
         require_refused(vu::encode_mem_read(0, 0xffffffff), 0, preason::oversized, {"4294967295"});
         require_refused(vu::encode_mem_write(0, pattern(2, 4097)), 0, preason::oversized, {"4097"});
-        require_refused(vu::encode_mem_read(0, 257), 0, preason::oversized, {"257", "256"}, 256);
-        require_refused(vu::encode_mem_write(0, pattern(2, 257)), 0, preason::oversized, {"257"}, 256);
-        (void)vu::decode_backend_message(vu::encode_mem_read(0, 256), {}, 256); // the limit itself is fine
+        const vu::backend_channel_options small{.max_mem_access = 256};
+        require_refused(vu::encode_mem_read(0, 257), 0, preason::oversized, {"257", "256"}, small);
+        require_refused(vu::encode_mem_write(0, pattern(2, 257)), 0, preason::oversized, {"257"}, small);
+        (void)vu::decode_backend_message(vu::encode_mem_read(0, 256), {}, small); // the limit itself is fine
+    }
+    SECTION("requests whose protocol feature was not negotiated") {
+        const vu::backend_channel_options none{.protocol_features = 0};
+        require_refused(map, 1, preason::not_negotiated, {"request 9 (SHMEM_MAP)", "bit 22"}, none);
+        require_refused(unmap, 0, preason::not_negotiated, {"SHMEM_UNMAP"}, none);
+        require_refused(read, 0, preason::not_negotiated, {"MEM_READ", "bit 63"}, none);
+        require_refused(write, 0, preason::not_negotiated, {"MEM_WRITE"}, none);
+        const vu::backend_channel_options shmem_only{.protocol_features = vu::mask(vu::protocol_feature::shmem)};
+        (void)vu::decode_backend_message(unmap, {}, shmem_only);
+        require_refused(read, 0, preason::not_negotiated, {"MEM_READ"}, shmem_only);
     }
     SECTION("a zero-size MEM_READ or MEM_WRITE") {
         // Refused as out of the allowed 1..max range (reason: oversized).
@@ -509,13 +495,13 @@ TEST_CASE("the decoder refuses each hostile input with its reason, closing every
 
 // ---- the front-end -----------------------------------------------------------------------
 
-TEST_CASE("the front-end applies requests and answers need-reply with 0 or an errno", "[vhost-user]") {
+TEST_CASE("the back-end request handler applies requests and answers need-reply with 0 or an errno", "[vhost-user]") {
     leak_check leaks;
     throwing_assertions asserts;
     const std::size_t fds_before = count_open_fds();
     {
         rig r;
-        vu::frontend fe(*r.a, *r.as);
+        vu::backend_request_handler fe(r.a, *r.as);
         CHECK(fe.max_payload() == 12 + 4096);
         const bytes_t file = pattern(5, 4 * P);
         vu::unique_fd memfd = memfd_with(4 * P, file);
@@ -548,7 +534,10 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
             CHECK(map_reply(vu::make_mmap_payload(5, 0, 0, P, rw)) == ENOENT);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("shmid 5"));
             CHECK(map_reply(vu::make_mmap_payload(0, 0, 0x800, P, rw)) == EINVAL);
-            CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, P, 0x10)) == EINVAL);
+            vu::mmap_payload bad_flags = vu::make_mmap_payload(0, 0, 0, P, rw);
+            bad_flags.flags = 0x3; // qomem's old read-write: bit 1 is not upstream's
+            CHECK(map_reply(bad_flags) == EINVAL);
+            CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("unknown bits 0x2"));
             CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, 0, rw)) == EINVAL);
             CHECK(map_reply(vu::make_mmap_payload(0, 0, 16 * P, P, rw)) == EINVAL);
             CHECK(map_reply(vu::make_mmap_payload(0, 4 * P, 0, P, rw)) == EINVAL); // past the end of the file
@@ -556,13 +545,13 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
             CHECK(map_reply(vu::make_mmap_payload(0, 0, 0, P, rw)) == ENOSPC);
             r.shm_a().set_max_mappings(4096);
             // A pipe cannot be mapped: the mmap fails, reported as ENOMEM.
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, 1), true), some_fd())),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, ro), true), some_fd())),
                             req_map) == ENOMEM);
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("mmap"));
             // UNMAP of something that is not exactly one mapping.
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, P, ro), true))),
                             req_unmap) == EINVAL);
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(3, 0, 2 * P, 2 * P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(3, 0, 2 * P, 2 * P, ro), true))),
                             req_unmap) == ENOENT);
             // Without need-reply a refusal is silent, but recorded.
             CHECK(!fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 2 * P, P, rw), false), dup_fd())));
@@ -589,7 +578,7 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
             CHECK(!fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 0, P, rw), false))));
             CHECK_THAT(fe.last_error(), Catch::Matchers::Contains("0 fd(s) attached"));
             // Need-reply on a message with a bad version is still answered.
-            bytes_t bad = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true);
+            bytes_t bad = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, ro), true);
             put_u32(bad, 4, 0x8 | 0x2);
             CHECK(u64_reply(fe.handle(raw(bad)), req_unmap) == EINVAL);
             // Unknown request with need-reply: answered under its own id.
@@ -656,16 +645,34 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
                                   bar_b + 3 * P + 100) == msg);
         }
         SECTION("SHMEM_UNMAP: success, then the guest no longer sees it") {
-            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true))),
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, ro), true))),
                             req_unmap) == 0);
-            CHECK(!fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 8 * P, P, 0), false))));
+            CHECK(!fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 8 * P, P, ro), false))));
             CHECK(fe.last_error().empty());
             std::uint64_t v;
             CHECK(r.as->read(bar_a + 2 * P, &v, 8) == qomem::memtx_decode_error);
             CHECK(r.shm_a().live_mappings() == 0);
         }
+        SECTION("SHMEM_UNMAP then SHMEM_MAP of the same range while guest DMA holds the old pages: both 0") {
+            qomem::dma_mapping dma = r.as->map(bar_a + 2 * P, 2 * P, false);
+            REQUIRE(dma);
+            REQUIRE(!dma.bounced());
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, ro), true))),
+                            req_unmap) == 0);
+            const bytes_t other = pattern(8, 2 * P);
+            vu::unique_fd next = memfd_with(2 * P, other);
+            CHECK(u64_reply(fe.handle(raw(vu::encode_shmem_map(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, rw), true),
+                                          std::move(next))),
+                            req_map) == 0);
+            bytes_t now(2 * P);
+            CHECK(r.as->read(bar_a + 2 * P, now.data(), now.size()) == qomem::memtx_ok);
+            CHECK(now == other);
+            CHECK(std::memcmp(dma.data(), file.data() + P, 2 * P) == 0); // the DMA: the old file
+            r.as->unmap(dma, 0);
+            CHECK(r.shm_a().live_mappings() == 2);
+        }
         SECTION("a configured MEM_READ / MEM_WRITE limit") {
-            vu::frontend small(*r.a, *r.as, {.max_mem_access = 256});
+            vu::backend_request_handler small(r.a, *r.as, {.max_mem_access = 256});
             CHECK(small.max_payload() == 12 + 256);
             CHECK(u64_reply(small.handle(raw(vu::encode_mem_write(bar_a + 2 * P, pattern(1, 257), true))),
                             req_write) == EINVAL);
@@ -680,45 +687,61 @@ TEST_CASE("the front-end applies requests and answers need-reply with 0 or an er
     CHECK(count_open_fds() == fds_before);
 }
 
-TEST_CASE("GET_SHMEM_CONFIG: the device's regions, encoded and decoded", "[vhost-user]") {
+TEST_CASE("GET_SHMEM_CONFIG: all 256 shmids, nregions the count of regions, the front-end counting "
+          "non-zero sizes itself",
+          "[vhost-user]") {
     leak_check leaks;
     throwing_assertions asserts;
     rig r;
-    r.a->declare_shmem(2, 4 * P); // a gap at shmid 1
-    r.a->declare_shmem(9, P);     // beyond the 8 the message can carry: left out
-    vu::frontend fe(*r.a, *r.as);
+    r.a->declare_shmem(2, 4 * P);   // a gap at shmid 1
+    r.a->declare_shmem(9, P);       // past the 8 slots qomem used to carry
+    r.a->declare_shmem(255, 2 * P); // the last slot
+    vu::backend_request_handler fe(r.a, *r.as);
     const vu::shmem_config_payload c = fe.shmem_config();
-    CHECK(c.nregions == 3);
+    CHECK(c.nregions == 4);
+    CHECK(c.count() == 4);
     CHECK(c.padding == 0);
     CHECK(c.memory_sizes[0] == 16 * P);
     CHECK(c.memory_sizes[1] == 0);
     CHECK(c.memory_sizes[2] == 4 * P);
-    for (std::size_t i = 3; i < vu::max_shmem_regions; ++i) CHECK(c.memory_sizes[i] == 0);
+    CHECK(c.memory_sizes[9] == P);
+    CHECK(c.memory_sizes[255] == 2 * P);
+    std::size_t zero = 0;
+    for (std::uint64_t size : c.memory_sizes) zero += size == 0;
+    CHECK(zero == 252);
 
     const bytes_t wire = vu::encode_shmem_config_reply(c);
+    REQUIRE(wire.size() == 12 + 2056);
     const vu::shmem_config_payload d = vu::decode_shmem_config_reply(wire);
     CHECK(d.nregions == c.nregions);
     CHECK(std::equal(std::begin(d.memory_sizes), std::end(d.memory_sizes), std::begin(c.memory_sizes)));
 
+    SECTION("a reply whose nregions disagrees: the count of non-zero sizes is what counts") {
+        bytes_t prefix_style = wire;
+        put_u32(prefix_style, 12, 256); // "256 slots", as a prefix length
+        const vu::shmem_config_payload e = vu::decode_shmem_config_reply(prefix_style);
+        CHECK(e.nregions == 256);
+        CHECK(e.count() == 4);
+    }
     SECTION("hostile replies are refused") {
         bytes_t not_reply = wire;
         put_u32(not_reply, 4, vu::version);
         require_io_refusal([&] { vu::decode_shmem_config_reply(not_reply); }, preason::bad_payload,
-                           {"expected a GET_SHMEM_CONFIG reply"});
+                           {"expected the reply to request 44"});
         bytes_t other = wire;
         put_u32(other, 0, 43);
-        require_io_refusal([&] { vu::decode_shmem_config_reply(other); }, preason::bad_payload,
-                           {"request 43"});
+        require_io_refusal([&] { vu::decode_shmem_config_reply(other); }, preason::bad_payload, {"request 43"});
         bytes_t too_many = wire;
-        put_u32(too_many, 12, 9);
+        put_u32(too_many, 12, 257);
         require_io_refusal([&] { vu::decode_shmem_config_reply(too_many); }, preason::bad_payload,
-                           {"9 regions"});
-        bytes_t short_reply(wire.begin(), wire.end() - 8);
-        put_u32(short_reply, 8, 64);
+                           {"257 regions"});
+        // qomem's old 72-byte reply.
+        bytes_t short_reply(wire.begin(), wire.begin() + 12 + 72);
+        put_u32(short_reply, 8, 72);
         require_io_refusal([&] { vu::decode_shmem_config_reply(short_reply); }, preason::bad_payload,
-                           {"64 bytes", "expected 72"});
+                           {"72 bytes", "expected 2056"});
         require_io_refusal([&] { vu::decode_shmem_config_reply(bytes_t(wire.begin(), wire.end() - 1)); },
-                           preason::size_mismatch, {"71 received"});
+                           preason::size_mismatch, {"2055 received"});
         require_io_refusal([&] { vu::decode_shmem_config_reply(bytes_t(3)); }, preason::truncated_header, {});
     }
 }
@@ -879,7 +902,7 @@ TEST_CASE("a real back-end process maps a memfd, reads and writes guest memory, 
     const std::size_t fds_before = count_open_fds();
     {
         rig r;
-        vu::frontend fe(*r.a, *r.as);
+        vu::backend_request_handler fe(r.a, *r.as);
         // Device B's region has a mapping of the front-end's own: the
         // back-end cannot translate addresses there and uses MEM_READ/WRITE.
         const bytes_t b_content = pattern(21, P);
@@ -903,7 +926,7 @@ TEST_CASE("a real back-end process maps a memfd, reads and writes guest memory, 
         const bytes_t write_other = vu::encode_mem_write(bar_b + P + 8, fallback, true);
         const bytes_t read_other = vu::encode_mem_read(bar_b + P, 32, true);
         const bytes_t read_hole = vu::encode_mem_read(bar_a + 8 * P, 16, false);
-        const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, 0), true);
+        const bytes_t unmap = vu::encode_shmem_unmap(vu::make_mmap_payload(0, 0, 2 * P, 2 * P, ro), true);
 
         const bytes_t ok_map = vu::encode_u64_reply(req_map, 0);
         const bytes_t eexist_map = vu::encode_u64_reply(req_map, EEXIST);
@@ -914,11 +937,22 @@ TEST_CASE("a real back-end process maps a memfd, reads and writes guest memory, 
         const bytes_t own_data = vu::encode_mem_read_reply(bar_a + 2 * P, own_expect);
         const bytes_t other_data = vu::encode_mem_read_reply(bar_b + P, other_expect);
 
-        auto [front, back] = vu::channel::socketpair();
-        auto [h1_front, h1_back] = vu::channel::socketpair();
-        auto [h2_front, h2_back] = vu::channel::socketpair();
-        auto [h3_front, h3_back] = vu::channel::socketpair();
-        auto [h4_front, h4_back] = vu::channel::socketpair();
+        // Plain variables, not structured bindings: lambdas capture them (clang 14).
+        std::pair<vu::channel, vu::channel> front_pair = vu::channel::socketpair();
+        vu::channel& front = front_pair.first;
+        vu::channel& back = front_pair.second;
+        std::pair<vu::channel, vu::channel> h1_pair = vu::channel::socketpair();
+        vu::channel& h1_front = h1_pair.first;
+        vu::channel& h1_back = h1_pair.second;
+        std::pair<vu::channel, vu::channel> h2_pair = vu::channel::socketpair();
+        vu::channel& h2_front = h2_pair.first;
+        vu::channel& h2_back = h2_pair.second;
+        std::pair<vu::channel, vu::channel> h3_pair = vu::channel::socketpair();
+        vu::channel& h3_front = h3_pair.first;
+        vu::channel& h3_back = h3_pair.second;
+        std::pair<vu::channel, vu::channel> h4_pair = vu::channel::socketpair();
+        vu::channel& h4_front = h4_pair.first;
+        vu::channel& h4_back = h4_pair.second;
         for (const vu::channel* c : {&front, &h1_front, &h2_front, &h3_front, &h4_front})
             set_timeout(c->fd(), 10);
 

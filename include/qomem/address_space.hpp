@@ -151,7 +151,7 @@ public:
         // Inside one page of directly readable memory (64-bit arithmetic only).
         if (e.aux != 0 && len <= detail::pt_page_size - (addr & (detail::pt_page_size - 1)) &&
             !attrs.memory) [[likely]] {
-            std::memcpy(buf, reinterpret_cast<const std::byte*>(e.aux + addr), len);
+            detail::copy_bytes(buf, reinterpret_cast<const std::byte*>(e.aux + addr), len);
             return memtx_ok;
         }
         return access_slow(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
@@ -163,10 +163,7 @@ public:
         // Inside one page of RAM that guest writes store to.
         if ((e.ref & (detail::pt_tag_mask | detail::pt_writable)) == detail::pt_writable &&
             len <= detail::pt_page_size - (addr & (detail::pt_page_size - 1))) [[likely]] {
-            std::memcpy(reinterpret_cast<std::byte*>(e.aux + addr), buf, len);
-            const auto* fr = reinterpret_cast<const flat_range*>(e.ref & detail::pt_pointer_mask);
-            if (fr->mr->dirty_log()) [[unlikely]]
-                fr->mr->mark_dirty(addr - fr->start + fr->offset_in_region, len);
+            detail::copy_bytes(reinterpret_cast<std::byte*>(e.aux + addr), buf, len);
             return memtx_ok;
         }
         return access_slow(v, addr, static_cast<std::byte*>(const_cast<void*>(buf)), len, true, attrs);
@@ -221,9 +218,6 @@ public:
         if ((e.ref & (detail::pt_tag_mask | detail::pt_writable)) == detail::pt_writable &&
             (addr & (detail::pt_page_size - 1)) <= detail::pt_page_size - sizeof(T)) [[likely]] {
             std::memcpy(reinterpret_cast<std::byte*>(e.aux + addr), bytes, sizeof(T));
-            const auto* fr = reinterpret_cast<const flat_range*>(e.ref & detail::pt_pointer_mask);
-            if (fr->mr->dirty_log()) [[unlikely]]
-                fr->mr->mark_dirty(addr - fr->start + fr->offset_in_region, sizeof(T));
             return memtx_ok;
         }
         return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs, sys_->target_big_endian());
@@ -288,13 +282,19 @@ public:
 
     // ---- listeners (writer role) ---------------------------------------------
 
-    /// Registers `l`, replaying the current view to it as begin, region_add
-    /// for each range, commit. Requires (asserted): `l` is not registered.
-    /// Effects: takes the writer role for the call.
+    /// Registers `l` and replays the current view to it as QEMU does: begin,
+    /// log_global_start if the system tracks dirty memory globally, then
+    /// region_add (and log_start for a range that logs) for each range in
+    /// address order, commit (memory_listener.hpp).
+    /// Requires (asserted): `l` is not registered; not called from a
+    /// listener callback. Effects: takes the writer role for the call.
+    /// Throws: what `l` throws while replayed; `l` is then not registered.
     void add_listener(memory_listener& l);
-    /// Unregisters `l`, reporting every range of the current view as
-    /// region_del (in address order) between begin and commit.
-    /// Requires (asserted): `l` is registered here.
+    /// Unregisters `l`, reporting every range of the current view (in
+    /// address order, between begin and commit) as log_stop if it logs, then
+    /// region_del. Requires (asserted): `l` is registered here; not called
+    /// from a listener callback. Effects: `l` is unregistered even if it
+    /// throws. Throws: what `l` throws.
     void remove_listener(memory_listener& l);
 
     /// Calls f(address_space&) for every address space of the default
@@ -309,6 +309,21 @@ private:
     friend class dma_mapping;
 
     friend class cpu_tlb;
+
+    /// `c` is invalidated at every publish of this space's view, from now on
+    /// (until removed). Any thread.
+    void add_reader_cache(detail::reader_cache& c) {
+        std::lock_guard g(slot_.caches_mutex);
+        slot_.caches.push_back(c);
+    }
+    void remove_reader_cache(detail::reader_cache& c) noexcept {
+        std::lock_guard g(slot_.caches_mutex);
+        slot_.caches.erase(slot_.caches.iterator_to(c));
+    }
+    std::size_t reader_caches() {
+        std::lock_guard g(slot_.caches_mutex);
+        return slot_.caches.size();
+    }
 
     [[gnu::noinline]] memtx_result access_slow(const flat_view& v, hwaddr addr, std::byte* buf,
                                                std::size_t len, bool is_write, mem_attrs attrs) const {
@@ -386,7 +401,6 @@ private:
     std::atomic<std::size_t> max_bounce_{4096};
     std::atomic<std::size_t> bounce_used_{0};
     std::atomic<std::size_t> bounce_mappings_{0}; // live bounce mappings (they use this object)
-    std::atomic<std::size_t> tlbs_{0};            // CPU TLBs bound to this address space
     std::mutex clients_mutex_;
     std::vector<std::pair<std::uint64_t, std::function<void()>>> clients_;
     std::uint64_t next_client_ = 1;
@@ -415,33 +429,14 @@ inline address_space::~address_space() {
     QOMEM_ASSERT(bounce_mappings_.load() == 0,
                  "address space '{}' destroyed with {} live bounce mapping(s)", name_,
                  bounce_mappings_.load());
-    QOMEM_ASSERT(tlbs_.load() == 0, "address space '{}' destroyed with {} CPU TLB(s) bound to it",
-                 name_, tlbs_.load());
+    QOMEM_ASSERT(reader_caches() == 0, "address space '{}' destroyed with {} CPU TLB(s) bound to it",
+                 name_, reader_caches());
     sys_->remove_space(slot_);
 }
 
-inline void address_space::add_listener(memory_listener& l) {
-    QOMEM_ASSERT(!l.as_, "listener already registered to address space '{}'",
-                 l.as_ ? l.as_->name_ : std::string());
-    std::lock_guard w(*sys_);
-    auto it = slot_.listeners.begin();
-    while (it != slot_.listeners.end() && it->priority_ <= l.priority_) ++it;
-    slot_.listeners.insert(it, l);
-    l.as_ = this;
-    l.begin();
-    for (const flat_range& r : current()->ranges()) l.region_add(detail::section_of(r));
-    l.commit();
-}
+inline void address_space::add_listener(memory_listener& l) { sys_->add_listener(slot_, l); }
 
-inline void address_space::remove_listener(memory_listener& l) {
-    QOMEM_ASSERT(l.as_ == this, "listener is not registered to address space '{}'", name_);
-    std::lock_guard w(*sys_);
-    l.begin();
-    for (const flat_range& r : current()->ranges()) l.region_del(detail::section_of(r));
-    l.commit();
-    slot_.listeners.erase(slot_.listeners.iterator_to(l));
-    l.as_ = nullptr;
-}
+inline void address_space::remove_listener(memory_listener& l) { sys_->remove_listener(slot_, l); }
 
 inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs) {
     dma_mapping m;
@@ -583,7 +578,9 @@ inline memtx_result address_space::set(hwaddr addr, std::uint8_t c, hwaddr len, 
             rcu::read_guard g;
             const flat_view& v = *current();
             const flat_range* fr = v.lookup(a);
-            if (fr && fr->writes_direct(attrs) && (!attrs.memory || fr->mr->is_ram())) {
+            // (Not a file that may shrink: write() copies it under a guard.)
+            if (fr && fr->writes_direct(attrs) && (!attrs.memory || fr->mr->is_ram()) &&
+                !fr->mr->backing_may_shrink()) {
                 if (std::byte* host = detail::range_host(*fr)) {
                     const u128 n = std::min(end, fr->end()) - cursor;
                     const hwaddr off = a - fr->start + fr->offset_in_region;

@@ -57,15 +57,26 @@ struct flat_range {
     bool readonly = false;
     bool nonvolatile = false;
     bool romd_mode = true;
+    /// Rendered through an unmergeable region: never merged with a neighbour.
+    bool unmergeable = false;
+    /// The region's dirty_log_mask() when rendered (QEMU's FlatRange
+    /// dirty_log_mask): a change shows listeners log_start / log_stop.
+    std::uint8_t dirty_log_mask = 0;
     /// For directly readable RAM whose memory is reserved: the host address
-    /// of guest address 0 of this range's mapping (host + offset - start, in
-    /// modular arithmetic), so a read is one addition. Null otherwise. Not
+    /// of guest address 0 of this range's mapping (host + offset - start,
+    /// modulo 2^64: an integer, since as a pointer it would usually point
+    /// outside any object), so that a read is one addition; 0 otherwise. Not
     /// part of the range's identity (operator== ignores it).
-    std::byte* host_base = nullptr;
+    std::uintptr_t host_base = 0;
 
+    /// The host address of guest address `a` (inside the range), through
+    /// host_base. Requires: host_base != 0.
+    std::byte* host_at(hwaddr a) const noexcept {
+        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a));
+    }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {
-        return host_base ? host_base + (start - offset_in_region) : nullptr;
+        return host_base ? host_at(start - offset_in_region) : nullptr;
     }
 
     // The one definition of direct access: which accesses are a memcpy of
@@ -92,16 +103,25 @@ struct flat_range {
     bool contains(hwaddr a) const noexcept { return a - start <= static_cast<hwaddr>(size) - 1; }
     bool same_attributes(const flat_range& o) const noexcept {
         return mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
-               romd_mode == o.romd_mode;
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable &&
+               dirty_log_mask == o.dirty_log_mask;
     }
-    /// True when `next` continues this range (QEMU's merge rule).
+    /// True when `next` continues this range (QEMU's merge rule): neither is
+    /// unmergeable.
     bool can_merge(const flat_range& next) const noexcept {
-        return end() == u128(next.start) && same_attributes(next) &&
+        return !unmergeable && end() == u128(next.start) && same_attributes(next) &&
                u128(offset_in_region) + size == u128(next.offset_in_region);
     }
+    /// The same range in the same place, whatever its dirty-log mask (QEMU's
+    /// flatrange_equal): listeners are told region_nop for it, and
+    /// log_start / log_stop if the mask changed.
+    bool same_place(const flat_range& o) const noexcept {
+        return start == o.start && size == o.size && offset_in_region == o.offset_in_region &&
+               mr == o.mr && readonly == o.readonly && nonvolatile == o.nonvolatile &&
+               romd_mode == o.romd_mode && unmergeable == o.unmergeable;
+    }
     friend bool operator==(const flat_range& a, const flat_range& b) noexcept {
-        return a.start == b.start && a.size == b.size && a.offset_in_region == b.offset_in_region &&
-               a.same_attributes(b);
+        return a.same_place(b) && a.dirty_log_mask == b.dirty_log_mask;
     }
 };
 
@@ -109,12 +129,15 @@ static_assert(alignof(flat_range) >= 16, "page-table slots tag range pointers in
 
 namespace detail {
 
-/// The page-table slot of a range: the range, whether guest writes store to
-/// host memory, and the host address of guest address 0 for direct reads.
+/// The page-table slot of a range: the range, whether guest writes may
+/// store to host memory without the dispatch (writable RAM that logs for no
+/// dirty-log client when rendered: a logged range's writes go through the
+/// dispatch, which marks them), and the host address of guest address 0 for
+/// direct reads (0 for a backing that may shrink: its copies are guarded).
 inline pt_entry range_slot(const flat_range& r) noexcept {
     std::uintptr_t ref = reinterpret_cast<std::uintptr_t>(&r) | pt_tag_range;
-    if (r.host_base && r.writes_direct(mem_attrs{})) ref |= pt_writable;
-    return {ref, reinterpret_cast<std::uintptr_t>(r.host_base)};
+    if (r.host_base && r.writes_direct(mem_attrs{}) && r.dirty_log_mask == 0) ref |= pt_writable;
+    return {ref, r.host_base};
 }
 
 struct view_access;

@@ -11,9 +11,10 @@
 // earlier-rendered ranges shadow later ones; an alias renders its target at
 // the alias's place (the target's own placement is ignored); a terminating
 // region (RAM, ROM, ROM device, MMIO, RAM device) fills the gaps its
-// subregions leave, while a container's gaps fall through; readonly and
-// nonvolatile are inherited down the path; adjacent ranges of the same region
-// with contiguous offsets and equal attributes merge.
+// subregions leave, while a container's gaps fall through; readonly,
+// nonvolatile and unmergeable are inherited down the path; adjacent ranges of
+// the same region with contiguous offsets and equal attributes (dirty-log
+// mask included) merge, unless they are unmergeable.
 //
 // Every address is decided on its own by those rules, so rendering a window
 // gives exactly the full render's ranges inside it: the commit engine
@@ -37,11 +38,12 @@ namespace detail {
 class flat_renderer {
 public:
     void render(const memory_region& mr, i128 base, u128 clip_lo, u128 clip_hi, bool readonly,
-                bool nonvolatile) {
+                bool nonvolatile, bool unmergeable) {
         if (!mr.enabled()) return;
         base += mr.addr();
         readonly |= mr.readonly();
         nonvolatile |= mr.nonvolatile();
+        unmergeable |= mr.unmergeable();
         const i128 lo = base > i128(clip_lo) ? base : i128(clip_lo);
         const i128 region_end = base + i128(mr.size());
         const i128 hi = region_end < i128(clip_hi) ? region_end : i128(clip_hi);
@@ -52,14 +54,14 @@ public:
             // The target appears at the alias's place: undo its own placement
             // (added back when it renders) and shift by the alias offset.
             render(*target, base - i128(target->addr()) - i128(mr.alias_offset()), clip_lo, clip_hi,
-                   readonly, nonvolatile);
+                   readonly, nonvolatile, unmergeable);
             return;
         }
         mr.for_each_subregion_in(lo - base, hi - base, [&](const memory_region& sub) {
-            render(sub, base, clip_lo, clip_hi, readonly, nonvolatile);
+            render(sub, base, clip_lo, clip_hi, readonly, nonvolatile, unmergeable);
         });
         if (!mr.terminates()) return;
-        fill_gaps(mr, base, clip_lo, clip_hi, readonly, nonvolatile);
+        fill_gaps(mr, base, clip_lo, clip_hi, readonly, nonvolatile, unmergeable);
     }
 
     /// The ranges, sorted, with adjacent compatible ranges merged.
@@ -73,7 +75,7 @@ public:
 
 private:
     void fill_gaps(const memory_region& mr, i128 base, u128 lo, u128 hi, bool readonly,
-                   bool nonvolatile) {
+                   bool nonvolatile, bool unmergeable) {
         u128 cursor = lo;
         // First range that ends after the cursor: the one starting at or
         // before it (if it reaches past it), else the next one.
@@ -84,18 +86,19 @@ private:
         }
         while (cursor < hi) {
             if (it == ranges_.end() || u128(it->second.start) >= hi) {
-                insert(mr, base, cursor, hi, readonly, nonvolatile);
+                insert(mr, base, cursor, hi, readonly, nonvolatile, unmergeable);
                 return;
             }
             const flat_range& next = it->second;
-            if (u128(next.start) > cursor) insert(mr, base, cursor, next.start, readonly, nonvolatile);
+            if (u128(next.start) > cursor)
+                insert(mr, base, cursor, next.start, readonly, nonvolatile, unmergeable);
             cursor = next.end();
             ++it;
         }
     }
 
     void insert(const memory_region& mr, i128 base, u128 from, u128 to, bool readonly,
-                bool nonvolatile) {
+                bool nonvolatile, bool unmergeable) {
         flat_range r;
         r.start = static_cast<hwaddr>(from);
         r.size = to - from;
@@ -103,13 +106,15 @@ private:
         r.offset_in_region = static_cast<hwaddr>(i128(from) - base);
         r.readonly = readonly;
         r.nonvolatile = nonvolatile;
+        r.unmergeable = unmergeable;
+        r.dirty_log_mask = mr.dirty_log_mask();
         r.romd_mode = mr.romd_mode();
-        if (r.reads_direct()) {
-            // Reserve now (MAP_NORESERVE): a read is then one addition.
+        if (r.reads_direct() && !mr.backing_may_shrink()) {
+            // Reserve now (MAP_NORESERVE): a read is then one addition. (Not
+            // for a file that may shrink: its reads go through the guard.)
             std::byte* host = range_host(r);
             if (host)
-                r.host_base = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(host) +
-                                                           r.offset_in_region - r.start);
+                r.host_base = reinterpret_cast<std::uintptr_t>(host) + r.offset_in_region - r.start;
         }
         ranges_.emplace(r.start, r);
     }
@@ -128,14 +133,14 @@ private:
 /// flat view.
 ///
 /// Deliberate differences from QEMU: a step is not taken out of a region that
-/// is readonly or nonvolatile, because QEMU loses that flag when it skips the
-/// node (its rendered view then shows the target writable); and a step
+/// is readonly, nonvolatile or unmergeable, because QEMU loses that flag when
+/// it skips the node (its rendered view then shows the target writable); and a step
 /// through an alias is taken only into a target placed at address 0, because
 /// rendering from the target adds its address (QEMU's view is then shifted).
 /// Captured machines have neither case, so the output is QEMU's there.
 inline memory_region* flat_view_root(memory_region* mr) noexcept {
     while (mr && mr->enabled()) {
-        if (mr->readonly() || mr->nonvolatile()) return mr;
+        if (mr->readonly() || mr->nonvolatile() || mr->unmergeable()) return mr;
         if (memory_region* target = mr->alias()) {
             // Only into a target placed at 0: rendering adds the root's own
             // address, and the alias shows the target at 0 (QEMU does not
@@ -168,7 +173,7 @@ inline memory_region* flat_view_root(memory_region* mr) noexcept {
 /// 0): the full render's ranges inside the window, merged.
 inline std::vector<flat_range> render_window(const memory_region& root, u128 lo, u128 hi) {
     detail::flat_renderer r;
-    r.render(root, 0, lo, hi, false, false);
+    r.render(root, 0, lo, hi, false, false, false);
     return r.finish();
 }
 

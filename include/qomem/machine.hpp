@@ -13,13 +13,21 @@
 // machine or anything using it (its regions, its address spaces).
 #pragma once
 
+#include <memory>
+#include <type_traits>
+
 #include <boost/intrusive_ptr.hpp>
 
+#include <qomem/hotplug.hpp>
 #include <qomem/memory_system.hpp>
 #include <qomem/object.hpp>
 
 namespace qomem {
 
+class device;
+
+/// A machine: the object at /machine, with the containers QEMU gives it, its
+/// memory system, and the event channel its devices announce their deletion on.
 class machine : public object {
     QOMEM_OBJECT(machine, "machine", object)
 public:
@@ -36,14 +44,29 @@ public:
     /// This machine's memory system.
     memory_system& memory() const noexcept { return *memory_; }
 
+    /// QEMU's MachineClass::get_hotplug_handler: the handler this machine
+    /// provides for `dev` (memory DIMMs, CPUs), or null to leave it to the
+    /// device's bus. The default claims nothing.
+    virtual qomem::hotplug_handler* get_hotplug_handler(device& dev) {
+        (void)dev;
+        return nullptr;
+    }
+
+    /// The machine's events (DEVICE_DELETED).
+    device_events& events() const noexcept { return *events_; }
+
 private:
+    friend class device;
     ref_ptr<memory_system> memory_;
+    std::shared_ptr<device_events> events_ = std::make_shared<device_events>();
 };
 
-/// Creates a machine and adds it as child "machine" of `root`, which then holds
-/// the only reference to it.
-inline machine& add_machine(container& root) {
-    auto m = make<machine>();
+/// Creates a machine of type M and adds it as child "machine" of `root`,
+/// which then holds the only reference to it.
+template <class M = machine>
+    requires std::is_base_of_v<machine, M>
+M& add_machine(container& root) {
+    auto m = make<M>();
     root.add_child("machine", *m);
     return *m;
 }

@@ -42,13 +42,47 @@ constexpr memtx_result operator|(memtx_result a, memtx_result b) noexcept {
 }
 constexpr memtx_result& operator|=(memtx_result& a, memtx_result b) noexcept { return a = a | b; }
 
-/// Transaction attributes (QEMU's MemTxAttrs, the parts qomem uses).
+/// The security space of an access (QEMU's ARMSecuritySpace, the values of
+/// mem_attrs::space). Note that 0 is `secure`, as in QEMU: code that does not
+/// know about ARMv9 RME looks at mem_attrs::secure instead.
+enum class security_space : std::uint8_t { secure = 0, non_secure = 1, root = 2, realm = 3 };
+
+/// Transaction attributes: QEMU's MemTxAttrs, field for field. They travel
+/// unchanged from the access to the device's ops (and, later, to IOMMUs).
+/// A value-initialised `mem_attrs{}` has every attribute deliberately clear;
+/// a bus master that does not say uses `mem_attrs_unspecified` (QEMU's
+/// MEMTXATTRS_UNSPECIFIED), so a device can tell the two apart. Eight bytes
+/// at most, as in QEMU: passed by value in one register.
 struct mem_attrs {
-    bool debug = false;  ///< a debugger's access: may write ROM
-    bool memory = false; ///< only RAM may answer (MMIO gives an access error)
-    bool secure = false;
+    /// The bus master gave no attributes (see mem_attrs_unspecified).
+    bool unspecified : 1 = false;
+    /// ARM/AMBA: a TrustZone Secure access; x86: System Management Mode.
+    bool secure : 1 = false;
+    /// Usermode (unprivileged) access.
+    bool user : 1 = false;
+    /// Only "normal" memory may answer: RAM (and RAM devices); MMIO gives
+    /// memtx_access_error.
+    bool memory : 1 = false;
+    /// A debugger's or loader's access: may write ROM.
+    bool debug : 1 = false;
+    /// ARM security space (partly overlaps `secure`; see security_space).
+    security_space space = security_space::secure;
+    /// Requester ID (a PCI BDF, or which CPU; MSI uses it).
     std::uint16_t requester_id = 0;
+    /// Process identifier (PCI PASID), 8 bits as in QEMU.
+    std::uint8_t pid = 0;
+
+    friend constexpr bool operator==(const mem_attrs&, const mem_attrs&) noexcept = default;
 };
+static_assert(sizeof(mem_attrs) <= 8, "mem_attrs must stay small enough to pass in a register");
+
+/// The attributes of a bus master that specifies none (QEMU's
+/// MEMTXATTRS_UNSPECIFIED): everything clear but `unspecified`.
+inline constexpr mem_attrs mem_attrs_unspecified = [] {
+    mem_attrs a;
+    a.unspecified = true;
+    return a;
+}();
 
 /// Access-size rules (QEMU's MemoryRegionOps.valid / .impl). A zero maximum
 /// means "any size" for `valid` and 4 for `impl`; a zero minimum means 1.

@@ -36,19 +36,32 @@
 // (asserted before anything changes, naming both). A region that belongs to
 // no system yet is shown by no address space, so changing it commits nothing.
 //
+// RAM comes anonymous (reserved on first use), from the caller's memory, from
+// a file or an fd (mapped at creation, with QEMU's options), or resizeable up
+// to a maximum; RAM, ROM and ROM devices log writes for dirty-log clients
+// (dirty_log.hpp), lock-free.
+//
 // Topology changes (add/delete a subregion, enable, move, ...) are made by the
 // thread holding the system's writer role (memory_system::lock; a change made
 // without it takes it for its own duration) and commit at once unless a
 // transaction is open (`memory_transaction`).
 #pragma once
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <new>
 #include <set>
 #include <string>
 #include <string_view>
@@ -60,6 +73,7 @@
 #include <qomem/assert.hpp>
 #include <qomem/detail/subregion_index.hpp>
 #include <qomem/detail/topology_log.hpp>
+#include <qomem/dirty_log.hpp>
 #include <qomem/error.hpp>
 #include <qomem/fwd.hpp>
 #include <qomem/memory_ops.hpp>
@@ -131,13 +145,35 @@ public:
         memory_region* alias = nullptr;
         hwaddr alias_offset = 0;
         region_callbacks callbacks{}; ///< MMIO (io, ROM device)
-        void* host = nullptr;       ///< caller's memory (ram from ptr, ram device)
-        int fd = -1;                ///< ram from fd
+        /// Host memory: the caller's (ram from ptr, ram device), or a mapping
+        /// the region owns (`owns_host`: file and fd RAM).
+        void* host = nullptr;
+        /// `host` is a mapping of `backing` bytes that the region unmaps
+        /// when it is freed.
+        bool owns_host = false;
+        /// Bytes of host memory behind the region (0: `size`). Resizeable RAM
+        /// reserves its maximum; file RAM its size rounded up to the file's
+        /// page size.
+        u128 backing = 0;
+        /// The fd the RAM was mapped from; the region owns it (closes it when
+        /// freed). -1 for anything else.
+        int fd = -1;
         std::uint64_t fd_offset = 0;
-        bool shared = true; ///< MAP_SHARED for fd-backed RAM
+        /// Starts read-only (ROM, RAM mapped read-only).
+        bool readonly = false;
+        /// False when `host` is mapped without write permission.
+        bool host_writable = true;
+        /// Resizeable RAM (QEMU's memory_region_init_resizeable_ram): the
+        /// most `size` may grow to (0: not resizeable), and what to call when
+        /// ram_resize changes the used size.
+        u128 max_size = 0;
+        std::function<void(memory_region&, std::uint64_t size, void* host)> resized = {};
         /// Priority of a region that is never added to a container (a root
         /// may carry one; it shows in the flat view). add_subregion sets it.
         std::int32_t priority = 0;
+        /// RAM whose file another process can shrink (a vhost-user back-end's
+        /// SHMEM_MAP): accesses copy under a SIGBUS guard (detail/fault_guard.hpp).
+        bool backing_may_shrink = false;
     };
 
     /// Constructs a region; prefer the make_* functions, which also attach it.
@@ -162,6 +198,9 @@ public:
     bool enabled() const noexcept { return enabled_; }
     bool readonly() const noexcept { return readonly_.load(std::memory_order_relaxed); }
     bool nonvolatile() const noexcept { return nonvolatile_; }
+    /// True when the ranges rendered through this region never merge with
+    /// their neighbours (see set_unmergeable).
+    bool unmergeable() const noexcept { return unmergeable_; }
     bool romd_mode() const noexcept { return romd_mode_.load(std::memory_order_relaxed); }
     /// True for the kinds that fill the gaps their subregions leave.
     bool terminates() const noexcept {
@@ -200,20 +239,133 @@ public:
         return !reentrancy_logged_.exchange(true, std::memory_order_relaxed);
     }
 
-    /// Dirty tracking of RAM, one bit per 4 KiB page: writes through an
-    /// address space and DMA unmaps after a write set the bits while logging
-    /// is on. Requires (asserted): a RAM region.
-    void set_dirty_log(bool on);
-    bool dirty_log() const noexcept { return dirty_.load(std::memory_order_acquire) != nullptr; }
-    /// True if a page overlapping [offset, offset+len) is dirty; clears them.
-    bool test_and_clear_dirty(hwaddr offset, hwaddr len);
-    /// Marks [offset, offset+len) dirty if logging is on (cheap when off).
-    void mark_dirty(hwaddr offset, hwaddr len) noexcept {
-        rcu::read_guard g; // the bitmap is freed through RCU
-        std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
-        if (!bits || len == 0) return;
-        mark_dirty_slow(bits, offset, len);
+    // ---- dirty logging (dirty_log.hpp) ----------------------------------------
+    //
+    // Regions with RAM behind them (RAM, ROM, ROM devices: logs_dirty()) log
+    // writes for the clients in their dirty-log mask: one bitmap per client,
+    // one bit per dirty_page_size bytes, kept for the region's life (turning
+    // a client off stops the recording, it does not forget the bits).
+    // Guest writes through an address space and DMA write mappings (at
+    // unmap) mark them. The marking and reading functions may run on any
+    // thread, lock-free; the bits are set and cleared atomically.
+
+    /// True for the kinds whose writes can be logged (RAM, ROM, ROM device;
+    /// not RAM devices, which are dispatched like MMIO).
+    bool logs_dirty() const noexcept { return is_plain_ram() || is_rom_device(); }
+    /// The clients this region logs for (QEMU's get_dirty_log_mask): those
+    /// turned on with set_log, plus `migration` while the region's memory
+    /// system tracks dirty memory globally. Any thread.
+    std::uint8_t dirty_log_mask() const noexcept {
+        std::uint8_t m = log_mask_.load(std::memory_order_relaxed);
+        if (logs_dirty())
+            if (const detail::topology_log* l = system_log())
+                m = static_cast<std::uint8_t>(m | l->global_log_mask.load(std::memory_order_relaxed));
+        return m;
     }
+    /// True if `client` is in dirty_log_mask() (QEMU's is_logging).
+    bool is_logging(dirty_client client) const noexcept {
+        return dirty_log_mask() & dirty_mask_of(client);
+    }
+    /// Turns logging for `client` on or off (QEMU's set_log; QEMU allows only
+    /// the VGA client here, qomem any). Counted: each set_log(true) needs its
+    /// set_log(false). Requires (asserted): logs_dirty(); not more offs than
+    /// ons. Effects: when the client's count leaves or reaches zero, the
+    /// mask changes and the region's extent is recorded as changed (if it is
+    /// enabled): at the commit, listeners see its ranges as region_nop
+    /// followed by log_start or log_stop. References: none. Complexity: O(1)
+    /// plus the commit. Throws: what the commit throws.
+    void set_log(bool log, dirty_client client);
+    /// Marks [addr, addr + size) of the region dirty for every client in
+    /// dirty_log_mask() (QEMU's set_dirty), after memory was written outside
+    /// guest accesses (a device writing its RAM through host_ptr()).
+    /// Requires (asserted): logs_dirty(). Any thread. Complexity: O(pages).
+    void set_dirty(hwaddr addr, hwaddr size) {
+        QOMEM_ASSERT(logs_dirty(), "set_dirty on '{}', which has no RAM to log", name_);
+        mark_dirty(addr, size);
+    }
+    /// set_dirty without the check: what guest writes call. Cheap when
+    /// nothing is logged (one load, and for RAM of a memory system one more).
+    void mark_dirty(hwaddr offset, hwaddr len) noexcept {
+        const std::uint8_t mask = dirty_log_mask();
+        if (mask == 0 || len == 0) [[likely]]
+            return;
+        mark_dirty_slow(mask, offset, len);
+    }
+    /// Marks the pages of [addr, addr + size) clean for `client` (QEMU's
+    /// reset_dirty). Any thread. Complexity: O(pages).
+    void reset_dirty(hwaddr addr, hwaddr size, dirty_client client) {
+        (void)test_and_clear_dirty(addr, size, client);
+    }
+    /// True if a page overlapping [addr, addr + size) is dirty for `client`;
+    /// clears those pages (QEMU's test_and_clear_dirty). Any thread.
+    /// Requires (asserted, also for the functions below): `client` is one
+    /// of dirty_log.hpp's.
+    bool test_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client);
+    /// True if a page overlapping [addr, addr + size) is dirty for `client`;
+    /// changes nothing. Any thread.
+    bool get_dirty(hwaddr addr, hwaddr size, dirty_client client) const;
+    /// Asks the listeners to bring their logs in (log_sync on this region's
+    /// sections, log_sync_global), copies `client`'s bits for [addr, addr +
+    /// size) widened to whole 64-page words and clears them, then tells the
+    /// listeners log_global_after_sync (QEMU's snapshot_and_clear_dirty).
+    /// Requires (asserted): logs_dirty(); the range inside the region.
+    /// Effects: takes the writer role of the region's system (if any) while
+    /// listeners run. Throws: what a listener throws (the bits are then left
+    /// as they were).
+    dirty_bitmap_snapshot snapshot_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client);
+    /// QEMU's snapshot_get_dirty: `snap.get_dirty(addr, size)`.
+    bool snapshot_get_dirty(const dirty_bitmap_snapshot& snap, hwaddr addr, hwaddr size) const {
+        return snap.get_dirty(addr, size);
+    }
+    /// Asks the listeners to clear their own logs for [start, start + len)
+    /// of this region (log_clear on the intersecting sections that log;
+    /// QEMU's clear_dirty_bitmap), e.g. after migration read those pages.
+    /// Effects: takes the writer role of the region's system while they run.
+    void clear_dirty_bitmap(hwaddr start, hwaddr len);
+
+    /// The short form of earlier versions: logging for the VGA client on or
+    /// off (not counted), whether it is on, and test-and-clear for it.
+    void set_dirty_log(bool on) {
+        if (on != ((log_mask_.load(std::memory_order_relaxed) & dirty_mask_of(dirty_client::vga)) != 0))
+            set_log(on, dirty_client::vga);
+    }
+    bool dirty_log() const noexcept { return is_logging(dirty_client::vga); }
+    bool test_and_clear_dirty(hwaddr offset, hwaddr len) {
+        return test_and_clear_dirty(offset, len, dirty_client::vga);
+    }
+
+    // ---- RAM ---------------------------------------------------------------
+
+    /// The RAM's used length: its size rounded up to the host page size
+    /// (QEMU's used_length). 0 for regions without host memory.
+    u128 used_length() const noexcept { return has_host_memory() ? used_length_ : 0; }
+    /// The most host memory behind the region (QEMU's max_length): the
+    /// maximum size of resizeable RAM, else the used length.
+    u128 max_length() const noexcept {
+        return !has_host_memory() ? 0 : resizeable_ ? backing_size_ : used_length_;
+    }
+    /// True for RAM made with make_resizeable_ram.
+    bool resizeable() const noexcept { return resizeable_; }
+    /// Changes the size of resizeable RAM (QEMU's memory_region_ram_resize).
+    /// The used length becomes `new_size` rounded up to the host page size;
+    /// when that changes, the old used length is marked clean and the new
+    /// one dirty for every client (its contents must be sent again); the
+    /// region takes `new_size` as its size (set_size: the views change at
+    /// the commit) and the `resized` callback is called with it and the host
+    /// memory. When only the unaligned size changes, just the size and the
+    /// callback. Requires (asserted): RAM. Throws: region_error when the
+    /// used length would change and the RAM is not resizeable, or when it
+    /// would exceed max_length(); nothing changes then. Complexity:
+    /// O(pages) plus the commit.
+    void ram_resize(u128 new_size);
+    /// The fd the RAM was mapped from (the region's own duplicate), or -1
+    /// (QEMU's memory_region_get_fd; an alias answers for its target).
+    int fd() const noexcept { return alias_ ? alias_->fd() : fd_; }
+    /// Where in that fd the RAM starts.
+    std::uint64_t fd_offset() const noexcept { return alias_ ? alias_->fd_offset() : fd_offset_; }
+    /// The page size of the memory behind the RAM: the huge page size for
+    /// hugetlbfs files, else the host's.
+    std::size_t ram_page_size() const noexcept { return page_size_; }
 
     /// QEMU's type string for `info mtree`: "ramd", "romd", "rom", "ram" or
     /// "i/o" (containers and MMIO); an alias reports its target's type.
@@ -256,6 +408,9 @@ public:
     /// shared-memory mapping): then not even a debug write may store to it.
     bool host_writable() const noexcept { return host_writable_; }
     void set_host_writable(bool writable) noexcept { host_writable_ = writable; }
+    /// True for RAM whose backing file can shrink under the program: its
+    /// bytes are copied under a SIGBUS guard and never read on the fast path.
+    bool backing_may_shrink() const noexcept { return backing_may_shrink_; }
 
     // ---- DMA accounting of ownerless regions --------------------------------
 
@@ -291,11 +446,20 @@ public:
     /// References: none. Complexity: O(1) plus the commit.
     void set_enabled(bool enabled);
     /// Makes the region (and what renders through it) read-only for guest
-    /// writes. Effects, references, complexity: as set_enabled.
+    /// writes. Requires (asserted): not making writable a region whose host
+    /// memory is mapped read-only. Effects, references, complexity: as
+    /// set_enabled.
     void set_readonly(bool readonly);
     /// Marks the region non-volatile (shown as "nv-" in `info mtree`).
     /// Effects, references, complexity: as set_enabled.
     void set_nonvolatile(bool nonvolatile);
+    /// Marks the region unmergeable (QEMU's set_unmergeable): the flat
+    /// ranges rendered through it (it, or everything inside it for a
+    /// container or an alias) never merge with adjacent ranges, so
+    /// listeners are never told of a section larger than one region — for
+    /// several aliases of one RAM region side by side, each to be mapped and
+    /// unmapped on its own. Effects, references, complexity: as set_enabled.
+    void set_unmergeable(bool unmergeable);
     /// ROM device: reads direct (true) or through the ops (false).
     /// Requires (asserted): a ROM device. Effects: as set_enabled.
     void set_romd(bool romd);
@@ -333,11 +497,29 @@ private:
 
     /// Throws region_error for a size above 2^64.
     static void check_size(std::string_view name, u128 size);
+    /// set_size without its checks.
+    void apply_size(u128 size);
     bool reaches(const memory_region& target) const;
-    void mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset, hwaddr len) const noexcept;
-    std::size_t dirty_pages() const noexcept {
-        return static_cast<std::size_t>((backing_size_ + 4095) / 4096);
+    /// The system's log, read by any thread (set once, when the region joins).
+    const detail::topology_log* system_log() const noexcept {
+        return std::atomic_ref<detail::topology_log*>(const_cast<detail::topology_log*&>(log_))
+            .load(std::memory_order_acquire);
     }
+    using dirty_word = std::atomic<std::uint64_t>;
+    /// `client` as an index. Requires (asserted): a client dirty_log.hpp names.
+    unsigned client_index(dirty_client client) const;
+    std::size_t dirty_pages() const noexcept {
+        return static_cast<std::size_t>((backing_size_ + dirty_page_size - 1) / dirty_page_size);
+    }
+    std::size_t dirty_words() const noexcept { return (dirty_pages() + 63) / 64; }
+    /// `client`'s bitmap; made (zeroed) on first use when `make` (null if
+    /// that allocation fails: the marks are then lost, never the process).
+    dirty_word* dirty_bitmap(unsigned client, bool make) const noexcept;
+    void mark_dirty_slow(std::uint8_t mask, hwaddr offset, hwaddr len) const noexcept;
+    /// Calls f(word index, bit mask) for the bitmap words covering the pages
+    /// that overlap [offset, offset + len), clipped to the backing.
+    template <class F>
+    void for_each_dirty_word(hwaddr offset, hwaddr len, F&& f) const;
     void unmap_backing() noexcept;
     /// Makes `log` this region's system, and that of every region connected
     /// to it (none of which belongs to another: checked by the caller).
@@ -351,6 +533,10 @@ private:
     }
     /// Records that this region's whole extent changed.
     void changed_whole() const { changed_inside(0, i128(size_)); }
+    /// Unless `same`, runs `set` and records the whole extent as changed,
+    /// under the writer role (topology state is the writer's).
+    template <class Set>
+    void change_whole(bool same, Set&& set);
     /// Finalizes a region whose last reference was dropped (memory_system
     /// calls it on the writer).
     void finalize_now() { finalize_dropped(); }
@@ -384,12 +570,24 @@ private:
     bool guard_enabled_ = false;
     mutable std::atomic<bool> reentrancy_logged_{false};
     mutable std::atomic<std::byte*> host_{nullptr};
-    std::atomic<std::atomic<std::uint64_t>*> dirty_{nullptr};
     bool owns_mapping_ = false;
     bool host_writable_ = true;
-    int fd_ = -1;
+    bool unmergeable_ = false;
+    int fd_ = -1; // owned
     std::uint64_t fd_offset_ = 0;
-    bool fd_shared_ = true;
+    bool backing_may_shrink_ = false;
+    std::size_t page_size_ = 0;
+
+    // Dirty logging: the clients turned on by set_log (with their counts;
+    // writer only) and one lazily made bitmap per client (any thread).
+    std::atomic<std::uint8_t> log_mask_{0};
+    std::uint32_t log_counts_[dirty_client_count] = {};
+    mutable std::atomic<dirty_word*> dirty_[dirty_client_count] = {};
+
+    // Resizeable RAM.
+    u128 used_length_ = 0;
+    bool resizeable_ = false;
+    std::function<void(memory_region&, std::uint64_t, void*)> resized_;
 };
 
 /// Takes a reference to the region itself (never its owner). Ownerless
@@ -439,14 +637,21 @@ private:
 // handle holds the creation reference; drop it to leave the parent as the
 // only holder. Throws: region_error for a size above 2^64.
 
-/// Makes a region from `a` (what every make_* function below does).
-inline ref_ptr<memory_region> make_region(const memory_region::init_args& a) {
-    auto mr = make<memory_region>(a);
+namespace detail {
+/// Adds `mr` as child "name[*]" of its home, if it has one.
+inline void add_to_home(memory_region& mr, const memory_region::init_args& a) {
     if (object* home = a.where.home()) {
         std::string name;
         for (char c : a.name) name += c == '/' ? std::string_view("\\x2f") : std::string_view(&c, 1);
-        home->add_child(name + "[*]", *mr);
+        home->add_child(name + "[*]", mr);
     }
+}
+} // namespace detail
+
+/// Makes a region from `a` (what every make_* function below does).
+inline ref_ptr<memory_region> make_region(const memory_region::init_args& a) {
+    auto mr = make<memory_region>(a);
+    detail::add_to_home(*mr, a);
     return mr;
 }
 
@@ -462,18 +667,68 @@ inline ref_ptr<memory_region> make_ram(region_owner where, std::string_view name
 inline ref_ptr<memory_region> make_rom(region_owner where, std::string_view name, u128 size) {
     return make_region({where, std::string(name), region_kind::rom, size});
 }
-/// RAM mapped from `fd` at `offset` (MAP_SHARED unless `shared` is false),
-/// mapped on first use. The caller keeps ownership of `fd` and must keep it
-/// open until the region is first used.
+/// Resizeable RAM (QEMU's memory_region_init_resizeable_ram): `size` bytes
+/// used now, host memory reserved (MAP_NORESERVE, on first use) for up to
+/// `max_size`; ram_resize changes the used size and calls `resized` (may be
+/// empty) with the region, its new size and its host memory.
+/// Throws: region_error for a size above 2^64 or above `max_size`.
+inline ref_ptr<memory_region> make_resizeable_ram(
+    region_owner where, std::string_view name, u128 size, u128 max_size,
+    std::function<void(memory_region&, std::uint64_t size, void* host)> resized = {}) {
+    if (max_size == 0)
+        throw region_error(fmt::format("resizeable RAM '{}' needs a maximum size", name));
+    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
+    a.max_size = max_size;
+    a.resized = std::move(resized);
+    return make_region(a);
+}
+
+/// How RAM is mapped from a file or an fd (QEMU's RAM_* flags for them).
+struct ram_file_options {
+    /// MAP_SHARED (QEMU's RAM_SHARED): writes reach the file and every other
+    /// mapping of it. False: a private copy-on-write mapping.
+    bool shared = true;
+    /// Mapped without write permission (RAM_READONLY): the region is
+    /// read-only, guest writes are ignored, not even a debug write stores.
+    bool readonly = false;
+    /// make_ram_from_file only: open the file read-only (RAM_READONLY_FD);
+    /// it must exist and be large enough. With `shared` and not `readonly`
+    /// the mapping cannot be made and creation fails.
+    bool readonly_fd = false;
+    /// Where in the file the RAM starts; a multiple of the file's page size.
+    std::uint64_t offset = 0;
+};
+
+/// RAM mapped from `fd` now (QEMU's memory_region_init_ram_from_fd), `size`
+/// bytes from `opts.offset`, rounded up to the file's page size (the huge
+/// page size on hugetlbfs). An empty regular file opened for writing is
+/// first extended to `offset + size`, as QEMU does. The region keeps its own
+/// duplicate of `fd` (fd()); the caller may close theirs.
+/// Throws: region_error, naming the values, when the mapping cannot be made
+/// — a bad fd, a size of 0 or below the page size, an unaligned offset, a
+/// regular file too small, a shared writable mapping of a read-only fd, a
+/// failing mmap — and nothing is left behind. Never later, at first use.
+ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size, int fd,
+                                        const ram_file_options& opts);
+/// The same with a shared (or, with `shared` false, private) writable mapping.
 inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name,
                                                u128 size, int fd, std::uint64_t offset,
                                                bool shared = true) {
-    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
-    a.fd = fd;
-    a.fd_offset = offset;
-    a.shared = shared;
-    return make_region(a);
+    ram_file_options o;
+    o.shared = shared;
+    o.offset = offset;
+    return make_ram_from_fd(where, name, size, fd, o);
 }
+/// RAM mapped from the file at `path` (QEMU's memory_region_init_ram_from_file):
+/// opened for reading and writing (created if missing), or read-only with
+/// `opts.readonly_fd`; when `path` is a directory (a hugetlbfs mount, say),
+/// a new file in it that is unlinked at once, as QEMU does. Then as
+/// make_ram_from_fd; the region owns the fd it opened.
+/// Throws: region_error when the file cannot be opened or created, or the
+/// mapping cannot be made (see make_ram_from_fd); a file this call created
+/// is removed again.
+ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
+                                          const std::string& path, const ram_file_options& opts = {});
 /// RAM in the caller's memory (`host` must stay valid for the region's life).
 inline ref_ptr<memory_region> make_ram_from_ptr(region_owner where, std::string_view name,
                                                 u128 size, void* host) {
@@ -565,7 +820,147 @@ inline bool is_device_type(const type_info& t) noexcept {
         if (p->name == "device") return true;
     return false;
 }
+
+/// The host's page size.
+inline std::uint64_t host_page_size() noexcept {
+    static const std::uint64_t size = [] {
+        const long s = ::sysconf(_SC_PAGESIZE);
+        return s > 0 ? static_cast<std::uint64_t>(s) : std::uint64_t{4096};
+    }();
+    return size;
+}
+
+/// The page size of the memory behind `fd`: the huge page size on
+/// hugetlbfs (QEMU's qemu_fd_getpagesize), else the host's.
+inline std::size_t fd_page_size(int fd) noexcept {
+    constexpr long hugetlbfs_magic = 0x958458f6;
+    struct statfs fs;
+    if (fd >= 0 && ::fstatfs(fd, &fs) == 0 && static_cast<long>(fs.f_type) == hugetlbfs_magic &&
+        fs.f_bsize > 0)
+        return static_cast<std::size_t>(fs.f_bsize);
+    return host_page_size();
+}
+
+/// `v` rounded up to a multiple of `align` (a power of two).
+inline u128 align_up(u128 v, std::size_t align) noexcept { return (v + align - 1) / align * align; }
+
+/// Maps `size` bytes of `fd` for make_ram_from_fd / make_ram_from_file and
+/// makes the region; `owned_fd` is closed on failure (the caller's fd is
+/// duplicated first). Every check happens before the mapping.
+inline ref_ptr<memory_region> map_file_ram(region_owner where, std::string_view name, u128 size,
+                                           int fd, bool fd_is_ours, const ram_file_options& opts,
+                                           std::string_view what) {
+    struct fd_guard {
+        int fd;
+        ~fd_guard() {
+            if (fd >= 0) ::close(fd);
+        }
+    } guard{fd_is_ours ? fd : -1};
+    auto refuse = [&](const std::string& why) {
+        return region_error(fmt::format("RAM '{}' from {}: {}", name, what, why));
+    };
+    if (size > u128_2_64) throw refuse(fmt::format("size {} is larger than 2^64", hex(size)));
+    const int fl = ::fcntl(fd, F_GETFL);
+    if (fd < 0 || fl < 0) throw refuse(fmt::format("fd {} is not open", fd));
+    const bool fd_writable = (fl & O_ACCMODE) != O_RDONLY;
+    const std::size_t page = fd_page_size(fd);
+    if (size == 0 || size < page)
+        throw refuse(fmt::format("size {} is below the page size {:#x}", hex(size), page));
+    if (opts.offset % page)
+        throw refuse(fmt::format("offset {:#x} is not a multiple of the page size {:#x}", opts.offset, page));
+    const u128 len = align_up(size, page);
+    if (u128(opts.offset) + len > u128(std::numeric_limits<off_t>::max()) || len >= (u128(1) << 63))
+        throw refuse(fmt::format("offset {:#x} + size {} is too large to map", opts.offset, hex(len)));
+    if (opts.shared && !opts.readonly && !fd_writable)
+        throw refuse(fmt::format("fd {} is open read-only: it cannot be mapped shared and writable "
+                                 "(ask for readonly, or a private mapping)",
+                                 fd));
+    struct stat st;
+    if (::fstat(fd, &st) != 0) throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
+    if (S_ISREG(st.st_mode)) {
+        const u128 need = u128(opts.offset) + len;
+        // An empty file is extended (QEMU does); any other size must be enough.
+        if (st.st_size == 0 && fd_writable && ::ftruncate(fd, static_cast<off_t>(need)) == 0 &&
+            ::fstat(fd, &st) != 0)
+            throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
+        if (u128(static_cast<std::uint64_t>(st.st_size)) < need)
+            throw refuse(fmt::format("the file is {:#x} bytes, {:#x} needed (offset {:#x} + {})",
+                                     static_cast<std::uint64_t>(st.st_size),
+                                     static_cast<std::uint64_t>(need), opts.offset, hex(len)));
+    }
+    void* host = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ | (opts.readonly ? 0 : PROT_WRITE),
+                        opts.shared ? MAP_SHARED : MAP_PRIVATE, fd, static_cast<off_t>(opts.offset));
+    if (host == MAP_FAILED)
+        throw refuse(fmt::format("mmap of {} bytes at offset {:#x} ({}, {}) failed: {}", hex(len),
+                                 opts.offset, opts.shared ? "shared" : "private",
+                                 opts.readonly ? "read-only" : "writable", std::strerror(errno)));
+    int own = fd;
+    if (!fd_is_ours) {
+        own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (own < 0) {
+            const int err = errno;
+            ::munmap(host, static_cast<std::size_t>(len));
+            throw refuse(fmt::format("cannot duplicate fd {}: {}", fd, std::strerror(err)));
+        }
+    }
+    guard.fd = -1;
+    memory_region::init_args a{where, std::string(name), region_kind::ram, size};
+    a.host = host;
+    a.owns_host = true;
+    a.backing = len;
+    a.fd = own;
+    a.fd_offset = opts.offset;
+    a.readonly = opts.readonly;
+    a.host_writable = !opts.readonly;
+    ref_ptr<memory_region> mr;
+    try {
+        mr = make<memory_region>(a);
+    } catch (...) {
+        ::munmap(host, static_cast<std::size_t>(len));
+        ::close(own);
+        throw;
+    }
+    add_to_home(*mr, a); // on a throw, dropping `mr` unmaps and closes
+    return mr;
+}
 } // namespace detail
+
+inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size,
+                                               int fd, const ram_file_options& opts) {
+    return detail::map_file_ram(where, name, size, fd, false, opts, fmt::format("fd {}", fd));
+}
+
+inline ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
+                                                 const std::string& path, const ram_file_options& opts) {
+    auto refuse = [&](const std::string& why) {
+        return region_error(fmt::format("RAM '{}' from '{}': {}", name, path, why));
+    };
+    std::string created; // a file this call made, removed again on failure
+    int fd = ::open(path.c_str(), (opts.readonly_fd ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0 && errno == EISDIR) {
+        if (opts.readonly_fd)
+            throw refuse("a directory: no file to open read-only (readonly_fd)");
+        // A fresh file in the directory, unlinked at once: nothing else sees it.
+        std::string tmpl = path + "/qomem_back_mem.";
+        for (char c : name) tmpl += (c == '/' ? '_' : c);
+        tmpl += ".XXXXXX";
+        fd = ::mkostemp(tmpl.data(), O_CLOEXEC);
+        if (fd < 0) throw refuse(fmt::format("cannot create a file in it: {}", std::strerror(errno)));
+        ::unlink(tmpl.c_str());
+    } else if (fd < 0 && errno == ENOENT && !opts.readonly_fd) {
+        fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd >= 0) created = path;
+    }
+    if (fd < 0)
+        throw refuse(fmt::format("cannot open it{}: {}", opts.readonly_fd ? " read-only" : "",
+                                 std::strerror(errno)));
+    try {
+        return detail::map_file_ram(where, name, size, fd, true, opts, fmt::format("'{}'", path));
+    } catch (...) {
+        if (!created.empty()) ::unlink(created.c_str());
+        throw;
+    }
+}
 
 inline void memory_region::check_size(std::string_view name, u128 size) {
     if (size > u128_2_64)
@@ -574,15 +969,32 @@ inline void memory_region::check_size(std::string_view name, u128 size) {
 
 inline memory_region::memory_region(const init_args& a)
     : name_(a.name), owner_(a.where.owner()), counted_(a.where.owner() != nullptr), kind_(a.kind),
-      size_(a.size), backing_size_(a.size), priority_(a.priority), callbacks_(a.callbacks),
-      fd_(a.fd), fd_offset_(a.fd_offset), fd_shared_(a.shared) {
+      size_(a.size), backing_size_(a.backing != 0 ? a.backing : a.size), priority_(a.priority),
+      callbacks_(a.callbacks), host_writable_(a.host_writable), fd_(a.fd), fd_offset_(a.fd_offset),
+      backing_may_shrink_(a.backing_may_shrink), page_size_(detail::host_page_size()) {
     check_size(a.name, a.size);
-    if (kind_ == region_kind::rom) readonly_.store(true, std::memory_order_relaxed);
+    if (kind_ == region_kind::rom || a.readonly) readonly_.store(true, std::memory_order_relaxed);
     if (kind_ == region_kind::alias) {
         if (!a.alias) throw region_error(fmt::format("alias region '{}' has no target", a.name));
         alias_ = a.alias;
         alias_offset_ = a.alias_offset;
     }
+    if (a.max_size != 0) {
+        if (a.max_size < a.size)
+            throw region_error(fmt::format("resizeable RAM '{}': size {} is larger than its maximum {}",
+                                           a.name, detail::hex(a.size), detail::hex(a.max_size)));
+        check_size(a.name, a.max_size);
+        resizeable_ = true;
+        resized_ = a.resized;
+        backing_size_ = detail::align_up(a.max_size, page_size_);
+    }
+    if (a.owns_host) {
+        page_size_ = detail::fd_page_size(a.fd);
+        owns_mapping_ = true;
+    }
+    // Memory the region maps itself comes in whole pages; the caller's is
+    // exactly `size` bytes.
+    used_length_ = a.host && !a.owns_host ? size_ : detail::align_up(size_, page_size_);
     if (a.host) host_.store(static_cast<std::byte*>(a.host), std::memory_order_relaxed);
     // QEMU guards MMIO of a device against re-entry, but never RAM, ROM, ROM
     // devices or RAM devices.
@@ -619,7 +1031,8 @@ inline memory_region::~memory_region() {
         memory_region_unref(*std::exchange(alias_, nullptr));
     }
     unmap_backing();
-    delete[] dirty_.exchange(nullptr);
+    for (auto& bits : dirty_) delete[] bits.exchange(nullptr);
+    if (fd_ >= 0) ::close(std::exchange(fd_, -1));
     if (log_) log_->region_unbound(); // may free the system: last
 }
 
@@ -657,40 +1070,152 @@ inline void memory_region::dma_release() noexcept {
         dma_users_.fetch_sub(1, std::memory_order_release); // pairs with check_finalizable's acquire
 }
 
-inline void memory_region::set_dirty_log(bool on) {
-    QOMEM_ASSERT(is_plain_ram(), "dirty logging on '{}', which is not RAM", name_);
-    if (on == dirty_log()) return;
-    if (on) {
-        auto* bits = new std::atomic<std::uint64_t>[(dirty_pages() + 63) / 64];
-        for (std::size_t i = 0; i < (dirty_pages() + 63) / 64; ++i) bits[i].store(0);
-        dirty_.store(bits, std::memory_order_release);
-    } else {
-        // Readers may still be marking: free the bits after they are gone.
-        rcu::retire(dirty_.exchange(nullptr, std::memory_order_acq_rel),
-                    [](void* p) { delete[] static_cast<std::atomic<std::uint64_t>*>(p); });
+inline void memory_region::set_log(bool log, dirty_client client) {
+    const unsigned c = client_index(client);
+    QOMEM_ASSERT(logs_dirty(), "dirty logging on '{}', which is not RAM", name_);
+    QOMEM_ASSERT(log || log_counts_[c] > 0,
+                 "set_log(false) on '{}' for client {} more often than set_log(true)", name_, c);
+    detail::writer_hold w(log_);
+    const std::uint32_t old = log_counts_[c];
+    const std::uint32_t now = log ? old + 1 : old - 1;
+    // The bitmap exists before the mask says the client logs (a failure
+    // changes nothing).
+    if (old == 0 && !dirty_bitmap(c, true)) throw std::bad_alloc();
+    log_counts_[c] = now;
+    if ((old != 0) == (now != 0)) return;
+    const std::uint8_t bit = dirty_mask_of(client);
+    const std::uint8_t mask = log_mask_.load(std::memory_order_relaxed);
+    log_mask_.store(static_cast<std::uint8_t>(log ? mask | bit : mask & ~bit),
+                    std::memory_order_relaxed);
+    if (enabled_) changed_whole();
+}
+
+inline memory_region::dirty_word* memory_region::dirty_bitmap(unsigned client, bool make) const noexcept {
+    dirty_word* bits = dirty_[client].load(std::memory_order_acquire);
+    if (bits || !make || !logs_dirty()) return bits;
+    // Value-initialised: every word 0. Made on first use by whichever thread
+    // marks first; the loser of a race frees its copy.
+    auto* fresh = new (std::nothrow) dirty_word[dirty_words()]();
+    if (!fresh) return nullptr;
+    if (!dirty_[client].compare_exchange_strong(bits, fresh, std::memory_order_acq_rel)) {
+        delete[] fresh;
+        return bits;
     }
-    if (log_) log_->access_changed(); // CPU TLBs store to RAM directly only while logging is off
+    return fresh;
 }
 
-inline void memory_region::mark_dirty_slow(std::atomic<std::uint64_t>* bits, hwaddr offset,
-                                           hwaddr len) const noexcept {
-    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
-    for (u128 page = offset / 4096; page * 4096 < end; ++page)
-        bits[static_cast<std::size_t>(page / 64)].fetch_or(std::uint64_t(1) << (page % 64),
-                                                           std::memory_order_relaxed);
+template <class F>
+void memory_region::for_each_dirty_word(hwaddr offset, hwaddr len, F&& f) const {
+    const u128 end = std::min<u128>(u128(offset) + len, u128(dirty_pages()) * dirty_page_size);
+    if (len == 0 || u128(offset) >= end) return;
+    const u128 first = offset / dirty_page_size;
+    const u128 last = (end - 1) / dirty_page_size; // inclusive
+    for (u128 w = first / 64; w <= last / 64; ++w) {
+        const unsigned lo = w == first / 64 ? static_cast<unsigned>(first % 64) : 0;
+        const unsigned hi = w == last / 64 ? static_cast<unsigned>(last % 64) : 63;
+        const std::uint64_t bits = (hi == 63 ? ~std::uint64_t(0) : (std::uint64_t(1) << (hi + 1)) - 1) &
+                                   ~((std::uint64_t(1) << lo) - 1);
+        f(static_cast<std::size_t>(w), bits);
+    }
 }
 
-inline bool memory_region::test_and_clear_dirty(hwaddr offset, hwaddr len) {
-    rcu::read_guard g; // the bitmap is freed through RCU
-    std::atomic<std::uint64_t>* bits = dirty_.load(std::memory_order_acquire);
-    if (!bits || len == 0) return false;
+inline void memory_region::mark_dirty_slow(std::uint8_t mask, hwaddr offset, hwaddr len) const noexcept {
+    for (unsigned c = 0; c < dirty_client_count; ++c) {
+        if (!(mask >> c & 1)) continue;
+        dirty_word* bits = dirty_bitmap(c, true);
+        if (!bits) continue;
+        for_each_dirty_word(offset, len, [&](std::size_t w, std::uint64_t m) {
+            // A plain load first: a page written again and again stays one
+            // read of a shared cache line, not a locked write per access.
+            if ((bits[w].load(std::memory_order_relaxed) & m) != m)
+                bits[w].fetch_or(m, std::memory_order_relaxed);
+        });
+    }
+}
+
+inline unsigned memory_region::client_index(dirty_client client) const {
+    const auto c = static_cast<unsigned>(client);
+    QOMEM_ASSERT(c < dirty_client_count, "region '{}': no dirty-log client {}", name_, c);
+    return c;
+}
+
+inline bool memory_region::test_and_clear_dirty(hwaddr addr, hwaddr size, dirty_client client) {
+    dirty_word* bits = dirty_bitmap(client_index(client), false);
+    if (!bits) return false;
     bool dirty = false;
-    const u128 end = std::min<u128>(u128(offset) + len, backing_size_);
-    for (u128 page = offset / 4096; page * 4096 < end; ++page) {
-        const std::uint64_t bit = std::uint64_t(1) << (page % 64);
-        if (bits[static_cast<std::size_t>(page / 64)].fetch_and(~bit) & bit) dirty = true;
-    }
+    for_each_dirty_word(addr, size, [&](std::size_t w, std::uint64_t m) {
+        if (bits[w].load(std::memory_order_relaxed) & m)
+            dirty |= (bits[w].fetch_and(~m, std::memory_order_relaxed) & m) != 0;
+    });
     return dirty;
+}
+
+inline bool memory_region::get_dirty(hwaddr addr, hwaddr size, dirty_client client) const {
+    const dirty_word* bits = dirty_bitmap(client_index(client), false);
+    if (!bits) return false;
+    bool dirty = false;
+    for_each_dirty_word(addr, size, [&](std::size_t w, std::uint64_t m) {
+        dirty |= (bits[w].load(std::memory_order_relaxed) & m) != 0;
+    });
+    return dirty;
+}
+
+inline dirty_bitmap_snapshot memory_region::snapshot_and_clear_dirty(hwaddr addr, hwaddr size,
+                                                                     dirty_client client) {
+    QOMEM_ASSERT(logs_dirty(), "snapshot_and_clear_dirty on '{}', which has no RAM to log", name_);
+    const unsigned c = client_index(client);
+    QOMEM_ASSERT(u128(addr) + size <= size_,
+                 "snapshot_and_clear_dirty on '{}': [{:#x}, +{:#x}) is not inside its {} bytes", name_,
+                 addr, size, detail::hex(size_));
+    if (log_) log_->sync_dirty_log(*this);
+    // Whole words, as QEMU: bits are copied 64 pages at a time.
+    constexpr hwaddr word_span = 64 * dirty_page_size;
+    const hwaddr start = addr / word_span * word_span;
+    const u128 limit = u128(dirty_pages()) * dirty_page_size;
+    const u128 want_end = (u128(addr) + size + word_span - 1) / word_span * word_span;
+    const auto end = static_cast<hwaddr>(std::min(want_end, std::max<u128>(limit, start)));
+    std::vector<std::uint64_t> words(static_cast<std::size_t>((end - start + word_span - 1) / word_span));
+    if (dirty_word* bits = dirty_bitmap(c, false))
+        for (std::size_t i = 0; i < words.size(); ++i)
+            words[i] = bits[start / word_span + i].exchange(0, std::memory_order_relaxed);
+    if (log_) log_->after_dirty_log_sync();
+    return dirty_bitmap_snapshot(start, end, std::move(words));
+}
+
+inline void memory_region::clear_dirty_bitmap(hwaddr start, hwaddr len) {
+    if (log_) log_->clear_dirty_log(*this, start, len);
+}
+
+inline void memory_region::ram_resize(u128 new_size) {
+    QOMEM_ASSERT(is_plain_ram(), "ram_resize on '{}', which is not RAM", name_);
+    check_size(name_, new_size);
+    const u128 used = detail::align_up(new_size, page_size_);
+    detail::writer_hold w(log_);
+    if (used == used_length_) {
+        if (new_size != size_) {
+            // Within the used length: host memory is there (mapped in whole
+            // pages, or the caller's: then the used length is its size).
+            apply_size(new_size);
+            if (resized_) resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
+        }
+        return;
+    }
+    if (!resizeable_)
+        throw region_error(fmt::format("RAM '{}' is not resizeable: its used length {} cannot become {}",
+                                       name_, detail::hex(used_length_), detail::hex(used)));
+    if (used > backing_size_)
+        throw region_error(fmt::format("RAM '{}' cannot grow to {}: its maximum is {}", name_,
+                                       detail::hex(used), detail::hex(backing_size_)));
+    // Every client sees the whole new extent as written (QEMU: the contents
+    // must be sent again); the bitmaps exist before anything changes.
+    for (unsigned c = 0; c < dirty_client_count; ++c)
+        if (!dirty_bitmap(c, true)) throw std::bad_alloc();
+    for (unsigned c = 0; c < dirty_client_count; ++c)
+        reset_dirty(0, static_cast<hwaddr>(std::min<u128>(used_length_, ~hwaddr(0))), static_cast<dirty_client>(c));
+    used_length_ = used;
+    mark_dirty_slow(dirty_clients_all, 0, static_cast<hwaddr>(std::min<u128>(used, ~hwaddr(0))));
+    apply_size(new_size);
+    if (resized_) resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
 }
 
 inline void memory_region::unmap_backing() noexcept {
@@ -705,13 +1230,8 @@ inline std::byte* memory_region::host_ptr() const {
         throw region_error(fmt::format("region '{}': cannot back {} bytes of RAM", name_,
                                        detail::hex(backing_size_)));
     const auto len = static_cast<std::size_t>(backing_size_);
-    void* m;
-    if (fd_ >= 0)
-        m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, fd_shared_ ? MAP_SHARED : MAP_PRIVATE, fd_,
-                   static_cast<off_t>(fd_offset_));
-    else
-        m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
     if (m == MAP_FAILED)
         throw region_error(fmt::format("region '{}': mmap of {} bytes failed: {}", name_,
                                        detail::hex(backing_size_), std::strerror(errno)));
@@ -767,7 +1287,8 @@ inline void memory_region::join(detail::topology_log& log) {
         memory_region* m = stack.back();
         stack.pop_back();
         if (m->log_) continue;
-        m->log_ = &log;
+        // Release: a thread marking the region dirty reads it (system_log).
+        std::atomic_ref<detail::topology_log*>(m->log_).store(&log, std::memory_order_release);
         log.region_bound();
         if (m->container_) stack.push_back(m->container_);
         if (m->alias_) stack.push_back(m->alias_);
@@ -819,33 +1340,39 @@ inline void memory_region::del_subregion(memory_region& sub) {
     memory_region_unref(sub);
 }
 
-inline void memory_region::set_enabled(bool enabled) {
+template <class Set>
+void memory_region::change_whole(bool same, Set&& set) {
+    if (same) return;
     detail::writer_hold w(log_);
-    if (enabled == enabled_) return;
-    enabled_ = enabled;
+    set();
     changed_whole();
+}
+
+inline void memory_region::set_enabled(bool enabled) {
+    change_whole(enabled == enabled_, [&] { enabled_ = enabled; });
 }
 
 inline void memory_region::set_readonly(bool readonly) {
-    detail::writer_hold w(log_);
-    if (readonly == readonly_.load(std::memory_order_relaxed)) return;
-    readonly_.store(readonly, std::memory_order_relaxed);
-    changed_whole();
+    QOMEM_ASSERT(readonly || host_writable_,
+                 "region '{}' cannot be made writable: its memory is mapped read-only", name_);
+    change_whole(readonly == this->readonly(),
+                 [&] { readonly_.store(readonly, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_nonvolatile(bool nonvolatile) {
+    change_whole(nonvolatile == nonvolatile_, [&] { nonvolatile_ = nonvolatile; });
+}
+
+inline void memory_region::set_unmergeable(bool unmergeable) {
     detail::writer_hold w(log_);
-    if (nonvolatile == nonvolatile_) return;
-    nonvolatile_ = nonvolatile;
+    if (unmergeable == unmergeable_) return;
+    unmergeable_ = unmergeable;
     changed_whole();
 }
 
 inline void memory_region::set_romd(bool romd) {
     QOMEM_ASSERT(is_rom_device(), "set_romd on '{}', which is not a ROM device", name_);
-    detail::writer_hold w(log_);
-    if (romd == romd_mode_.load(std::memory_order_relaxed)) return;
-    romd_mode_.store(romd, std::memory_order_relaxed);
-    changed_whole();
+    change_whole(romd == romd_mode(), [&] { romd_mode_.store(romd, std::memory_order_relaxed); });
 }
 
 inline void memory_region::set_address(hwaddr addr) {
@@ -869,10 +1396,7 @@ inline void memory_region::set_address(hwaddr addr) {
 
 inline void memory_region::set_alias_offset(hwaddr offset) {
     QOMEM_ASSERT(alias_, "set_alias_offset on '{}', which is not an alias", name_);
-    detail::writer_hold w(log_);
-    if (offset == alias_offset_) return;
-    alias_offset_ = offset;
-    changed_whole();
+    change_whole(offset == alias_offset_, [&] { alias_offset_ = offset; });
 }
 
 inline void memory_region::set_size(u128 size) {
@@ -880,6 +1404,10 @@ inline void memory_region::set_size(u128 size) {
     if (has_host_memory() && size > backing_size_)
         throw region_error(fmt::format("region '{}': cannot grow RAM from {} to {} bytes", name_,
                                        detail::hex(backing_size_), detail::hex(size)));
+    apply_size(size);
+}
+
+inline void memory_region::apply_size(u128 size) {
     detail::writer_hold w(log_);
     if (size == size_) return;
     const u128 old = size_;

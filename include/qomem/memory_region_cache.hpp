@@ -13,8 +13,9 @@
 // init (QEMU's address_space_cache_init) translates [addr, addr + len) once
 // and holds the region it lands in: for memory accessed directly (RAM, and
 // ROM for reading) it keeps a host pointer, extended over contiguous ranges
-// of that region as DMA map does; otherwise (MMIO) the range, whose ops every
-// access then calls. It returns how much it cached (possibly less than asked:
+// of that region as DMA map does; otherwise (MMIO, or a file another process
+// may shrink, copied under a guard) the range, whose rules every access
+// then follows. It returns how much it cached (possibly less than asked:
 // the cache never spans two regions, and MMIO never two ranges); accesses
 // beyond that answer memtx_decode_error. A cache is a snapshot: the region
 // stays cached (and alive) after the map changes, until init or destroy —
@@ -178,7 +179,9 @@ inline hwaddr memory_region_cache::init(address_space& as, hwaddr addr, hwaddr l
     const bool memory_ok = !(attrs.memory && !mr.is_ram());
     const bool reads = memory_ok && fr->reads_direct();
     const bool writes = memory_ok && fr->writes_direct(attrs);
-    std::byte* host = (reads || writes) ? detail::range_host(*fr) : nullptr;
+    // A file another process may shrink is never accessed through a raw
+    // pointer here: access_range copies it under a SIGBUS guard.
+    std::byte* host = (reads || writes) && !mr.backing_may_shrink() ? detail::range_host(*fr) : nullptr;
     u128 done = std::min<u128>(len, fr->end() - addr);
     if (host && (is_write ? writes : reads)) {
         // Extend across following ranges of the same region that continue it

@@ -44,6 +44,7 @@
 // that belongs to it.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstddef>
@@ -60,6 +61,7 @@
 #include <qomem/assert.hpp>
 #include <qomem/detail/topology_log.hpp>
 #include <qomem/detail/view_update.hpp>
+#include <qomem/dirty_log.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/flatten.hpp>
 #include <qomem/fwd.hpp>
@@ -72,6 +74,25 @@ namespace qomem {
 
 namespace detail {
 
+/// A cache on the readers' side (a CPU TLB) that must drop what it holds
+/// whenever the view of its address space is replaced (every commit that
+/// changes it, dirty logging switched included: the view records it). The
+/// writer calls invalidate() after publishing the new view and before
+/// retiring the old one, on its own thread, while the cache's owner may be
+/// using it: invalidate must only make the owner's next access miss (one
+/// atomic store the owner's accesses read anyway).
+class reader_cache {
+public:
+    virtual void invalidate() noexcept = 0;
+
+    /// Links the cache into its address space's slot (view_slot::caches).
+    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>> cache_hook;
+
+protected:
+    reader_cache() = default;
+    ~reader_cache() = default;
+};
+
 /// What the engine keeps of one address space: its root, its current view
 /// (published for readers) and its listeners. A member of address_space.
 struct view_slot {
@@ -83,29 +104,18 @@ struct view_slot {
     /// an RCU read section (see memory_system::publish).
     std::atomic<flat_view*> current{nullptr};
     memory_listener::list_type listeners;
+    /// The CPU TLBs over this address space, invalidated at each publish.
+    /// Registered and removed on their own threads (hence the mutex; the
+    /// writer holds it only to walk the list).
+    std::mutex caches_mutex;
+    boost::intrusive::list<reader_cache,
+                           boost::intrusive::member_hook<reader_cache, decltype(reader_cache::cache_hook),
+                                                         &reader_cache::cache_hook>>
+        caches;
 };
 
 using slot_list = boost::intrusive::list<
     view_slot, boost::intrusive::member_hook<view_slot, decltype(view_slot::hook), &view_slot::hook>>;
-
-/// A cache on the readers' side (a CPU TLB) that must drop what it holds
-/// whenever a view of its memory system is replaced or dirty logging is
-/// switched. The writer calls invalidate() after publishing the new view and
-/// before retiring the old one, on its own thread, while the cache's owner
-/// may be using it: invalidate must only make the owner's next access miss
-/// (one atomic store the owner's accesses read anyway).
-class reader_cache {
-public:
-    virtual void invalidate() noexcept = 0;
-
-protected:
-    reader_cache() = default;
-    ~reader_cache() = default;
-
-private:
-    friend class qomem::memory_system;
-    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>> cache_hook_;
-};
 
 } // namespace detail
 
@@ -152,17 +162,6 @@ public:
         target_big_ = target == std::endian::big;
     }
     bool target_big_endian() const noexcept { return target_big_; }
-
-    // ---- what readers cache ------------------------------------------------
-
-    /// A count that changes (grows) whenever something a reader-side cache
-    /// may hold changes: a flat view of this system is replaced, or dirty
-    /// logging of one of its regions is switched. Bumped after the new view
-    /// is published and before the old one is retired, so a reader that
-    /// still sees the old count inside its read section may still use what
-    /// it cached from the old view. (CPU TLBs are told directly instead:
-    /// see cpu_tlb.) Any thread.
-    const std::atomic<std::uint64_t>& generation() const noexcept { return generation_; }
 
     // ---- the writer role (Lockable; recursive) ----------------------------
 
@@ -216,6 +215,49 @@ public:
     /// How many regions belong to this system.
     std::size_t region_count() const noexcept { return regions_.load(std::memory_order_relaxed); }
 
+    // ---- dirty logging (dirty_log.hpp) -------------------------------------
+
+    /// Starts tracking dirty memory globally for the reasons in `flags`
+    /// (global_dirty::*; QEMU's memory_global_dirty_log_start). When no
+    /// reason was active yet: every listener of the system is told
+    /// log_global_start (in priority order), then every RAM region logs for
+    /// the migration client, and the views are rendered anew (at the commit:
+    /// now, or when the open transaction ends) so listeners hear log_start
+    /// for every range that logs. Requires (asserted): `flags` nonzero and
+    /// within global_dirty::all. Effects: takes the writer role. Throws: what
+    /// a listener's log_global_start throws; the listeners started before it
+    /// are told log_global_stop (in reverse) and nothing else changes.
+    void global_dirty_log_start(unsigned flags);
+    /// Stops tracking for the reasons in `flags` (QEMU's
+    /// memory_global_dirty_log_stop, without its postponing while the VM is
+    /// stopped: qomem has no run state). When none is left: the migration
+    /// client is turned off, the views are rendered anew (listeners hear
+    /// log_stop), then every listener is told log_global_stop in reverse
+    /// priority order. Requires (asserted): every reason in `flags` is
+    /// active. Effects: takes the writer role. Throws: what a listener throws.
+    void global_dirty_log_stop(unsigned flags);
+    /// The reasons global tracking is on for (0: off).
+    unsigned global_dirty_tracking() const noexcept { return global_dirty_; }
+    /// Asks every listener to bring its dirty log in (QEMU's
+    /// memory_global_dirty_log_sync): log_sync for each section of its
+    /// view whose region logs, or log_sync_global(last_stage).
+    /// Effects: takes the writer role. Throws: what a listener throws.
+    void global_dirty_log_sync(bool last_stage = false);
+    /// Tells every listener log_global_after_sync (QEMU's
+    /// memory_global_after_dirty_log_sync): call it after reading bitmaps
+    /// that a sync filled, before reading the memory they mark.
+    void global_after_dirty_log_sync();
+
+    // ---- listeners ------------------------------------------------------------
+
+    /// Calls f(memory_listener&) for every listener of the system, in
+    /// priority order (equal priorities in registration order). Writer only.
+    template <class F>
+    void for_each_listener(F&& f) const {
+        for (const memory_listener& l : listeners_) f(const_cast<memory_listener&>(l));
+    }
+    std::size_t listener_count() const noexcept { return listeners_.size(); }
+
     /// When on (tests), every incrementally updated view is checked against
     /// a full render, and a difference is reported as a failed QOMEM_ASSERT.
     void set_verify_incremental(bool on) noexcept { verify_incremental_ = on; }
@@ -231,7 +273,6 @@ public:
 private:
     friend class address_space;
     friend class memory_region;
-    friend class cpu_tlb;
 
     memory_system() = default;
     ~memory_system();
@@ -254,20 +295,9 @@ private:
         regions_.fetch_sub(1, std::memory_order_relaxed);
         intrusive_ptr_release(this);
     }
-    void access_changed() noexcept override {
-        generation_.fetch_add(1, std::memory_order_seq_cst);
-        std::lock_guard g(caches_mutex_);
-        for (detail::reader_cache& c : caches_) c.invalidate();
-    }
-    /// `c` is invalidated from now on (until removed). Any thread.
-    void add_reader_cache(detail::reader_cache& c) {
-        std::lock_guard g(caches_mutex_);
-        caches_.push_back(c);
-    }
-    void remove_reader_cache(detail::reader_cache& c) noexcept {
-        std::lock_guard g(caches_mutex_);
-        caches_.erase(caches_.iterator_to(c));
-    }
+    void sync_dirty_log(const memory_region& mr) override { sync_dirty(&mr, false); }
+    void clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) override;
+    void after_dirty_log_sync() override { global_after_dirty_log_sync(); }
 
     /// The address space of `slot` joins (leaves) this system. Writer only.
     void add_space(detail::view_slot& slot);
@@ -279,11 +309,30 @@ private:
     /// Renders every address space's view from the recorded windows and
     /// publishes it.
     void render();
-    static void tell_listeners(detail::view_slot& slot, const detail::view_diff& d);
-    /// Publishes `v` as the slot's view (taking a reference), bumps the
-    /// generation and retires the old view (its reference dropped after a
-    /// grace period).
-    void publish(detail::view_slot& slot, flat_view* v);
+    /// Registers `l` to the address space of `slot` and replays its view;
+    /// unregisters it, reporting every range as gone (address_space's
+    /// add_listener / remove_listener).
+    void add_listener(detail::view_slot& slot, memory_listener& l);
+    void remove_listener(detail::view_slot& slot, memory_listener& l);
+    /// log_sync / log_sync_global for the sections of `mr` (all sections
+    /// when null).
+    void sync_dirty(const memory_region* mr, bool last_stage);
+    /// One address space's part of a commit: what its listeners hear.
+    struct slot_update {
+        detail::view_slot* slot;
+        flat_view* next;
+        const detail::view_diff* diff = nullptr; ///< what changes_only listeners hear (null: nothing)
+        const detail::view_diff* full = nullptr; ///< every range, for every_range listeners
+    };
+    /// Tells the listeners one commit: begin to all that hear it, each
+    /// address space's dels and adds (publishing its view after them), then
+    /// commit to all.
+    void tell_and_publish(std::vector<slot_update>& updates);
+    static void tell_slot(const slot_update& u);
+    /// Publishes `v` as the slot's view (taking a reference), invalidates
+    /// the slot's reader caches (CPU TLBs) and retires the old view (its
+    /// reference dropped after a grace period).
+    static void publish(detail::view_slot& slot, flat_view* v);
     void drain_deferred();
     /// The view every address space with no flat-view root shares.
     flat_view* empty_view();
@@ -292,14 +341,6 @@ private:
     std::atomic<std::size_t> regions_{0};
     bool counted_live_ = false; // in live_objects() (every system but the default one)
     bool target_big_ = std::endian::native == std::endian::big;
-    std::atomic<std::uint64_t> generation_{1};
-    // Reader-side caches told about every change (access_changed).
-    std::mutex caches_mutex_;
-    boost::intrusive::list<detail::reader_cache,
-                           boost::intrusive::member_hook<detail::reader_cache,
-                                                         decltype(detail::reader_cache::cache_hook_),
-                                                         &detail::reader_cache::cache_hook_>>
-        caches_;
 
     // The writer role.
     std::mutex writer_mutex_;
@@ -320,6 +361,9 @@ private:
     std::vector<memory_region*> held_until_commit_;
     bool verify_incremental_ = false;
     detail::slot_list slots_;
+    memory_listener::system_list_type listeners_; // every listener, in priority order
+    bool notifying_ = false;                      // listeners are being told something
+    unsigned global_dirty_ = 0;                   // global_dirty::* reasons (writer only)
     ref_ptr<flat_view> empty_;
 
     // Regions handed over by threads that could not take the writer role.
@@ -354,6 +398,27 @@ inline void memory_region_transaction_commit() {
 inline void memory_synchronize() { memory_system::default_system().synchronize(); }
 
 // ---- implementation ---------------------------------------------------------
+
+namespace detail {
+/// Sets a flag for a scope, restoring its previous value afterwards.
+struct flag_scope {
+    bool& flag;
+    bool old;
+    explicit flag_scope(bool& f) noexcept : flag(f), old(f) { flag = true; }
+    ~flag_scope() { flag = old; }
+    flag_scope(const flag_scope&) = delete;
+    flag_scope& operator=(const flag_scope&) = delete;
+};
+
+/// Inserts `l` into `list` after every listener of lower or equal priority
+/// (QEMU's order: ties keep registration order).
+template <class List>
+void insert_by_priority(List& list, memory_listener& l) {
+    auto it = list.begin();
+    while (it != list.end() && it->priority() <= l.priority()) ++it;
+    list.insert(it, l);
+}
+} // namespace detail
 
 inline memory_system::~memory_system() {
     // Nothing uses the system any more: no address space, no region. What
@@ -588,39 +653,244 @@ inline void memory_system::render() {
         }
     }
 
+    // What each address space's listeners hear. A changes_only listener:
+    // the incremental diff when the view changed (or a full one when it was
+    // rendered in full); an every_range listener: a full diff, every commit.
+    std::vector<detail::view_diff> diffs;
+    diffs.reserve(2 * members.size()); // pointers into it stay valid
+    std::vector<slot_update> updates;
+    updates.reserve(members.size());
     for (auto& [slot, gi] : members) {
         group& g = groups[gi];
         flat_view* cur = slot->current.load(std::memory_order_relaxed);
-        if (cur == g.next.get()) continue;
-        if (!slot->listeners.empty()) {
+        slot_update u{slot, g.next.get()};
+        bool every = false;
+        for (const memory_listener& l : slot->listeners)
+            every |= l.nops() == memory_listener::nop_mode::every_range;
+        if (cur != u.next && !slot->listeners.empty()) {
             if (incremental && cur == g.base) {
-                tell_listeners(*slot, g.diff);
+                u.diff = &g.diff;
             } else {
-                detail::view_diff d;
-                d.add(cur->ranges(), g.next->ranges());
-                tell_listeners(*slot, d);
+                diffs.emplace_back().add(cur->ranges(), u.next->ranges());
+                u.diff = u.full = &diffs.back();
             }
         }
-        publish(*slot, g.next.get());
+        if (every && !u.full) {
+            diffs.emplace_back().add(cur->ranges(), u.next->ranges());
+            u.full = &diffs.back();
+        }
+        updates.push_back(u);
+    }
+    tell_and_publish(updates);
+}
+
+inline void memory_system::tell_and_publish(std::vector<slot_update>& updates) {
+    // Who hears this commit.
+    bool anyone = false;
+    for (slot_update& u : updates) {
+        const bool changed = u.diff && u.diff->changes();
+        for (memory_listener& l : u.slot->listeners) {
+            l.told_ = changed || l.nops() == memory_listener::nop_mode::every_range;
+            anyone |= l.told_;
+        }
+    }
+    if (!anyone) {
+        for (slot_update& u : updates)
+            if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
+        return;
+    }
+    detail::flag_scope t(notifying_);
+    for (memory_listener& l : listeners_)
+        if (l.told_) l.begin();
+    for (slot_update& u : updates) {
+        tell_slot(u);
+        if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
+    }
+    for (memory_listener& l : listeners_)
+        if (std::exchange(l.told_, false)) l.commit();
+}
+
+inline void memory_system::tell_slot(const slot_update& u) {
+    auto& ls = u.slot->listeners;
+    const bool changed = u.diff && u.diff->changes();
+    // The sequence told: the full diff if an every_range listener hears it,
+    // else the one changes_only listeners hear.
+    const detail::view_diff* seq = u.full ? u.full : (changed ? u.diff : nullptr);
+    if (!seq) return;
+    // A changes_only listener hears every del and add (the same in both
+    // diffs), and the nops of its own diff only.
+    std::vector<hwaddr> own_nops;
+    if (changed && seq != u.diff)
+        for (const auto& e : u.diff->adds)
+            if (e.nop) own_nops.push_back(e.section.offset_within_address_space);
+    auto hears = [&](const memory_listener& l, const detail::view_diff::entry* nop) {
+        if (!l.told_) return false;
+        if (l.nops() == memory_listener::nop_mode::every_range) return true;
+        if (!changed) return false;
+        if (!nop || seq == u.diff) return true;
+        return std::binary_search(own_nops.begin(), own_nops.end(),
+                                  nop->section.offset_within_address_space);
+    };
+    // Every deletion first, in descending priority; then additions and
+    // nops in address order, in ascending priority (log_stop descending).
+    // Section by section, each told to every listener (QEMU's order).
+    for (const memory_section& s : seq->dels)
+        for (auto it = ls.rbegin(); it != ls.rend(); ++it)
+            if (hears(*it, nullptr)) it->region_del(s);
+    for (const detail::view_diff::entry& e : seq->adds) {
+        if (!e.nop) {
+            for (memory_listener& l : ls)
+                if (hears(l, nullptr)) l.region_add(e.section);
+            continue;
+        }
+        for (memory_listener& l : ls)
+            if (hears(l, &e)) l.region_nop(e.section);
+        if (e.new_mask & ~e.old_mask)
+            for (memory_listener& l : ls)
+                if (hears(l, &e)) l.log_start(e.section, e.old_mask, e.new_mask);
+        if (e.old_mask & ~e.new_mask)
+            for (auto it = ls.rbegin(); it != ls.rend(); ++it)
+                if (hears(*it, &e)) it->log_stop(e.section, e.old_mask, e.new_mask);
     }
 }
 
-inline void memory_system::tell_listeners(detail::view_slot& slot, const detail::view_diff& d) {
-    if (!d.changes()) return;
-    for (memory_listener& l : slot.listeners) l.begin();
-    // Every deletion first, in descending priority; then additions and
-    // unchanged ranges in address order, in ascending priority. Section by
-    // section, each told to every listener (QEMU's order).
-    for (const memory_section& s : d.dels)
-        for (auto it = slot.listeners.rbegin(); it != slot.listeners.rend(); ++it) it->region_del(s);
-    for (const auto& [s, nop] : d.adds)
-        for (memory_listener& l : slot.listeners) {
-            if (nop)
-                l.region_nop(s);
-            else
-                l.region_add(s);
+
+inline void memory_system::add_listener(detail::view_slot& slot, memory_listener& l) {
+    QOMEM_ASSERT(!l.as_, "listener '{}' is already registered to address space '{}'", l.name(),
+                 l.slot_ ? *l.slot_->name : std::string());
+    std::lock_guard w(*this);
+    QOMEM_ASSERT(!notifying_, "listener '{}' registered from inside a listener callback", l.name());
+    detail::insert_by_priority(slot.listeners, l);
+    detail::insert_by_priority(listeners_, l);
+    l.as_ = slot.owner;
+    l.slot_ = &slot;
+    detail::flag_scope t(notifying_);
+    try {
+        // QEMU's listener_add_address_space.
+        l.begin();
+        if (global_dirty_) l.log_global_start();
+        for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
+            const memory_section s = detail::section_of(r);
+            l.region_add(s);
+            if (r.dirty_log_mask) l.log_start(s, 0, r.dirty_log_mask);
         }
-    for (memory_listener& l : slot.listeners) l.commit();
+        l.commit();
+    } catch (...) {
+        // Not registered after all: the listener is left as it was before.
+        slot.listeners.erase(slot.listeners.iterator_to(l));
+        listeners_.erase(listeners_.iterator_to(l));
+        l.as_ = nullptr;
+        l.slot_ = nullptr;
+        throw;
+    }
+}
+
+inline void memory_system::remove_listener(detail::view_slot& slot, memory_listener& l) {
+    QOMEM_ASSERT(l.slot_ == &slot, "listener '{}' is not registered to address space '{}'", l.name(),
+                 *slot.name);
+    std::lock_guard w(*this);
+    QOMEM_ASSERT(!notifying_, "listener '{}' unregistered from inside a listener callback", l.name());
+    struct unlink {
+        memory_system& sys;
+        detail::view_slot& slot;
+        memory_listener& l;
+        ~unlink() { // whatever the callbacks do, the listener is gone afterwards
+            slot.listeners.erase(slot.listeners.iterator_to(l));
+            sys.listeners_.erase(sys.listeners_.iterator_to(l));
+            l.as_ = nullptr;
+            l.slot_ = nullptr;
+        }
+    } u{*this, slot, l};
+    detail::flag_scope t(notifying_);
+    // QEMU's listener_del_address_space.
+    l.begin();
+    for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
+        const memory_section s = detail::section_of(r);
+        if (r.dirty_log_mask) l.log_stop(s, r.dirty_log_mask, 0);
+        l.region_del(s);
+    }
+    l.commit();
+}
+
+inline void memory_system::sync_dirty(const memory_region* mr, bool last_stage) {
+    std::lock_guard w(*this);
+    ref_ptr<memory_system> keep(this);
+    detail::flag_scope t(notifying_);
+    for (memory_listener& l : listeners_) {
+        if (l.sync() == memory_listener::sync_mode::global) {
+            // Nothing finer to do, whatever region was asked for.
+            l.log_sync_global(last_stage);
+            continue;
+        }
+        const ref_ptr<flat_view> v(l.slot_->current.load(std::memory_order_relaxed));
+        for (const flat_range& r : v->ranges())
+            if (r.dirty_log_mask && (!mr || r.mr == mr)) l.log_sync(detail::section_of(r));
+    }
+}
+
+inline void memory_system::global_dirty_log_sync(bool last_stage) { sync_dirty(nullptr, last_stage); }
+
+inline void memory_system::global_after_dirty_log_sync() {
+    std::lock_guard w(*this);
+    detail::flag_scope t(notifying_);
+    for (memory_listener& l : listeners_) l.log_global_after_sync();
+}
+
+inline void memory_system::clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) {
+    std::lock_guard w(*this);
+    detail::flag_scope t(notifying_);
+    const u128 end = u128(start) + len;
+    for (memory_listener& l : listeners_) {
+        const ref_ptr<flat_view> v(l.slot_->current.load(std::memory_order_relaxed));
+        for (const flat_range& r : v->ranges()) {
+            if (!r.dirty_log_mask || r.mr != &mr) continue;
+            // The part of the section inside [start, start + len) of the region.
+            const u128 lo = std::max<u128>(r.offset_in_region, start);
+            const u128 hi = std::min<u128>(u128(r.offset_in_region) + r.size, end);
+            if (lo >= hi) continue;
+            memory_section s = detail::section_of(r);
+            s.offset_within_address_space = static_cast<hwaddr>(r.start + (lo - r.offset_in_region));
+            s.offset_within_region = static_cast<hwaddr>(lo);
+            s.size = hi - lo;
+            l.log_clear(s);
+        }
+    }
+}
+
+inline void memory_system::global_dirty_log_start(unsigned flags) {
+    std::lock_guard w(*this);
+    QOMEM_ASSERT(flags != 0 && (flags & ~global_dirty::all) == 0,
+                 "global_dirty_log_start: bad flags {:#x} (global_dirty::*)", flags);
+    flags &= ~global_dirty_;
+    if (!flags) return;
+    const unsigned old = global_dirty_;
+    global_dirty_ |= flags;
+    if (old != 0) return;
+    // As QEMU: tracking is on (writes log) before the listeners are told;
+    // a listener refusing undoes it.
+    global_log_mask.store(dirty_mask_of(dirty_client::migration), std::memory_order_relaxed);
+    auto it = listeners_.begin();
+    try {
+        for (; it != listeners_.end(); ++it) it->log_global_start();
+    } catch (...) {
+        while (it != listeners_.begin()) (--it)->log_global_stop();
+        global_dirty_ = old;
+        global_log_mask.store(0, std::memory_order_relaxed);
+        throw;
+    }
+    changed_everything(); // every range that logs: log_start
+}
+
+inline void memory_system::global_dirty_log_stop(unsigned flags) {
+    std::lock_guard w(*this);
+    QOMEM_ASSERT(flags != 0 && (flags & ~global_dirty::all) == 0 && (global_dirty_ & flags) == flags,
+                 "global_dirty_log_stop: flags {:#x}, but tracking is on for {:#x}", flags,
+                 global_dirty_);
+    global_dirty_ &= ~flags;
+    if (global_dirty_ != 0) return;
+    global_log_mask.store(0, std::memory_order_relaxed);
+    changed_everything(); // every range that logged: log_stop
+    for (auto it = listeners_.rbegin(); it != listeners_.rend(); ++it) it->log_global_stop();
 }
 
 inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
@@ -629,11 +899,14 @@ inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
     // section (address_space::current); see rcu.hpp for why the reader's
     // epoch announcement is ordered before that load.
     flat_view* old = slot.current.exchange(v, std::memory_order_seq_cst);
-    // After the exchange: a reader seeing the new count sees the new view;
-    // before the retire: one still seeing the old count (or a CPU TLB not
-    // yet invalidated) inside its read section began it before the old view
-    // was retired.
-    access_changed();
+    // After the exchange, before the retire: a TLB that has not yet seen
+    // its invalidation is used only inside a read section that began
+    // before the old view was retired (tlb.hpp argues it), so what its
+    // entries point to outlives them.
+    {
+        std::lock_guard g(slot.caches_mutex);
+        for (detail::reader_cache& c : slot.caches) c.invalidate();
+    }
     if (old) rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
 

@@ -151,35 +151,40 @@ inline void mtree_print_flat(std::string& out, const flat_view& v,
 
 } // namespace detail
 
+namespace detail {
+/// The address spaces grouped by key(as) (a view, or a root), groups in the
+/// order their first member comes.
+template <class Key>
+auto mtree_group(std::span<const address_space* const> spaces, Key key) {
+    using K = decltype(key(*spaces.front()));
+    std::vector<std::pair<K, std::vector<const address_space*>>> groups;
+    for (const address_space* as : spaces) {
+        const K k = key(*as);
+        auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == k; });
+        if (it == groups.end())
+            groups.emplace_back(k, std::vector<const address_space*>{as});
+        else
+            it->second.push_back(as);
+    }
+    return groups;
+}
+} // namespace detail
+
 /// `info mtree` over the given address spaces (in the order given).
 inline std::string info_mtree(std::span<const address_space* const> spaces,
                               const mtree_options& opt = {}) {
     std::string out;
+    if (spaces.empty()) return out;
     if (opt.flatview) {
-        std::vector<std::pair<const flat_view*, std::vector<const address_space*>>> groups;
-        for (const address_space* as : spaces) {
-            const flat_view* v = as->view().get();
-            auto it = std::find_if(groups.begin(), groups.end(),
-                                   [&](const auto& g) { return g.first == v; });
-            if (it == groups.end())
-                groups.emplace_back(v, std::vector<const address_space*>{as});
-            else
-                it->second.push_back(as);
-        }
+        // The views stay alive: each address space holds its current one.
+        const auto groups = detail::mtree_group(
+            spaces, [](const address_space& as) -> const flat_view* { return as.view().get(); });
         for (std::size_t i = 0; i < groups.size(); ++i)
             detail::mtree_print_flat(out, *groups[i].first, groups[i].second, i, opt);
         return out;
     }
-    std::vector<std::pair<const memory_region*, std::vector<const address_space*>>> groups;
-    for (const address_space* as : spaces) {
-        const memory_region* root = &as->root();
-        auto it = std::find_if(groups.begin(), groups.end(),
-                               [&](const auto& g) { return g.first == root; });
-        if (it == groups.end())
-            groups.emplace_back(root, std::vector<const address_space*>{as});
-        else
-            it->second.push_back(as);
-    }
+    auto groups = detail::mtree_group(
+        spaces, [](const address_space& as) -> const memory_region* { return &as.root(); });
     detail::mtree_tree_printer printer(out, opt);
     for (auto& [root, members] : groups) {
         std::stable_sort(members.begin(), members.end(),

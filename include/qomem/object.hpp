@@ -1,32 +1,55 @@
-// qomem/object.hpp — QOM objects: reference counts, child<> and link<>
-// properties, unparent, finalization, canonical paths.
+// qomem/object.hpp — QOM objects: reference counts, properties (child<>,
+// link<> and typed values), unparent, finalization, and paths.
 //
 // Lifetime in one paragraph. A new object starts with one reference, owned by
 // whoever created it (`make<T>()` returns it as a `ref_ptr<T>`). Adding it as a
 // child of another object takes a second reference, held by the parent; the
 // creator usually drops its own afterwards, leaving the parent as sole owner.
 // `unparent(obj)` removes the child property, runs the object's unparent hook
-// and drops the parent's reference. When the last reference goes the object
-// is finalized: its own properties are released first (children unparented,
+// and drops the parent's reference (an object without a parent is left alone,
+// as QEMU's object_unparent does). When the last reference goes the object is
+// finalized: its own properties are released first (children unparented,
 // strong links dropped, newest property first), then its destructors run from
 // leaf to root, then its free hook deallocates it (no free hook for an object
 // living inside another, see `embedded<T>`).
 //
-//     auto root = qomem::make<qomem::container>();       // ref 1: root handle
+//     auto root = qomem::container::make_root();       // ref 1: root handle
 //     auto dev  = qomem::make<my_device>();              // ref 1: dev handle
 //     root->add_child("dev[*]", *dev);                   // ref 2: + parent's
 //     dev.reset();                                       // ref 1: parent's only
 //     qomem::unparent(*root->child("dev[0]"));           // ref 0: finalized
 //
+// Finalization always completes. A property released during finalization
+// stays findable until the finalization ends (a hook may delete it again:
+// that is a no-op, QEMU's "delchild" case, in whatever order the properties
+// were added); an unparent hook that throws while its parent is being
+// finalized does not stop it: the rest of the properties are released, the
+// destructors and the free hook run, and the first exception is then handed
+// to the finalization error handler (set_finalization_error_handler; by
+// default it is printed to stderr). Finalization never throws, so dropping a
+// reference from a destructor (a ref_ptr's) is always safe. Outside
+// finalization, `unparent(obj)` and `delete_property(name)` complete the
+// removal even when obj's hook throws, and then rethrow the hook's exception.
+//
+// Typed properties (property.hpp) are got, set, parsed and printed by name,
+// whether the class declared them or the object added them; iterating an
+// object's properties reports each one's QEMU type name ("bool", "size",
+// "child<container>", "link<device>", ...). Paths resolve as QEMU's
+// object_resolve_path does: absolute, partial (a unique suffix, with an
+// ambiguity flag), typed, relative to an object, through links — in the tree
+// of whatever object they start from, rooted or not.
+//
 // Thread-safety: reference counts are atomic (ref relaxed, unref acq_rel), so
 // references may be taken and dropped from any thread. The property graph
-// (children, links, parents) is mutated by one thread at a time, as under
-// QEMU's big lock.
+// (children, links, parents, values) is mutated by one thread at a time, as
+// under QEMU's big lock.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -43,6 +66,7 @@
 
 #include <qomem/assert.hpp>
 #include <qomem/error.hpp>
+#include <qomem/property.hpp>
 #include <qomem/type.hpp>
 
 namespace qomem {
@@ -71,6 +95,46 @@ protected:
 /// Installs the observer (null: none) and returns the previous one.
 lifetime_observer* set_lifetime_observer(lifetime_observer* obs) noexcept;
 
+/// An exception that a hook threw while an object was being finalized (see
+/// the header overview): finalization went on, and reports it afterwards.
+struct finalization_error {
+    std::string_view type;     ///< the type name of the object whose finalization caught it
+    std::exception_ptr error;  ///< the first exception caught during that finalization
+};
+
+/// Receives finalization errors, after the object is freed. Must not throw.
+using finalization_error_handler = void (*)(const finalization_error&) noexcept;
+
+/// The default handler: one line on stderr.
+inline void default_finalization_error_handler(const finalization_error& e) noexcept {
+    std::string what = "an exception that is not a std::exception";
+    try {
+        std::rethrow_exception(e.error);
+    } catch (const std::exception& x) {
+        what = x.what();
+    } catch (...) {
+    }
+    std::fprintf(stderr, "qomem: a hook threw while a %.*s was being finalized (finalization "
+                 "completed): %s\n", static_cast<int>(e.type.size()), e.type.data(), what.c_str());
+}
+
+/// Installs `handler` (null: the default) and returns the previous one.
+/// Thread-safe.
+finalization_error_handler set_finalization_error_handler(finalization_error_handler handler) noexcept;
+
+/// Installs a finalization error handler for its lifetime (RAII for tests).
+class scoped_finalization_error_handler {
+public:
+    explicit scoped_finalization_error_handler(finalization_error_handler h) noexcept
+        : previous_(set_finalization_error_handler(h)) {}
+    ~scoped_finalization_error_handler() { set_finalization_error_handler(previous_); }
+    scoped_finalization_error_handler(const scoped_finalization_error_handler&) = delete;
+    scoped_finalization_error_handler& operator=(const scoped_finalization_error_handler&) = delete;
+
+private:
+    finalization_error_handler previous_;
+};
+
 /// Live-object accounting, a debug aid: how many objects of each type exist
 /// now (types with none are omitted). Thread-safe.
 std::map<std::string, std::size_t, std::less<>> live_objects();
@@ -82,17 +146,26 @@ enum class link_strength : std::uint8_t {
     strong, ///< the link holds a reference to its target while it points to it
 };
 
+namespace detail {
+template <class T>
+void complete_init(T& obj);
+} // namespace detail
+
 /// Base of every QOM object type.
 class object {
 public:
+    using qomem_declared_type = object;
     using parent_type = void;
     using interface_types = detail::type_list<>;
     using class_type = object_class;
+    static constexpr bool qomem_abstract = true;
     static constexpr std::string_view type_name = "object";
     static constexpr const type_info& static_type() noexcept {
         return detail::type_holder<object>::info;
     }
     virtual const type_info& type() const noexcept { return static_type(); }
+    /// The class object of this object's type (QEMU's object_get_class).
+    const object_class& get_class() const { return type().class_fn(); }
 
     object(const object&) = delete;
     object& operator=(const object&) = delete;
@@ -115,7 +188,9 @@ public:
     /// a memory region is finalized by its memory system's writer).
     /// Requires (asserted): the count is not already zero; the last reference
     /// is not being dropped while the object still has a parent (the parent's
-    /// own reference would then be unbalanced). On a failed check nothing changes.
+    /// own reference would then be unbalanced). On a failed check nothing
+    /// changes. Throws: only through the assertion handler (finalization
+    /// itself never throws).
     void unref() {
         if (drop_ref()) [[unlikely]]
             last_reference_dropped();
@@ -138,7 +213,8 @@ public:
     /// of its ancestors.
     /// Effects: takes a reference to `child` (held by this object) and sets its
     /// parent. Returns the name actually used.
-    /// Throws: property_error if a property of that name exists (nothing changed).
+    /// Throws: property_error if a property of that name exists, an instance
+    /// or a class one (nothing changed).
     /// Complexity: O(1) average, plus the numbering probe for "[*]".
     std::string_view add_child(std::string_view name, object& child);
 
@@ -150,12 +226,14 @@ public:
     template <class F>
     void for_each_child(F&& f) const {
         for (const property& p : props_)
-            if (p.kind == property_kind::child) f(*p.target);
+            if (p.kind == role::child) f(*p.target);
     }
 
-    /// Adds a link property `name` pointing to `target` (may be null).
+    /// Adds a link property `name` pointing to `target` (may be null), whose
+    /// targets must be of `target_type` (an object type or an interface).
     /// Effects: a strong link takes a reference to `target`.
-    /// Throws: property_error if the name is taken (nothing changed).
+    /// Throws: property_error if the name is taken or `target` is not of
+    /// `target_type` (nothing changed).
     void add_link(std::string_view name, object* target, link_strength strength,
                   const type_info& target_type = object::static_type());
 
@@ -166,10 +244,13 @@ public:
     /// link's type (nothing changed).
     void set_link(std::string_view name, object* target);
 
-    /// Points link `name` at the object at canonical path `path` (checked
-    /// against the link's type, like QEMU's link setter).
-    /// Throws: path_error if the path does not resolve or names an object of
-    /// the wrong type; property_error if there is no such link.
+    /// Points link `name` at the object `path` names, resolved as QEMU's link
+    /// setter does: in this object's tree, absolute or partial, typed with the
+    /// link's type; "" empties the link.
+    /// Effects: as set_link.
+    /// Throws: property_error if there is no such link; path_error if the path
+    /// names nothing, names several objects (a partial path), or names an
+    /// object of the wrong type (nothing changed in each case).
     void set_link_path(std::string_view name, std::string_view path);
 
     /// The target of link `name` (null if the link is empty or absent).
@@ -179,29 +260,106 @@ public:
     template <class F>
     void for_each_link(F&& f) const {
         for (const property& p : props_)
-            if (p.kind == property_kind::link) f(std::string_view(p.name), p.target, p.strength);
+            if (p.kind == role::link) f(std::string_view(p.name), p.target, p.strength);
     }
 
-    /// True if a property (child or link) called `name` exists.
-    bool has_property(std::string_view name) const noexcept { return find(name) != nullptr; }
+    /// True if a property called `name` exists: a child, a link, a typed
+    /// property of this object or of its class.
+    bool has_property(std::string_view name) const noexcept;
 
-    /// Deletes property `name` and releases it: a child is unparented (its
-    /// unparent hook runs, then this object's reference to it is dropped, which
-    /// may finalize it); a strong link drops its reference.
-    /// Throws: property_error if there is no such property (nothing changed).
+    /// Deletes this object's property `name` and releases it: a child is
+    /// unparented (its unparent hook runs, then this object's reference to it
+    /// is dropped, which may finalize it); a strong link drops its reference.
+    /// A property already released by this object's finalization is removed
+    /// without being released again.
+    /// Throws: property_error if there is no such property or it belongs to
+    /// the class (nothing changed); what the child's unparent hook throws,
+    /// after the removal completed.
     void delete_property(std::string_view name);
 
     /// "/machine/peripheral/dev0" when the object's topmost ancestor is a root
     /// container (see container::make_root); std::nullopt otherwise.
     std::optional<std::string> canonical_path() const;
 
+    /// The path from the topmost ancestor ("/" for that ancestor itself): the
+    /// canonical path in a rooted tree, and the path that resolve_path and
+    /// set_link_path accept in any tree.
+    std::string path_in_tree() const;
+
     /// The object at absolute `path` in the tree this object belongs to (the
-    /// tree of its topmost ancestor), or null.
+    /// tree of its topmost ancestor), following child and link properties,
+    /// or null. (For partial, typed and relative paths see the free
+    /// functions resolve_path, resolve_path_type and resolve_path_at.)
     object* resolve_path(std::string_view path) const noexcept;
 
     /// The topmost ancestor (this object if it has no parent).
     const object& tree_root() const noexcept;
     object& tree_root() noexcept;
+
+    // ---- typed properties (property.hpp) --------------------------------------
+
+    /// Adds a typed property to this object alone (QEMU's
+    /// object_property_add_*), and applies its default if it has one.
+    /// Requires (asserted): `def` works on this object's type (or an ancestor).
+    /// Effects: the setter runs once for the default. References: none.
+    /// Throws: property_error if the name is taken by an instance or class
+    /// property; what the setter throws for the default (nothing changed).
+    /// Complexity: O(1) average plus a scan of the class's properties (as
+    /// every lookup by name that misses the object's own properties).
+    void add_property(property_def def);
+
+    /// What iteration reports for property `name`, or nullopt if none.
+    std::optional<property_info> find_property(std::string_view name) const;
+
+    /// Calls f(const property_info&) for each property: the class's (root
+    /// type's first, each class's in the order added), then the object's own
+    /// (oldest first: children, links and typed properties).
+    template <class F>
+    void for_each_property(F&& f) const {
+        for (const property_def& d : get_class().properties()) f(d.info(true));
+        for (const property& p : props_) f(info_of(p));
+    }
+
+    /// Sets the description of this object's own property `name` (QEMU's
+    /// object_property_set_description). Throws: property_error if it has
+    /// no such property of its own.
+    void set_property_description(std::string_view name, std::string text);
+
+    /// Typed getters. get_int: signed integers; get_uint: unsigned integers
+    /// and sizes; get_str: strings, an enum's value name, a link's target
+    /// path ("" when empty) and a child's path; get_enum: the value index of
+    /// an enumeration whose type name is `enum_type`.
+    /// Throws: property_error when there is no such property or it is of
+    /// another type (for get_enum, another enum type).
+    bool get_bool(std::string_view name) const;
+    std::int64_t get_int(std::string_view name) const;
+    std::uint64_t get_uint(std::string_view name) const;
+    std::string get_str(std::string_view name) const;
+    int get_enum(std::string_view name, std::string_view enum_type) const;
+
+    /// Typed setters, each checked before the setter runs. set_str also sets
+    /// an enumeration by value name and a link by path (as set_link_path).
+    /// Effects: the property's setter (for a link: set_link's references;
+    /// for "realized": realize or unrealize).
+    /// Throws: property_error when there is no such property, it is read-only
+    /// or of another type; property_value_error for a value out of range or
+    /// an unknown enum value; path_error as set_link_path; what the setter
+    /// throws (a refused realize, say). Nothing changed on a refusal.
+    /// Complexity: a lookup by name (see add_property) plus the setter.
+    void set_bool(std::string_view name, bool value);
+    void set_int(std::string_view name, std::int64_t value);
+    void set_uint(std::string_view name, std::uint64_t value);
+    void set_str(std::string_view name, std::string_view value);
+
+    /// Sets property `name` from text (QEMU's object_property_parse): see
+    /// property.hpp for each type's syntax; a link takes a path.
+    /// Throws: as the setters; property_value_error names the property and
+    /// the text.
+    void parse_property(std::string_view name, std::string_view text);
+
+    /// Property `name` as text (QEMU's object_property_print); what
+    /// parse_property reads back. Throws: property_error if there is none.
+    std::string print_property(std::string_view name) const;
 
 protected:
     object() noexcept = default;
@@ -214,14 +372,17 @@ protected:
     /// while parent() is still set. Overriders call the base version.
     virtual void on_unparent() {}
 
+
 public:
     /// True for children that leave the tree together with their owner: a
     /// device's unparent hook unparents every child for which this is true
     /// (memory regions, see memory_region.hpp).
     virtual bool follows_owner_out_of_tree() const noexcept { return false; }
 
-protected:
+    /// The "type" class property every object has (QEMU's).
+    static void class_init(object_class& k, type_tag<object>);
 
+protected:
     /// Something to do after the object's storage has been released (QEMU's
     /// `free` hook replaced by a type, e.g. a memory region dropping the
     /// reference it holds on its owner). Queried just before the destructors
@@ -246,6 +407,8 @@ protected:
             ref_.fetch_add(1, std::memory_order_relaxed);
             dead_ref_failure("unref");
         }
+        if (old == 1) [[unlikely]]
+            dropped_ = true;
         return old == 1;
     }
 
@@ -254,9 +417,10 @@ protected:
     /// count put back to one meanwhile: a failed check leaves the object
     /// alive with that one reference, returned to the caller.
     void check_dropped() {
-        QOMEM_ASSERT(ref_.load(std::memory_order_relaxed) == 0,
-                     "check_dropped on {} at {}, which still has {} reference(s)", type().name,
-                     static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
+        QOMEM_ASSERT(dropped_ && ref_.load(std::memory_order_relaxed) == 0,
+                     "check_dropped on {} at {} whose last reference drop_ref() did not drop "
+                     "(count {})",
+                     type().name, static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
         ref_.store(1, std::memory_order_relaxed);
         check_last_unref();
         ref_.store(0, std::memory_order_relaxed);
@@ -264,8 +428,11 @@ protected:
 
     /// Finalizes an object whose last reference drop_ref() dropped: the
     /// checks of check_dropped(), then finalization.
+    /// Requires (asserted): drop_ref() returned true for this object and it
+    /// has not been finalized since.
     void finalize_dropped() {
         check_dropped();
+        dropped_ = false;
         finalize();
     }
 
@@ -280,21 +447,35 @@ protected:
 
 private:
     template <class T, class... Args>
+        requires ObjectType<T> && (!T::qomem_abstract)
     friend ref_ptr<T> make(Args&&... args);
-    template <class T>
+    template <ObjectType T>
     friend class embedded;
     friend void unparent(object& obj);
+    friend struct detail::type_hooks;
 
-    enum class property_kind : std::uint8_t { child, link };
+    enum class role : std::uint8_t { child, link, value };
     struct property {
-        boost::intrusive::list_member_hook<
-            boost::intrusive::link_mode<boost::intrusive::safe_link>>
+        // normal_link: Boost's safe_link checks are BOOST_ASSERTs, which
+        // -DNDEBUG removes; `linked` is our own check, never compiled out.
+        boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>
             hook;
-        std::string name;
-        property_kind kind;
+        bool linked = false;
+        bool released = false; // by the owner's finalization, kept findable until it ends
+        role kind = role::value;
         link_strength strength = link_strength::weak;
+        std::string name;
+        std::string description;
         object* target = nullptr;
         const type_info* target_type = nullptr; // links only
+        std::unique_ptr<property_def> def;      // typed properties only
+
+        property() = default;
+        property(const property&) = delete;
+        property& operator=(const property&) = delete;
+        ~property() {
+            QOMEM_ASSERT(!linked, "property '{}' destroyed while still in its object's list", name);
+        }
     };
     using property_list = boost::intrusive::list<
         property, boost::intrusive::member_hook<property, decltype(property::hook),
@@ -304,18 +485,33 @@ private:
         auto it = index_.find(name);
         return it == index_.end() ? nullptr : it->second;
     }
+    /// A property that has not been released (what getters see).
+    property* find_live(std::string_view name) const noexcept {
+        property* p = find(name);
+        return p && !p->released ? p : nullptr;
+    }
+    const property_def* find_class_property(std::string_view name) const noexcept {
+        return get_class().find_property(name);
+    }
+    /// The typed property `name` (instance or class), or a property_error.
+    const property_def& value_def(std::string_view name) const;
+    property_info info_of(const property& p) const;
     std::string unique_name(std::string_view name) const;
     property& insert(std::unique_ptr<property> p);
     std::unique_ptr<property> remove(property& p) noexcept;
     void release(property& p);
-    void finalize();
+    void set_checked(std::string_view name, const property_value& v);
+    void finalize() noexcept;
     [[noreturn]] void dead_ref_failure(const char* what) const;
     void check_last_unref() const;
 
     std::atomic<std::uint32_t> ref_{1};
+    bool dropped_ = false;      // drop_ref() dropped the last reference; finalize_dropped() due
+    bool unparenting_ = false;  // our unparent hook is running
     object* parent_ = nullptr;
     property* child_prop_ = nullptr; // our property in parent_
-    property_list props_;
+    property_list props_;            // oldest first
+    property_list released_;         // released by finalization, not yet removed
     std::unordered_map<std::string_view, property*> index_;
     void (*free_)(void*) noexcept = nullptr; // deallocates storage; null if embedded
     void* storage_ = nullptr;
@@ -328,7 +524,10 @@ inline void intrusive_ptr_release(object* o) { o->unref(); }
 /// Removes `obj` from its parent: deletes the child property, runs obj's
 /// unparent hook, clears its parent and drops the parent's reference (which
 /// may finalize `obj` and, through its hook, whatever it releases).
-/// Requires (asserted): `obj` has a parent.
+/// An object without a parent — never added, already unparented, or whose
+/// own unparent hook is running — is left alone: QEMU's object_unparent is a
+/// no-op there too, so error paths may unparent unconditionally.
+/// Throws: what obj's unparent hook throws, after the removal completed.
 void unparent(object& obj);
 
 namespace detail {
@@ -357,14 +556,55 @@ inline std::atomic<lifetime_observer*>& observer_slot() noexcept {
     return slot;
 }
 
+inline std::atomic<finalization_error_handler>& finalization_handler_slot() noexcept {
+    static std::atomic<finalization_error_handler> slot{&default_finalization_error_handler};
+    return slot;
+}
+
 template <class T>
 void free_storage(void* p) noexcept {
     ::operator delete(p, std::align_val_t{alignof(T)});
 }
+
+/// QEMU's id_wellformed (device and object ids): a letter, then letters,
+/// digits, '-', '.', '_'.
+inline bool id_wellformed(std::string_view id) noexcept {
+    auto alpha = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+    if (id.empty() || !alpha(id.front())) return false;
+    for (char c : id)
+        if (!alpha(c) && !(c >= '0' && c <= '9') && c != '-' && c != '.' && c != '_') return false;
+    return true;
+}
+
+/// Runs each step, keeps the first exception, and rethrows it at the end:
+/// for hooks that must finish their work even when one step throws.
+class first_error {
+public:
+    template <class F>
+    void run(F&& f) noexcept {
+        try {
+            f();
+        } catch (...) {
+            if (!error_) error_ = std::current_exception();
+        }
+    }
+    void rethrow() const {
+        if (error_) std::rethrow_exception(error_);
+    }
+
+private:
+    std::exception_ptr error_;
+};
 } // namespace detail
 
 inline lifetime_observer* set_lifetime_observer(lifetime_observer* obs) noexcept {
     return detail::observer_slot().exchange(obs, std::memory_order_acq_rel);
+}
+
+inline finalization_error_handler set_finalization_error_handler(
+    finalization_error_handler handler) noexcept {
+    return detail::finalization_handler_slot().exchange(
+        handler ? handler : &default_finalization_error_handler, std::memory_order_acq_rel);
 }
 
 inline std::map<std::string, std::size_t, std::less<>> live_objects() {
@@ -380,13 +620,15 @@ inline std::size_t live_object_count() {
 }
 
 /// Creates a T on the heap (QEMU's object_new): constructors run root to leaf;
-/// the result holds the creation reference; the free hook deallocates.
+/// then the class properties' defaults are applied and the instance_post_init
+/// hooks run, leaf to root. The result holds the creation reference; the free
+/// hook deallocates.
+/// Requires (compile time): T is declared with QOMEM_OBJECT (not abstract).
+/// Throws: what a constructor, a default's setter or a post-init hook throws;
+/// the object is then finalized (or, for a constructor, never was one).
 template <class T, class... Args>
+    requires ObjectType<T> && (!T::qomem_abstract)
 ref_ptr<T> make(Args&&... args) {
-    static_assert(std::is_base_of_v<object, T>, "qomem::make<T>: T must derive from qomem::object");
-    static_assert(std::is_same_v<typename T::parent_type, void> ||
-                      std::is_same_v<decltype(T::type_name), decltype(object::type_name)>,
-                  "declare T with QOMEM_OBJECT");
     void* mem = ::operator new(sizeof(T), std::align_val_t{alignof(T)});
     T* obj;
     try {
@@ -399,7 +641,14 @@ ref_ptr<T> make(Args&&... args) {
     base->free_ = &detail::free_storage<T>;
     base->storage_ = mem;
     detail::live_registry::get().add(T::type_name);
-    return ref_ptr<T>(obj, false);
+    ref_ptr<T> r(obj, false);
+    detail::complete_init(*obj); // on a throw, r's release finalizes it
+    return r;
+}
+
+template <class T>
+object* detail::create_instance() {
+    return make<T>().detach();
 }
 
 /// Storage for an object living inside another (QEMU's object_initialize on a
@@ -407,8 +656,10 @@ ref_ptr<T> make(Args&&... args) {
 /// free hook: finalization runs its destructors and leaves the storage.
 /// Requires (asserted): the embedded object has been finalized (or was never
 /// initialised) when the storage is destroyed.
-template <class T>
+template <ObjectType T>
 class embedded {
+    static_assert(!T::qomem_abstract, "embedded<T>: T is an abstract type");
+
 public:
     embedded() noexcept = default;
     embedded(const embedded&) = delete;
@@ -418,8 +669,10 @@ public:
                      T::type_name, get().ref_count());
     }
 
-    /// Constructs the object in place with one reference (the caller's).
+    /// Constructs the object in place with one reference (the caller's),
+    /// then applies class defaults and runs the post-init hooks, as make<T>.
     /// Requires (asserted): not already initialised and alive.
+    /// Throws: as make<T>; the object is then finalized.
     template <class... Args>
     T& init(Args&&... args) {
         QOMEM_ASSERT(!live_, "embedded {} initialised twice", T::type_name);
@@ -428,6 +681,12 @@ public:
         static_cast<object*>(obj)->free_ = &embedded::mark_dead;
         live_ = true;
         detail::live_registry::get().add(T::type_name);
+        try {
+            detail::complete_init(*obj);
+        } catch (...) {
+            obj->unref();
+            throw;
+        }
         return *obj;
     }
     T& get() noexcept { return *std::launder(reinterpret_cast<T*>(buf_)); }
@@ -467,7 +726,7 @@ private:
 
 /// QEMU's object_dynamic_cast: `obj` as a T (an object type or an interface),
 /// or null when it is not one.
-template <class T>
+template <QomType T>
 T* dynamic_cast_to(object* obj) noexcept {
     if (!obj) return nullptr;
     const type_info& t = T::static_type();
@@ -478,39 +737,105 @@ T* dynamic_cast_to(object* obj) noexcept {
         return e ? static_cast<T*>(e->cast(obj)) : nullptr;
     }
 }
-template <class T>
+template <QomType T>
 const T* dynamic_cast_to(const object* obj) noexcept {
     return dynamic_cast_to<T>(const_cast<object*>(obj));
 }
 
 /// QEMU's OBJECT_CHECK, always checked: a mismatch is reported as misuse
 /// through the assertion handler.
-template <class T>
+template <QomType T>
 T& cast(object& obj) {
     T* r = dynamic_cast_to<T>(&obj);
     QOMEM_ASSERT(r, "object {} of type {} is not an instance of type {}",
                  static_cast<const void*>(&obj), obj.type().name, T::type_name);
     return *r;
 }
-template <class T>
+template <QomType T>
 const T& cast(const object& obj) {
     return cast<T>(const_cast<object&>(obj));
 }
 
+/// The class object of interface I for `obj`'s type (QEMU's
+/// INTERFACE_GET_CLASS), or null if its type does not implement I.
+template <InterfaceType I>
+const auto* interface_class_of(const object& obj) {
+    return interface_class_of<I>(obj.get_class());
+}
+
+// ---- paths (QEMU's object_resolve_path family) ----------------------------------
+
+/// The object that property `part` of `parent` leads to: a child, or a
+/// link's target (null for an empty link); null for anything else.
+object* resolve_path_component(const object& parent, std::string_view part) noexcept;
+
+/// QEMU's object_resolve_path_type, in the tree of `in_tree` (from its
+/// topmost ancestor, rooted or not). An absolute path ("/a/b", empty parts
+/// skipped) follows children and links from the top and names the object if
+/// it is of `type`. Any other path is partial: it names the object of `type`
+/// that the path reaches from some object of the tree; "" names every object
+/// of `type`. When several objects match (also one object reached twice,
+/// through a child and through a link, as in QEMU) the result is null and
+/// `*ambiguous` is set; it is cleared otherwise.
+/// Complexity: O(depth of the path) absolute; O(objects in the tree × depth)
+/// partial.
+object* resolve_path_type(const object& in_tree, std::string_view path, const type_info& type,
+                          bool* ambiguous = nullptr);
+template <QomType T>
+T* resolve_path_type(const object& in_tree, std::string_view path, bool* ambiguous = nullptr) {
+    return dynamic_cast_to<T>(resolve_path_type(in_tree, path, T::static_type(), ambiguous));
+}
+
+/// QEMU's object_resolve_path: resolve_path_type for any object type.
+object* resolve_path(const object& in_tree, std::string_view path, bool* ambiguous = nullptr);
+
+/// QEMU's object_resolve_path_at: `path` relative to `from` ("a/b" follows
+/// properties of `from`), or absolute in from's tree when it starts with '/'.
+/// No partial matching. Null when it names nothing.
+object* resolve_path_at(const object& from, std::string_view path) noexcept;
+
 // ---- implementation ---------------------------------------------------------
+
+namespace detail {
+/// The rest of QEMU's object_initialize after instance_init: class property
+/// defaults, then instance_post_init leaf to root. On a throw, an object
+/// that a hook parented is unparented again, so the creation reference is
+/// the last one.
+template <class T>
+void complete_init(T& obj) {
+    try {
+        for (const property_def& d : class_of<T>().properties())
+            if (d.default_value() && d.writable()) d.set(obj, *d.default_value());
+        type_hooks::post_init<T>(obj);
+    } catch (...) {
+        try {
+            unparent(obj);
+        } catch (...) {
+        }
+        throw;
+    }
+}
+} // namespace detail
+
+inline void object::class_init(object_class& k, type_tag<object>) {
+    k.add_property(string_property<object>(
+                       "type", [](const object& o) { return std::string(o.type().name); })
+                       .describe("the object's type name"));
+}
 
 inline object::~object() {
     // finalize() has released every property; an object destroyed any other
     // way (e.g. on the stack) is a misuse we cannot report from a destructor,
-    // so drop what is left to keep the intrusive hooks consistent.
+    // so drop what is left to keep the lists consistent.
+    while (!released_.empty()) remove(released_.back());
     while (!props_.empty()) {
         auto owned = remove(props_.back());
         object* t = owned->target;
-        if (owned->kind == property_kind::child) {
+        if (owned->kind == role::child) {
             t->parent_ = nullptr;
             t->child_prop_ = nullptr;
             t->unref();
-        } else if (owned->strength == link_strength::strong && t) {
+        } else if (owned->kind == role::link && owned->strength == link_strength::strong && t) {
             t->unref();
         }
     }
@@ -527,23 +852,27 @@ inline std::string object::unique_name(std::string_view name) const {
     const std::string_view stem = name.substr(0, name.size() - star.size());
     for (std::size_t i = 0;; ++i) {
         std::string candidate = fmt::format("{}[{}]", stem, i);
-        if (!find(candidate)) return candidate;
+        if (!find(candidate) && !find_class_property(candidate)) return candidate;
     }
 }
 
 inline object::property& object::insert(std::unique_ptr<property> p) {
-    if (find(p->name))
+    if (find(p->name) || find_class_property(p->name))
         throw property_error(fmt::format("object of type {} already has a property named '{}'",
                                          type().name, p->name));
+    QOMEM_ASSERT(!p->linked, "property '{}' inserted twice", p->name);
     property& ref = *p;
     index_.emplace(std::string_view(ref.name), &ref);
     props_.push_back(*p.release());
+    ref.linked = true;
     return ref;
 }
 
 inline std::unique_ptr<object::property> object::remove(property& p) noexcept {
     index_.erase(std::string_view(p.name));
-    props_.erase(props_.iterator_to(p));
+    property_list& list = p.released ? released_ : props_;
+    list.erase(list.iterator_to(p));
+    p.linked = false;
     return std::unique_ptr<property>(&p);
 }
 
@@ -557,7 +886,7 @@ inline std::string_view object::add_child(std::string_view name, object& child) 
                      child.type().name, name);
     auto p = std::make_unique<property>();
     p->name = unique_name(name);
-    p->kind = property_kind::child;
+    p->kind = role::child;
     p->target = &child;
     child.ref(); // asserts on a dead child: nothing changed yet
     property* inserted = nullptr;
@@ -574,18 +903,30 @@ inline std::string_view object::add_child(std::string_view name, object& child) 
 }
 
 inline object* object::child(std::string_view name) const noexcept {
-    const property* p = find(name);
-    return p && p->kind == property_kind::child ? p->target : nullptr;
+    const property* p = find_live(name);
+    return p && p->kind == role::child ? p->target : nullptr;
 }
+
+namespace detail {
+/// The one link type check: `target` (non-null) may be the target of a link
+/// typed `want`. Returns the refusal message, empty when accepted.
+inline std::string link_refusal(const object& holder, std::string_view link, const object& target,
+                                const type_info& want) {
+    if (target.type().conforms_to(want)) return {};
+    return fmt::format("link '{}' of {} wants a {}, got a {}", link, holder.type().name, want.name,
+                       target.type().name);
+}
+} // namespace detail
 
 inline void object::add_link(std::string_view name, object* target, link_strength strength,
                              const type_info& target_type) {
-    if (target && !target->type().is_a(target_type) && !target->type().find_interface(target_type))
-        throw property_error(fmt::format("link '{}' of {} wants a {}, got a {}", name,
-                                         type().name, target_type.name, target->type().name));
+    if (target) {
+        if (std::string why = detail::link_refusal(*this, name, *target, target_type); !why.empty())
+            throw property_error(why);
+    }
     auto p = std::make_unique<property>();
     p->name = std::string(name);
-    p->kind = property_kind::link;
+    p->kind = role::link;
     p->strength = strength;
     p->target = target;
     p->target_type = &target_type;
@@ -600,13 +941,13 @@ inline void object::add_link(std::string_view name, object* target, link_strengt
 }
 
 inline void object::set_link(std::string_view name, object* target) {
-    property* p = find(name);
-    if (!p || p->kind != property_kind::link)
+    property* p = find_live(name);
+    if (!p || p->kind != role::link)
         throw property_error(fmt::format("{} has no link property named '{}'", type().name, name));
-    if (target && !target->type().is_a(*p->target_type) &&
-        !target->type().find_interface(*p->target_type))
-        throw property_error(fmt::format("link '{}' of {} wants a {}, got a {}", name,
-                                         type().name, p->target_type->name, target->type().name));
+    if (target) {
+        if (std::string why = detail::link_refusal(*this, name, *target, *p->target_type); !why.empty())
+            throw property_error(why);
+    }
     const bool strong = p->strength == link_strength::strong;
     if (strong && target) target->ref(); // asserts on a dead target: nothing changed yet
     object* old = std::exchange(p->target, target);
@@ -614,70 +955,109 @@ inline void object::set_link(std::string_view name, object* target) {
 }
 
 inline void object::set_link_path(std::string_view name, std::string_view path) {
-    object* target = resolve_path(path);
-    if (!target) throw path_error(fmt::format("path '{}' does not resolve", path));
-    const property* p = find(name);
-    if (p && p->kind == property_kind::link && !target->type().is_a(*p->target_type) &&
-        !target->type().find_interface(*p->target_type))
-        throw path_error(fmt::format("path '{}' names a {}, but link '{}' wants a {}", path,
-                                     target->type().name, name, p->target_type->name));
+    const property* p = find_live(name);
+    if (!p || p->kind != role::link)
+        throw property_error(fmt::format("{} has no link property named '{}'", type().name, name));
+    if (path.empty()) {
+        set_link(name, nullptr);
+        return;
+    }
+    bool ambiguous = false;
+    object* target = qomem::resolve_path_type(*this, path, *p->target_type, &ambiguous);
+    if (!target) {
+        if (ambiguous)
+            throw path_error(fmt::format("path '{}' does not uniquely identify an object", path));
+        bool any_ambiguous = false;
+        if (object* other = qomem::resolve_path(*this, path, &any_ambiguous))
+            throw path_error(fmt::format("path '{}' names a {}, but link '{}' wants a {}", path,
+                                         other->type().name, name, p->target_type->name));
+        if (any_ambiguous)
+            throw path_error(fmt::format("path '{}' names no {} for link '{}' (and several other "
+                                         "objects)",
+                                         path, p->target_type->name, name));
+        throw path_error(fmt::format("path '{}' does not resolve", path));
+    }
     set_link(name, target);
 }
 
 inline object* object::link(std::string_view name) const noexcept {
-    const property* p = find(name);
-    return p && p->kind == property_kind::link ? p->target : nullptr;
+    const property* p = find_live(name);
+    return p && p->kind == role::link ? p->target : nullptr;
+}
+
+inline bool object::has_property(std::string_view name) const noexcept {
+    return find_live(name) != nullptr || find_class_property(name) != nullptr;
 }
 
 inline void object::release(property& p) {
-    if (p.kind == property_kind::child) {
+    if (p.kind == role::child) {
         object& child = *p.target;
         if (lifetime_observer* obs = detail::observer_slot().load(std::memory_order_acquire))
             obs->unparenting(child, *this);
+        std::exception_ptr hook_error;
+        child.unparenting_ = true;
         try {
             child.on_unparent();
         } catch (...) {
-            // The property is already gone: finish the removal so the child
-            // is not left pointing at it, then report the hook's failure.
-            child.parent_ = nullptr;
-            child.child_prop_ = nullptr;
-            child.unref();
-            throw;
+            // Finish the removal so the child is not left pointing at a
+            // property that is gone, then report the hook's failure.
+            hook_error = std::current_exception();
         }
+        child.unparenting_ = false;
         child.parent_ = nullptr;
         child.child_prop_ = nullptr;
         child.unref();
-    } else if (p.strength == link_strength::strong && p.target) {
+        if (hook_error) std::rethrow_exception(hook_error);
+    } else if (p.kind == role::link && p.strength == link_strength::strong && p.target) {
         p.target->unref();
     }
 }
 
 inline void object::delete_property(std::string_view name) {
     property* p = find(name);
-    if (!p)
+    if (!p) {
+        if (find_class_property(name))
+            throw property_error(fmt::format("property '{}' belongs to the class {}: it cannot be "
+                                             "deleted from one object",
+                                             name, type().name));
         throw property_error(fmt::format("{} has no property named '{}'", type().name, name));
+    }
+    if (p->released) {
+        remove(*p); // released by our finalization already: nothing more to do
+        return;
+    }
     auto owned = remove(*p);
     release(*owned);
 }
 
 inline void unparent(object& obj) {
-    QOMEM_ASSERT(obj.parent_, "unparent of an orphan: {} at {} has no parent", obj.type().name,
-                 static_cast<const void*>(&obj));
+    if (!obj.parent_ || obj.unparenting_) return; // QEMU's object_unparent checks the parent too
     object& parent = *obj.parent_;
     auto owned = parent.remove(*obj.child_prop_);
     parent.release(*owned);
 }
 
-inline void object::finalize() {
+inline void object::finalize() noexcept {
     if (lifetime_observer* obs = detail::observer_slot().load(std::memory_order_acquire))
         obs->finalizing(*this);
-    // Release newest first, re-reading the list each time: a release may run
-    // hooks that delete other properties of this very object (QEMU's
-    // check-qom-proplist "delchild" case).
+    // Release newest first. A released property stays findable (in
+    // released_) until the end, so a hook may delete it again in any order
+    // (QEMU's check-qom-proplist "delchild" case); one that adds or deletes
+    // unreleased properties is seen by the next turn of the loop. A hook
+    // that throws does not stop the loop.
+    std::exception_ptr first;
     while (!props_.empty()) {
-        auto owned = remove(props_.back());
-        release(*owned);
+        property& p = props_.back();
+        props_.erase(props_.iterator_to(p));
+        released_.push_back(p);
+        p.released = true;
+        try {
+            release(p);
+        } catch (...) {
+            if (!first) first = std::current_exception();
+        }
     }
+    while (!released_.empty()) remove(released_.back());
     QOMEM_ASSERT(!parent_, "finalizing {} while it still has parent {}", type().name,
                  parent_->type().name);
     const after_free_action post = after_free();
@@ -688,6 +1068,8 @@ inline void object::finalize() {
     detail::live_registry::get().remove(dying_type);
     if (free_fn) free_fn(storage);
     if (post.fn) post.fn(post.arg);
+    if (first)
+        detail::finalization_handler_slot().load(std::memory_order_acquire)({dying_type, first});
 }
 
 inline void object::dead_ref_failure(const char* what) const {
@@ -713,11 +1095,8 @@ inline object& object::tree_root() noexcept {
     return const_cast<object&>(static_cast<const object*>(this)->tree_root());
 }
 
-inline std::optional<std::string> object::canonical_path() const {
-    const object& top = tree_root();
-    const auto* root = dynamic_cast_to<container>(&top);
-    if (!root || !root->is_root()) return std::nullopt;
-    if (this == &top) return std::string("/");
+inline std::string object::path_in_tree() const {
+    if (!parent_) return "/";
     std::vector<std::string_view> parts;
     for (const object* o = this; o->parent_; o = o->parent_) parts.push_back(o->name());
     std::string path;
@@ -728,21 +1107,247 @@ inline std::optional<std::string> object::canonical_path() const {
     return path;
 }
 
+inline std::optional<std::string> object::canonical_path() const {
+    const auto* root = dynamic_cast_to<container>(&tree_root());
+    if (!root || !root->is_root()) return std::nullopt;
+    return path_in_tree();
+}
+
 inline object* object::resolve_path(std::string_view path) const noexcept {
     if (path.empty() || path.front() != '/') return nullptr;
-    const object* o = &tree_root();
-    std::size_t pos = 1;
-    while (pos < path.size()) {
-        std::size_t end = path.find('/', pos);
-        if (end == std::string_view::npos) end = path.size();
-        const std::string_view part = path.substr(pos, end - pos);
-        if (!part.empty()) {
-            o = o->child(part);
-            if (!o) return nullptr;
+    return resolve_path_at(*this, path);
+}
+
+// ---- typed properties ------------------------------------------------------------
+
+inline void object::add_property(property_def def) {
+    QOMEM_ASSERT(type().is_a(def.owner_type()), "property '{}' of {} cannot be added to a {}",
+                 def.name(), def.owner_type().name, type().name);
+    auto p = std::make_unique<property>();
+    p->name = def.name();
+    p->kind = role::value;
+    p->def = std::make_unique<property_def>(std::move(def));
+    const property_def& d = *p->def;
+    property& ins = insert(std::move(p));
+    if (d.default_value() && d.writable()) {
+        try {
+            d.set(*this, *d.default_value());
+        } catch (...) {
+            remove(ins); // the unique_ptr drops it: as before the call
+            throw;
         }
-        pos = end + 1;
     }
-    return const_cast<object*>(o);
+}
+
+inline property_info object::info_of(const property& p) const {
+    property_info i;
+    if (p.kind == role::value) {
+        i = p.def->info(false);
+    } else {
+        i.name = p.name;
+        i.kind = p.kind == role::child ? property_kind::child : property_kind::link;
+        i.type = p.kind == role::child
+                     ? fmt::format("child<{}>", p.target->type().name)
+                     : fmt::format("link<{}>", p.target_type->name);
+        i.writable = p.kind == role::link;
+        i.description = p.description;
+    }
+    if (p.kind == role::value && !p.description.empty()) i.description = p.description;
+    return i;
+}
+
+inline std::optional<property_info> object::find_property(std::string_view name) const {
+    if (const property* p = find_live(name)) return info_of(*p);
+    if (const property_def* d = find_class_property(name)) return d->info(true);
+    return std::nullopt;
+}
+
+inline void object::set_property_description(std::string_view name, std::string text) {
+    property* p = find_live(name);
+    if (!p)
+        throw property_error(fmt::format("{} has no property of its own named '{}'", type().name,
+                                         name));
+    p->description = std::move(text);
+}
+
+inline const property_def& object::value_def(std::string_view name) const {
+    if (const property* p = find_live(name)) {
+        if (p->kind == role::value) return *p->def;
+        throw property_error(fmt::format("property '{}' of {} is a {}, not a value", name,
+                                         type().name, info_of(*p).type));
+    }
+    if (const property_def* d = find_class_property(name)) return *d;
+    throw property_error(fmt::format("{} has no property named '{}'", type().name, name));
+}
+
+namespace detail {
+inline property_error wrong_kind(const object& o, std::string_view name, std::string_view type,
+                                 std::string_view wanted) {
+    return property_error(fmt::format("property '{}' of {} is of type {}, not {}", name,
+                                      o.type().name, type, wanted));
+}
+} // namespace detail
+
+inline bool object::get_bool(std::string_view name) const {
+    const property_def& d = value_def(name);
+    if (d.kind() != property_kind::boolean) throw detail::wrong_kind(*this, name, d.type_name(), "bool");
+    return std::get<bool>(d.get(*this));
+}
+
+inline std::int64_t object::get_int(std::string_view name) const {
+    const property_def& d = value_def(name);
+    if (d.kind() != property_kind::signed_integer)
+        throw detail::wrong_kind(*this, name, d.type_name(), "a signed integer");
+    return std::get<std::int64_t>(d.get(*this));
+}
+
+inline std::uint64_t object::get_uint(std::string_view name) const {
+    const property_def& d = value_def(name);
+    if (d.kind() != property_kind::unsigned_integer && d.kind() != property_kind::size)
+        throw detail::wrong_kind(*this, name, d.type_name(), "an unsigned integer or size");
+    return std::get<std::uint64_t>(d.get(*this));
+}
+
+inline std::string object::get_str(std::string_view name) const {
+    if (const property* p = find_live(name); p && p->kind != role::value)
+        return print_property(name);
+    const property_def& d = value_def(name);
+    if (d.kind() != property_kind::string && d.kind() != property_kind::enumeration)
+        throw detail::wrong_kind(*this, name, d.type_name(), "a string");
+    return d.print(d.get(*this));
+}
+
+inline int object::get_enum(std::string_view name, std::string_view enum_type) const {
+    const property_def& d = value_def(name);
+    if (d.kind() != property_kind::enumeration || d.type_name() != enum_type)
+        throw detail::wrong_kind(*this, name, d.type_name(), enum_type);
+    return static_cast<int>(std::get<std::int64_t>(d.get(*this)));
+}
+
+inline void object::set_checked(std::string_view name, const property_value& v) {
+    const property_def& d = value_def(name);
+    if (!d.writable())
+        throw property_error(fmt::format("property '{}' of {} is read-only", name, type().name));
+    d.check(v);
+    d.set(*this, v);
+}
+
+inline void object::set_bool(std::string_view name, bool value) { set_checked(name, value); }
+inline void object::set_int(std::string_view name, std::int64_t value) { set_checked(name, value); }
+inline void object::set_uint(std::string_view name, std::uint64_t value) { set_checked(name, value); }
+
+inline void object::set_str(std::string_view name, std::string_view value) {
+    if (const property* p = find_live(name); p && p->kind != role::value) {
+        parse_property(name, value);
+        return;
+    }
+    const property_def& d = value_def(name);
+    if (d.kind() == property_kind::enumeration) {
+        set_checked(name, d.parse(value));
+        return;
+    }
+    set_checked(name, std::string(value));
+}
+
+inline void object::parse_property(std::string_view name, std::string_view text) {
+    if (const property* p = find_live(name); p && p->kind != role::value) {
+        if (p->kind == role::child)
+            throw property_error(fmt::format("property '{}' of {} is a child<>: read-only", name,
+                                             type().name));
+        set_link_path(name, text);
+        return;
+    }
+    const property_def& d = value_def(name);
+    if (!d.writable())
+        throw property_error(fmt::format("property '{}' of {} is read-only", name, type().name));
+    set_checked(name, d.parse(text));
+}
+
+inline std::string object::print_property(std::string_view name) const {
+    if (const property* p = find_live(name); p && p->kind != role::value)
+        return p->target ? p->target->path_in_tree() : std::string();
+    const property_def& d = value_def(name);
+    return d.print(d.get(*this));
+}
+
+// ---- paths --------------------------------------------------------------------------
+
+namespace detail {
+/// g_strsplit(path, "/"): "" has no parts, "a/" has two.
+inline std::vector<std::string_view> split_path(std::string_view path) {
+    std::vector<std::string_view> parts;
+    if (path.empty()) return parts;
+    std::size_t pos = 0;
+    for (;;) {
+        const std::size_t slash = path.find('/', pos);
+        parts.push_back(path.substr(pos, slash - pos));
+        if (slash == std::string_view::npos) break;
+        pos = slash + 1;
+    }
+    return parts;
+}
+
+inline const object* resolve_absolute(const object* o, std::span<const std::string_view> parts,
+                                      const type_info& type) noexcept {
+    for (std::string_view part : parts) {
+        if (part.empty()) continue;
+        o = resolve_path_component(*o, part);
+        if (!o) return nullptr;
+    }
+    return o->type().conforms_to(type) ? o : nullptr;
+}
+
+inline const object* resolve_partial(const object& node, std::span<const std::string_view> parts,
+                                     const type_info& type, bool& ambiguous) noexcept {
+    const object* found = resolve_absolute(&node, parts, type);
+    const object* result = found;
+    node.for_each_child([&](const object& c) {
+        if (ambiguous) return;
+        if (const object* f = resolve_partial(c, parts, type, ambiguous)) {
+            if (result) {
+                ambiguous = true;
+                return;
+            }
+            result = f;
+        }
+    });
+    return ambiguous ? nullptr : result;
+}
+} // namespace detail
+
+inline object* resolve_path_component(const object& parent, std::string_view part) noexcept {
+    if (object* c = parent.child(part)) return c;
+    return parent.link(part);
+}
+
+inline object* resolve_path_type(const object& in_tree, std::string_view path,
+                                 const type_info& type, bool* ambiguous) {
+    const auto parts = detail::split_path(path);
+    const object& top = in_tree.tree_root();
+    bool ambig = false;
+    const object* found;
+    if (!parts.empty() && parts.front().empty())
+        found = detail::resolve_absolute(&top, std::span(parts).subspan(1), type);
+    else
+        found = detail::resolve_partial(top, parts, type, ambig);
+    if (ambiguous) *ambiguous = ambig;
+    return const_cast<object*>(found);
+}
+
+inline object* resolve_path(const object& in_tree, std::string_view path, bool* ambiguous) {
+    return resolve_path_type(in_tree, path, object::static_type(), ambiguous);
+}
+
+inline object* resolve_path_at(const object& from, std::string_view path) noexcept {
+    try {
+        const auto parts = detail::split_path(path);
+        const object* start = &from;
+        std::span<const std::string_view> rest(parts);
+        if (!path.empty() && path.front() == '/') start = &from.tree_root();
+        return const_cast<object*>(detail::resolve_absolute(start, rest, object::static_type()));
+    } catch (const std::bad_alloc&) {
+        return nullptr;
+    }
 }
 
 } // namespace qomem

@@ -17,26 +17,57 @@
 // Entries. Direct-mapped, `entries` (256) for data and as many for
 // instruction fetch, by guest page (4 KiB). A data entry holds the page's tag
 // for reads and for writes and the addend that turns a guest address into a
-// host one; a fetch entry its tag for execution and the addend. A hit is an
-// index, a compare of the tag (which keeps the access's alignment bits, so an
-// unaligned access misses), a compare of the generation, and the load or
+// host one; a fetch entry its tag for execution and the addend. A hit is a
+// load of the table pointer, an index, a compare of the tag (which keeps the
+// access's alignment bits, so an unaligned access misses), and the load or
 // store itself. A miss makes the access through the full dispatch (with
-// every rule: MMIO ops, ROM writes ignored, holes answering a decode error)
-// and fills the entry when the page allows it:
+// every rule: MMIO ops, ROM writes ignored, holes answering a decode error,
+// dirty logging, guarded copies) and fills the entry from the page table
+// slot of the page when the page allows it:
 //  * read and execute: RAM, ROM, a readonly alias of RAM, a ROM device in
 //    ROMD mode, non-volatile RAM (non-volatility changes nothing, as in QEMU);
-//  * write: writable plain RAM whose region is not dirty-logged (a logged
-//    page's stores go through the dispatch, which marks them dirty);
+//  * write: writable plain RAM that logs for no dirty-log client (as the view
+//    rendered it: a logged page's stores go through the dispatch, which
+//    marks them dirty);
 //  * never: MMIO, RAM devices, reservations, holes, a page shared by several
-//    ranges, a ROM device's writes, writes to ROM or through a readonly alias.
+//    ranges, RAM over a file another process may shrink (its copies are
+//    guarded), a ROM device's writes, writes to ROM or through a readonly
+//    alias.
 //
-// Invalidation. A TLB registers with its memory system, whose writer, after
-// publishing each new view (and after each switch of dirty logging), points
-// the TLB at a shared table of invalid entries (one atomic store); the next
-// access misses, finds the TLB invalidated, empties its own entries and
-// fills them again from the current view. So a commit made by another thread
-// is seen by the next access, and a hit costs no more than QEMU's: one load
-// of the table pointer, a compare of the tag, the load or store itself.
+// Invalidation. A TLB registers with its address space, whose writer, after
+// publishing each new view of it (every commit that changes it: dirty
+// logging switched on or off too, since ranges record their dirty-log mask),
+// points the TLB at a shared table of invalid entries (one atomic store);
+// the next access misses, finds the TLB invalidated, empties its own entries
+// and fills them again from the current view. So a commit made by another
+// thread is seen by the next access ordered after it, and a hit costs no
+// more than QEMU's: one load of the table pointer, a compare of the tag, the
+// load or store itself.
+//
+// Memory orders (the C++ model, not x86's). The writer's publish is a
+// seq_cst exchange of the view, then (in the same thread, sequenced after)
+// the seq_cst store of invalid_tables, then the retire of the old view. A
+// miss is a seq_cst exchange of tables_ back to own_, then the seq_cst load
+// of the view. All four are seq_cst, so they fall in one total order S:
+//  * If the miss's view load reads the old view, it precedes the writer's
+//    exchange in S, so the writer's invalidation store follows the miss's
+//    exchange in S and in tables_'s modification order: the entries filled
+//    from the old view are cut off by it (a later access that reads own_
+//    still began in this read section, which the old view's grace period
+//    waits for).
+//  * If it reads the new view, the entries come from the new view; an
+//    invalidation store that lands after the exchange only costs a refill.
+// An entry is therefore used only inside a read section that overlapped the
+// time its view was current, and the retire of that view (and the unmap of
+// any region only it held) waits for the section to end: an entry never
+// points to freed memory. Across read sections it is RCU's contract that
+// carries this: a section that does not end before the grace period of the
+// old view's retire began after that grace period started, so its loads see
+// every store the writer made before retiring (the invalidation among
+// them), and its first access misses. An access ordered after the publish by
+// happens-before (e.g. the writer released a lock the vCPU then took) reads
+// invalid_tables or later in tables_'s modification order (read-read
+// coherence), so it sees the commit.
 //
 // Threads and lifetime. A TLB belongs to one thread. Its accesses must be
 // made inside an RCU read section on that thread (asserted on every miss):
@@ -77,12 +108,10 @@ public:
     explicit cpu_tlb(address_space& as, mem_attrs attrs = {})
         : as_(&as), attrs_(attrs), target_big_(as.system().target_big_endian()) {
         flush();
-        as.tlbs_.fetch_add(1, std::memory_order_relaxed);
-        as.system().add_reader_cache(*this);
+        as.add_reader_cache(*this);
     }
     ~cpu_tlb() {
-        as_->system().remove_reader_cache(*this);
-        as_->tlbs_.fetch_sub(1, std::memory_order_relaxed);
+        as_->remove_reader_cache(*this);
     }
     cpu_tlb(const cpu_tlb&) = delete;
     cpu_tlb& operator=(const cpu_tlb&) = delete;
@@ -228,8 +257,7 @@ private:
             own_.code[index(addr)] = {page, e.aux};
             return;
         }
-        const bool writable = (e.ref & detail::pt_writable) && !fr->mr->dirty_log();
-        own_.data[index(addr)] = {page, writable ? page : invalid, e.aux, 0};
+        own_.data[index(addr)] = {page, (e.ref & detail::pt_writable) ? page : invalid, e.aux, 0};
     }
 
     template <class T>

@@ -11,11 +11,13 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstddef>
 #include <cstring>
 #include <vector>
 
 #include <fmt/core.h>
 
+#include <qomem/detail/fault_guard.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
@@ -57,6 +59,20 @@ inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
     case 2: { auto x = static_cast<std::uint16_t>(v); std::memcpy(p, &x, 2); break; }
     case 4: { auto x = static_cast<std::uint32_t>(v); std::memcpy(p, &x, 4); break; }
     default: std::memcpy(p, &v, 8); break;
+    }
+}
+
+/// memcpy of `len` bytes, with the sizes of single values (1, 2, 4, 8)
+/// copied inline: a call with a length the compiler cannot see would
+/// otherwise go to the C library's memcpy on the hot paths of read and
+/// write.
+[[gnu::always_inline]] inline void copy_bytes(void* to, const void* from, std::size_t len) noexcept {
+    switch (len) {
+    case 1: std::memcpy(to, from, 1); break;
+    case 2: std::memcpy(to, from, 2); break;
+    case 4: std::memcpy(to, from, 4); break;
+    case 8: std::memcpy(to, from, 8); break;
+    default: std::memcpy(to, from, len); break;
     }
 }
 
@@ -207,10 +223,20 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
             if (!is_write) std::memset(buf, 0, n);
             return memtx_error;
         }
+        // A file another process can shrink is copied under a SIGBUS guard.
+        const auto copy = [&](void* to, const void* from) {
+            if (mr.backing_may_shrink()) [[unlikely]]
+                return guarded_copy(to, from, n);
+            std::memcpy(to, from, n);
+            return true;
+        };
         if (!is_write) {
-            std::memcpy(buf, host + offset, n);
+            if (!copy(buf, host + offset)) {
+                std::memset(buf, 0, n);
+                return memtx_error;
+            }
         } else {
-            std::memcpy(host + offset, buf, n);
+            if (!copy(host + offset, buf)) return memtx_error;
             const_cast<memory_region&>(mr).mark_dirty(offset, static_cast<hwaddr>(len));
         }
         return memtx_ok;

@@ -10,6 +10,9 @@
 // container already bound), so the engine's definitions are always there.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include <qomem/fwd.hpp>
 #include <qomem/types.hpp>
 
@@ -49,14 +52,24 @@ public:
     /// hand it to the writer, which finalizes it when it gives the role back.
     virtual void finalize_on_writer(memory_region& mr) = 0;
 
-    /// Something readers may cache changed without a new view (dirty
-    /// logging switched): bumps the system's generation.
-    virtual void access_changed() noexcept = 0;
-
     /// A region joins (leaves) the system: the system lives as long as one
     /// of its regions does.
     virtual void region_bound() noexcept = 0;
     virtual void region_unbound() noexcept = 0;
+
+    /// The listeners' dirty-log hooks for `mr` (memory_system.hpp): log_sync
+    /// (or log_sync_global) before its bitmap is read, log_clear for
+    /// [start, start + len) of it, log_global_after_sync after a read.
+    /// Each takes the writer role for its duration.
+    virtual void sync_dirty_log(const memory_region& mr) = 0;
+    virtual void clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) = 0;
+    virtual void after_dirty_log_sync() = 0;
+
+    /// The dirty-log clients every migratable RAM region of the system logs
+    /// for besides its own (the migration client while the system tracks
+    /// dirty memory globally). Written under the writer role; read by
+    /// writers of RAM on any thread.
+    std::atomic<std::uint8_t> global_log_mask{0};
 
 protected:
     ~topology_log() = default;

@@ -33,35 +33,55 @@ struct change_window {
 
 /// A flat range as listeners and find() see it.
 inline memory_section section_of(const flat_range& r) noexcept {
-    return {r.mr, r.start, r.size, r.offset_in_region, r.readonly, r.nonvolatile};
+    memory_section s;
+    s.mr = r.mr;
+    s.offset_within_address_space = r.start;
+    s.size = r.size;
+    s.offset_within_region = r.offset_in_region;
+    s.readonly = r.readonly;
+    s.nonvolatile = r.nonvolatile;
+    s.unmergeable = r.unmergeable;
+    return s;
 }
 
-/// Ranges of an old and a new view, as listeners are told about them.
+/// Ranges of an old and a new view, as listeners are told about them
+/// (QEMU's two topology passes): `dels` for ranges gone or changed, and in
+/// address order `adds` for new or changed ranges and for ranges in the same
+/// place (nops), with the old and new dirty-log masks of those.
 struct view_diff {
+    struct entry {
+        memory_section section;
+        bool nop = false;
+        std::uint8_t old_mask = 0; ///< nops: the mask before (log_stop / log_start)
+        std::uint8_t new_mask = 0; ///< the mask now
+        bool log_changed() const noexcept { return nop && old_mask != new_mask; }
+    };
     std::vector<memory_section> dels;
-    std::vector<std::pair<memory_section, bool>> adds; ///< (section, is_nop)
+    std::vector<entry> adds;
 
     template <class OldRange, class NewRange>
     void add(const OldRange& old_r, const NewRange& new_r) {
         auto o = old_r.begin(), oe = old_r.end();
         auto n = new_r.begin(), ne = new_r.end();
         while (o != oe || n != ne) {
-            if (o != oe && n != ne && *o == *n) {
-                adds.emplace_back(section_of(*n), true);
+            if (o != oe && n != ne && o->same_place(*n)) {
+                adds.push_back({section_of(*n), true, o->dirty_log_mask, n->dirty_log_mask});
                 ++o;
                 ++n;
             } else if (o != oe && (n == ne || o->start <= n->start)) {
                 dels.push_back(section_of(*o));
                 ++o;
             } else {
-                adds.emplace_back(section_of(*n), false);
+                adds.push_back({section_of(*n), false, 0, n->dirty_log_mask});
                 ++n;
             }
         }
     }
+    /// True when a listener has something to hear beyond plain nops.
     bool changes() const noexcept {
-        return !dels.empty() ||
-               std::any_of(adds.begin(), adds.end(), [](const auto& a) { return !a.second; });
+        return !dels.empty() || std::any_of(adds.begin(), adds.end(), [](const entry& a) {
+                   return !a.nop || a.log_changed();
+               });
     }
 };
 
@@ -140,9 +160,10 @@ inline void verify_against_full_render(const flat_view& base, const flat_view& i
     auto dump = [](const flat_view& v) {
         std::string out;
         for (const flat_range& r : v.ranges())
-            out += fmt::format("  {:016x}-{:016x} {} @{:x}{}{}\n", r.start, r.last(),
+            out += fmt::format("  {:016x}-{:016x} {} @{:x}{}{}{} log {:#x}\n", r.start, r.last(),
                                r.mr->region_name(), r.offset_in_region, r.readonly ? " ro" : "",
-                               r.nonvolatile ? " nv" : "");
+                               r.nonvolatile ? " nv" : "", r.unmergeable ? " unmergeable" : "",
+                               r.dirty_log_mask);
         return out;
     };
     std::string wins;
