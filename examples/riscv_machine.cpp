@@ -18,10 +18,10 @@
 //  * a DMA engine that copies through memory_region_cache (what virtio uses
 //    for its rings);
 //  * hot-unplug while the CPU runs: the main thread takes the writer role,
-//    removes the sensor's region and unparents the device; the CPU's next
-//    access sees the new map (the TLB checks the memory system's generation),
-//    its load fails cleanly with a decode error, which the CPU raises as a
-//    load access fault, and the guest's trap handler reports it;
+//    removes the sensor's region and unparents the device; the commit
+//    invalidates the CPU's TLB, so its next access sees the new map: its load
+//    fails cleanly with a decode error, which the CPU raises as a load access
+//    fault, and the guest's trap handler reports it;
 //  * the device finalized only once nothing can reach it, and nothing left
 //    alive at the end.
 //

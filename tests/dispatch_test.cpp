@@ -41,6 +41,8 @@ using qomem::mem_attrs;
 using qomem::memtx_result;
 using qomem::u128;
 using strings = std::vector<std::string>;
+using qomem_test::log_capture;
+using qomem_test::scoped_log_category;
 
 constexpr hwaddr max_addr = ~hwaddr{0};
 
@@ -88,47 +90,6 @@ struct picky_regs : qomem_test::mmio_calls {
         return 0x77;
     }
     void write(hwaddr offset, std::uint64_t value, unsigned size) { note_write(offset, value, size); }
-};
-
-// ---- log capture ---------------------------------------------------------
-
-strings& captured_lines() {
-    static strings lines;
-    return lines;
-}
-void capture_line(std::string_view line) { captured_lines().emplace_back(line); }
-
-/// Sends the library's log lines to captured_lines() for its lifetime, and
-/// restores the previous sink afterwards.
-class log_capture {
-public:
-    log_capture() : previous_(qomem::set_log_sink(&capture_line)) { captured_lines().clear(); }
-    ~log_capture() {
-        qomem::set_log_sink(previous_);
-        captured_lines().clear();
-    }
-    log_capture(const log_capture&) = delete;
-    log_capture& operator=(const log_capture&) = delete;
-    const strings& lines() const { return captured_lines(); }
-
-private:
-    qomem::log_sink previous_;
-};
-
-/// Turns a log category on or off for its lifetime.
-class scoped_log_category {
-public:
-    scoped_log_category(qomem::log_category c, bool on)
-        : c_(c), was_(qomem::log_enabled(c)) {
-        qomem::set_log_enabled(c, on);
-    }
-    ~scoped_log_category() { qomem::set_log_enabled(c_, was_); }
-    scoped_log_category(const scoped_log_category&) = delete;
-    scoped_log_category& operator=(const scoped_log_category&) = delete;
-
-private:
-    qomem::log_category c_;
-    bool was_;
 };
 
 } // namespace

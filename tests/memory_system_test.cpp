@@ -448,6 +448,53 @@ TEST_CASE("memory systems: an MMIO handler that frees an ownerless RAM region in
     CHECK(as.read(0x8, &after, 1) == qomem::memtx_decode_error);
 }
 
+TEST_CASE("memory systems: an old view whose release drops an ownerless region's last handle "
+          "finishes its release, and so does a later view showing that region, before the region "
+          "is finalized",
+          "[memory_system][lifetime]") {
+    // Under ASan, what this pins shows as a heap-use-after-free: a view's
+    // release unrefs each of its ranges' regions, the ownerless ones too.
+    qomem_test::leak_check leaks;
+    auto sys = qomem::memory_system::make();
+    qomem_test::board b;
+    auto counted = qomem::make_ram(*b.dev, "counted", 0x1000);
+    auto orphan = qomem::make_ram(nullptr, "orphan", 0x1000);
+    b.sys->add_subregion(0x0, *counted);
+    b.sys->add_subregion(0x1000, *orphan);
+    qomem::address_space as(*sys, *b.sys, "memory");
+
+    // When 'counted' is finalized, the orphan's last handle goes with it (as
+    // a device finalized after its region would drop an ownerless region it
+    // kept). Records the order of finalizations.
+    struct drop_on_finalize : qomem::lifetime_observer {
+        const qomem::object* trigger = nullptr;
+        qomem::ref_ptr<qomem::memory_region> held;
+        std::vector<std::string> finalized;
+        void finalizing(const qomem::object& o) noexcept override {
+            if (o.type().name != "memory-region") return;
+            finalized.push_back(static_cast<const qomem::memory_region&>(o).region_name());
+            if (&o == trigger) held.reset();
+        }
+    } obs;
+    obs.trigger = counted.get();
+
+    {
+        // Both old views wait for this section: the first shows 'counted'
+        // and the orphan, the second the orphan alone.
+        qomem::rcu::read_guard g;
+        b.sys->del_subregion(*counted);
+        b.dev->delete_property("counted[0]");
+        counted.reset(); // its last reference is the first old view's
+        b.sys->del_subregion(*orphan);
+        obs.held = std::move(orphan); // the orphan's last handle
+    }
+    qomem::lifetime_observer* previous = qomem::set_lifetime_observer(&obs);
+    sys->synchronize(); // releases both views, in order, then finalizes the orphan
+    qomem::set_lifetime_observer(previous);
+    CHECK(obs.finalized == std::vector<std::string>{"counted", "orphan"});
+    CHECK(qomem_test::live_count("memory-region") == 1); // b.sys
+}
+
 TEST_CASE("memory systems: unlock without holding the writer role, and synchronize while holding "
           "it, are reported as misuse",
           "[memory_system][misuse]") {

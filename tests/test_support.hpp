@@ -27,6 +27,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstddef>
@@ -53,12 +54,16 @@
 #include <qomem/address_space.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
+#include <qomem/log.hpp>
+#include <qomem/machine.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/memory_system.hpp>
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/pci.hpp>
 #include <qomem/shmem.hpp>
+#include <qomem/virtio_mmio.hpp>
 #include <qomem/vhost_user/unique_fd.hpp>
 
 extern char** environ;
@@ -254,6 +259,45 @@ struct board {
     qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
     qomem::ref_ptr<qomem::memory_region> sys =
         qomem::make_container(nullptr, "system", qomem::u128_2_64);
+};
+
+/// The lines the library logged while a log_capture lived.
+inline std::vector<std::string>& captured_log_lines() {
+    static std::vector<std::string> lines;
+    return lines;
+}
+
+/// Sends the library's log lines to captured_log_lines() for its lifetime,
+/// and restores the previous sink afterwards. Single-threaded tests only.
+class log_capture {
+public:
+    log_capture() : previous_(qomem::set_log_sink(&capture)) { captured_log_lines().clear(); }
+    ~log_capture() {
+        qomem::set_log_sink(previous_);
+        captured_log_lines().clear();
+    }
+    log_capture(const log_capture&) = delete;
+    log_capture& operator=(const log_capture&) = delete;
+    const std::vector<std::string>& lines() const { return captured_log_lines(); }
+
+private:
+    static void capture(std::string_view line) { captured_log_lines().emplace_back(line); }
+    qomem::log_sink previous_;
+};
+
+/// Turns a log category on or off for its lifetime.
+class scoped_log_category {
+public:
+    scoped_log_category(qomem::log_category c, bool on) : c_(c), was_(qomem::log_enabled(c)) {
+        qomem::set_log_enabled(c, on);
+    }
+    ~scoped_log_category() { qomem::set_log_enabled(c_, was_); }
+    scoped_log_category(const scoped_log_category&) = delete;
+    scoped_log_category& operator=(const scoped_log_category&) = delete;
+
+private:
+    qomem::log_category c_;
+    bool was_;
 };
 
 /// Turns on memory_system::set_verify_incremental (every incremental commit
@@ -634,6 +678,274 @@ private:
     };
     std::vector<ram> rams_;
     qomem::ref_ptr<qomem::memory_region> hole_;
+};
+
+} // namespace qomem_test
+
+// ---- guest drivers of the VIRTIO transports -----------------------------------------
+//
+// What a guest's firmware and drivers do to find a device's shared memory
+// regions, through nothing but accesses to the machine's address space:
+//
+//     qomem_test::ecam_driver pci(*as, 0x30000000);            // ECAM window
+//     const auto bar = pci.size_bar(devfn, 2);                  // firmware: all ones, read back
+//     pci.place_bar(devfn, 2, 0x8000000000);                    // address, memory decoding on
+//     auto shm = pci.get_shm_region(devfn, 0);                  // Linux's vp_get_shm_region
+//     qomem_test::mmio_driver mmio(*as, 0x0a000000);
+//     auto r = mmio.get_shm_region(0);                          // Linux's vm_get_shm_region
+
+namespace qomem_test {
+
+/// A shared memory region as a driver finds it (Linux's virtio_shm_region).
+struct guest_shm_region {
+    std::uint64_t addr;
+    std::uint64_t len;
+    friend bool operator==(const guest_shm_region&, const guest_shm_region&) = default;
+};
+
+/// 32-bit little-endian register accesses through an address space.
+inline std::uint32_t guest_read32(qomem::address_space& as, qomem::hwaddr addr) {
+    std::uint8_t b[4] = {};
+    INFO("guest read of 4 bytes at 0x" << std::hex << addr);
+    REQUIRE(as.read(addr, b, 4) == qomem::memtx_ok);
+    return std::uint32_t(b[0]) | std::uint32_t(b[1]) << 8 | std::uint32_t(b[2]) << 16 | std::uint32_t(b[3]) << 24;
+}
+inline void guest_write32(qomem::address_space& as, qomem::hwaddr addr, std::uint32_t v) {
+    const std::uint8_t b[4] = {static_cast<std::uint8_t>(v), static_cast<std::uint8_t>(v >> 8),
+                               static_cast<std::uint8_t>(v >> 16), static_cast<std::uint8_t>(v >> 24)};
+    INFO("guest write of 4 bytes at 0x" << std::hex << addr);
+    REQUIRE(as.write(addr, b, 4) == qomem::memtx_ok);
+}
+
+/// A guest's PCI configuration accesses through an ECAM window, and what
+/// firmware and Linux's virtio-pci driver do with them.
+class ecam_driver {
+public:
+    ecam_driver(qomem::address_space& as, qomem::hwaddr ecam_base) : as_(&as), base_(ecam_base) {}
+
+    qomem::hwaddr address(std::uint8_t devfn, std::uint32_t reg, std::uint8_t bus = 0) const {
+        return base_ + (qomem::hwaddr(bus) << 20 | qomem::hwaddr(devfn) << 12 | reg);
+    }
+    /// `size` (1, 2 or 4) bytes; the access must succeed.
+    std::uint32_t read(std::uint8_t devfn, std::uint32_t reg, unsigned size = 4, std::uint8_t bus = 0) {
+        std::uint8_t b[4] = {};
+        INFO("ECAM read of " << size << " bytes at devfn 0x" << std::hex << unsigned(devfn) << " reg 0x" << reg);
+        REQUIRE(as_->read(address(devfn, reg, bus), b, size) == qomem::memtx_ok);
+        std::uint32_t v = 0;
+        for (unsigned i = 0; i < size; ++i) v |= std::uint32_t(b[i]) << (8 * i);
+        return v;
+    }
+    void write(std::uint8_t devfn, std::uint32_t reg, std::uint32_t v, unsigned size = 4, std::uint8_t bus = 0) {
+        std::uint8_t b[4] = {};
+        for (unsigned i = 0; i < size; ++i) b[i] = static_cast<std::uint8_t>(v >> (8 * i));
+        INFO("ECAM write of " << size << " bytes at devfn 0x" << std::hex << unsigned(devfn) << " reg 0x" << reg);
+        REQUIRE(as_->write(address(devfn, reg, bus), b, size) == qomem::memtx_ok);
+    }
+
+    struct bar_info {
+        std::uint64_t size = 0; ///< 0: not implemented
+        bool is64 = false;
+        bool prefetch = false;
+    };
+    /// Sizes BAR `index` as firmware does: memory decoding off, all ones
+    /// written (to both halves of a 64-bit BAR), read back, old value restored.
+    bar_info size_bar(std::uint8_t devfn, unsigned index) {
+        const std::uint32_t at = qomem::pci_config::bar0 + 4 * index;
+        const std::uint32_t cmd = read(devfn, qomem::pci_config::command, 2);
+        write(devfn, qomem::pci_config::command, cmd & ~std::uint32_t(qomem::pci_config::command_memory), 2);
+        const std::uint32_t old_low = read(devfn, at);
+        bar_info info;
+        info.is64 = (old_low & 0x6) == qomem::pci_config::bar_mem_type_64;
+        info.prefetch = old_low & qomem::pci_config::bar_mem_prefetch;
+        write(devfn, at, 0xffffffff);
+        std::uint64_t mask = read(devfn, at) & ~std::uint32_t(qomem::pci_config::bar_type_mask);
+        write(devfn, at, old_low);
+        if (info.is64) {
+            const std::uint32_t old_high = read(devfn, at + 4);
+            write(devfn, at + 4, 0xffffffff);
+            mask |= std::uint64_t(read(devfn, at + 4)) << 32;
+            write(devfn, at + 4, old_high);
+        } else if (mask) {
+            mask |= 0xffffffff00000000; // a 32-bit BAR: the high half is not there
+        }
+        info.size = mask ? ~mask + 1 : 0;
+        write(devfn, qomem::pci_config::command, cmd, 2);
+        return info;
+    }
+    /// Writes BAR `index`'s address and turns memory decoding on.
+    void place_bar(std::uint8_t devfn, unsigned index, qomem::hwaddr addr) {
+        const std::uint32_t at = qomem::pci_config::bar0 + 4 * index;
+        const std::uint32_t low = read(devfn, at);
+        write(devfn, at, static_cast<std::uint32_t>(addr) | (low & qomem::pci_config::bar_type_mask));
+        if ((low & 0x6) == qomem::pci_config::bar_mem_type_64) write(devfn, at + 4, static_cast<std::uint32_t>(addr >> 32));
+        const std::uint32_t cmd = read(devfn, qomem::pci_config::command, 2);
+        write(devfn, qomem::pci_config::command, cmd | qomem::pci_config::command_memory, 2);
+    }
+    /// The address programmed in BAR `index` (type bits cleared).
+    std::uint64_t bar_address(std::uint8_t devfn, unsigned index) {
+        const std::uint32_t at = qomem::pci_config::bar0 + 4 * index;
+        const std::uint32_t low = read(devfn, at);
+        std::uint64_t a = low & ~std::uint32_t(qomem::pci_config::bar_type_mask);
+        if ((low & 0x6) == qomem::pci_config::bar_mem_type_64) a |= std::uint64_t(read(devfn, at + 4)) << 32;
+        return a;
+    }
+
+    /// The offsets of the capabilities with ID `id`, walking the list as
+    /// Linux's pci_find_capability does (at most 48 steps).
+    std::vector<std::uint8_t> find_capabilities(std::uint8_t devfn, std::uint8_t id) {
+        std::vector<std::uint8_t> out;
+        if (!(read(devfn, qomem::pci_config::status, 2) & qomem::pci_config::status_cap_list)) return out;
+        std::uint8_t pos = static_cast<std::uint8_t>(read(devfn, qomem::pci_config::capability_list, 1));
+        for (int ttl = 48; pos >= 0x40 && ttl > 0; --ttl) {
+            pos &= 0xfc;
+            if (read(devfn, pos, 1) == id) out.push_back(pos);
+            pos = static_cast<std::uint8_t>(read(devfn, pos + 1u, 1));
+        }
+        return out;
+    }
+
+    /// One VIRTIO_PCI_CAP_SHARED_MEMORY_CFG capability, as read.
+    struct shm_cap {
+        std::uint8_t pos, cap_len, bar, id;
+        std::uint64_t offset, length;
+    };
+    /// Every shared memory capability (Linux's virtio_pci_find_shm_cap reads
+    /// the same fields: cfg_type, cap_len, id, bar, the four dwords).
+    std::vector<shm_cap> shm_caps(std::uint8_t devfn) {
+        std::vector<shm_cap> out;
+        for (std::uint8_t pos : find_capabilities(devfn, qomem::pci_config::cap_id_vendor)) {
+            if (read(devfn, pos + 3u, 1) != 8) continue; // cfg_type
+            shm_cap c{};
+            c.pos = pos;
+            c.cap_len = static_cast<std::uint8_t>(read(devfn, pos + 2u, 1));
+            c.bar = static_cast<std::uint8_t>(read(devfn, pos + 4u, 1));
+            c.id = static_cast<std::uint8_t>(read(devfn, pos + 5u, 1));
+            c.offset = read(devfn, pos + 8u) | std::uint64_t(read(devfn, pos + 16u)) << 32;
+            c.length = read(devfn, pos + 12u) | std::uint64_t(read(devfn, pos + 20u)) << 32;
+            out.push_back(c);
+        }
+        return out;
+    }
+    /// Linux's vp_get_shm_region: the capability with this id (cap_len 24,
+    /// bar < 6), the BAR's address + offset, checked against the BAR's size.
+    std::optional<guest_shm_region> get_shm_region(std::uint8_t devfn, std::uint8_t id) {
+        for (const shm_cap& c : shm_caps(devfn)) {
+            if (c.cap_len != 24 || c.id != id || c.bar >= 6) continue;
+            const std::uint64_t bar_len = size_bar(devfn, c.bar).size;
+            if (c.offset + c.length < c.offset || c.offset + c.length > bar_len) return std::nullopt;
+            return guest_shm_region{bar_address(devfn, c.bar) + c.offset, c.length};
+        }
+        return std::nullopt;
+    }
+
+private:
+    qomem::address_space* as_;
+    qomem::hwaddr base_;
+};
+
+/// A guest's virtio-mmio driver (Linux's virtio_mmio).
+class mmio_driver {
+public:
+    mmio_driver(qomem::address_space& as, qomem::hwaddr base) : as_(&as), base_(base) {}
+    std::uint32_t read(qomem::hwaddr reg) { return guest_read32(*as_, base_ + reg); }
+    void write(qomem::hwaddr reg, std::uint32_t v) { guest_write32(*as_, base_ + reg, v); }
+    /// Linux's vm_get_shm_region: select, read the length (all ones: none),
+    /// then the base.
+    std::optional<guest_shm_region> get_shm_region(std::uint32_t id) {
+        write(qomem::virtio_mmio_reg::shm_sel, id);
+        const std::uint64_t len = read(qomem::virtio_mmio_reg::shm_len_low) |
+                                  std::uint64_t(read(qomem::virtio_mmio_reg::shm_len_high)) << 32;
+        if (len == ~std::uint64_t(0)) return std::nullopt;
+        const std::uint64_t addr = read(qomem::virtio_mmio_reg::shm_base_low) |
+                                   std::uint64_t(read(qomem::virtio_mmio_reg::shm_base_high)) << 32;
+        return guest_shm_region{addr, len};
+    }
+
+private:
+    qomem::address_space* as_;
+    qomem::hwaddr base_;
+};
+
+} // namespace qomem_test
+
+namespace qomem_test {
+
+/// A machine for the transport tests: 1 MiB of RAM at 0, a PCI host bridge
+/// ("pcie", realized) with its ECAM window at ecam_base and its PCI memory
+/// shown 1:1 in two windows, one below 4 GiB and one above (aliases, as
+/// QEMU's virt machine has), the address space "memory" over "system" in
+/// the machine's own memory system. Devices go under /machine/peripheral;
+/// whatever is still there is unplugged when the rig goes, then its ownerless
+/// regions leave "system" before their handles.
+class virtio_machine {
+public:
+    static constexpr qomem::hwaddr ecam_base = 0x30000000;
+    static constexpr qomem::hwaddr pci_window32 = 0x40000000; ///< 32-bit BARs
+    static constexpr std::uint64_t pci_window32_size = 0x40000000;
+    static constexpr qomem::hwaddr pci_window = 0x8000000000; ///< 64-bit BARs
+    static constexpr std::uint64_t pci_window_size = 0x8000000000;
+
+    explicit virtio_machine(unsigned ecam_buses = 1) {
+        m = &qomem::add_machine(*root);
+        sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+        ram = qomem::make_ram(nullptr, "ram", 0x100000);
+        sys->add_subregion(0, *ram);
+        auto h = qomem::make<qomem::pci_host_bridge>(ecam_buses);
+        m->peripheral().add_child("pcie", *h);
+        host = h.get();
+        host->realize();
+        sys->add_subregion(ecam_base, host->ecam());
+        hole32 = qomem::make_alias(nullptr, "pci-hole32", host->pci_memory(), pci_window32, pci_window32_size);
+        sys->add_subregion(pci_window32, *hole32);
+        hole = qomem::make_alias(nullptr, "pci-hole", host->pci_memory(), pci_window, pci_window_size);
+        sys->add_subregion(pci_window, *hole);
+        as.emplace(m->memory(), *sys, "memory");
+    }
+    ~virtio_machine() {
+        // The host bridge last: PCI functions unmap their BARs from its memory.
+        // One at a time, looking again each time: unplugging a transport
+        // unplugs the device on its bus, which may be one of these too.
+        for (;;) {
+            qomem::object* next = nullptr;
+            m->peripheral().for_each_child([&](qomem::object& o) {
+                if (!next && &o != host) next = &o;
+            });
+            if (!next) break;
+            qomem::unparent(*next);
+        }
+        qomem::unparent(*host);
+        as.reset();
+        sys->del_subregion(*hole);
+        sys->del_subregion(*hole32);
+        sys->del_subregion(*ram);
+        hole.reset();
+        hole32.reset();
+        ram.reset();
+        sys.reset();
+    }
+    virtio_machine(const virtio_machine&) = delete;
+    virtio_machine& operator=(const virtio_machine&) = delete;
+
+    /// Adds `dev` as /machine/peripheral/`name`.
+    template <class T>
+    T& add(const std::string& name, const qomem::ref_ptr<T>& dev) {
+        m->peripheral().add_child(name, *dev);
+        return *dev;
+    }
+
+    std::string flat() const {
+        const std::array<const qomem::address_space*, 1> spaces{&*as};
+        return qomem::info_mtree(spaces, {.flatview = true});
+    }
+
+    qomem::ref_ptr<qomem::container> root = qomem::container::make_root();
+    qomem::machine* m = nullptr;
+    qomem::ref_ptr<qomem::memory_region> sys;
+    qomem::ref_ptr<qomem::memory_region> ram;
+    qomem::ref_ptr<qomem::memory_region> hole32;
+    qomem::ref_ptr<qomem::memory_region> hole;
+    qomem::pci_host_bridge* host = nullptr;
+    std::optional<qomem::address_space> as;
 };
 
 } // namespace qomem_test

@@ -175,8 +175,14 @@ TEST_CASE("virtiofsd: handshake, a memory table split by an MMIO hole, FUSE INIT
         CHECK(table[0].region == vu::mem_region_payload{0, 0x100000, host, 0});
         CHECK(table[1].region ==
               vu::mem_region_payload{0x100000 + P, 0x100000 - P, host + 0x100000 + P, 0x100000 + P});
-        CHECK(table[0].fd == g.fd_of(*g.ram0));
-        CHECK(table[1].fd == g.fd_of(*g.ram0));
+        // The fd sent is the region's own duplicate of the guest's memfd
+        // (make_ram_from_fd keeps one): the same file.
+        CHECK(table[0].fd == g.ram0->fd());
+        CHECK(table[1].fd == g.ram0->fd());
+        struct stat sent {}, guest {};
+        REQUIRE(::fstat(table[0].fd, &sent) == 0);
+        REQUIRE(::fstat(g.fd_of(*g.ram0), &guest) == 0);
+        CHECK((sent.st_dev == guest.st_dev && sent.st_ino == guest.st_ino));
         // Sealed: the back-end cannot shrink the guest's RAM.
         CHECK(::ftruncate(g.fd_of(*g.ram0), 0x1000) == -1);
 

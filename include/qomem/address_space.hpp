@@ -124,7 +124,13 @@ public:
     /// read section (rcu::read_guard) on this thread.
     const flat_view* current() const noexcept {
         // Pairs with memory_system::publish's seq_cst exchange: the view's
-        // contents, written before it was published, are visible here.
+        // contents, written before it was published, are visible here
+        // (acquire would do). Its ordering after the read section's start
+        // comes from rcu::read_lock — its acquire load of the epoch, and its
+        // fence or the writer's membarrier(2), rcu.hpp "Orderings" (A) and
+        // (B) — not from this load. (On ARMv8 a seq_cst load is an LDAR, not
+        // a plain load: it does not keep an earlier plain load of the epoch
+        // from being satisfied after it; issue 11, item 1.)
         return slot_.current.load(std::memory_order_seq_cst);
     }
 
@@ -513,7 +519,7 @@ inline void dma_mapping::end() {
         address_space::end_direct(*this, is_write_ ? len_ : 0);
 }
 
-inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) {
+inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
     if (this != &o) {
         if (ptr_) end();
         take(o);

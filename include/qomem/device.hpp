@@ -23,6 +23,11 @@
 //     // ... DEVICE_DELETED {"disk0", "/machine/peripheral/disk0"} in
 //     // m.events() once the disk is finalized
 //
+// A device places its regions in the guest's view with map_region (QEMU's
+// sysbus_mmio_map, a PCI BAR's registration); unrealize takes them out, so an
+// unplugged device is a hole for the guest at once, while DMA mappings taken
+// before keep their regions — and through them the device — until they end.
+//
 // Unparenting a device (its unparent hook) unrealizes it, unparents its child
 // buses (which unparent the devices on them), leaves its parent bus and then
 // unparents the children that follow their device out of the tree (memory
@@ -35,13 +40,18 @@
 // realizes or unrealizes) and "hotpluggable" (read-only, from its class).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include <qomem/hotplug.hpp>
 #include <qomem/machine.hpp>
+#include <qomem/memory_region.hpp>
+#include <qomem/memory_system.hpp>
 #include <qomem/object.hpp>
 
 namespace qomem {
@@ -111,6 +121,28 @@ public:
     /// True between device_del and the completion of the unplug.
     bool unplug_pending() const noexcept { return unplug_pending_; }
 
+    // ---- the device's regions in the guest's view ---------------------------
+
+    /// Places `r`, one of this device's regions, in `container` at `addr`
+    /// (QEMU's sysbus_mmio_map, or a PCI BAR's registration), and takes it
+    /// out again when the device is unrealized — so after an unplug the guest
+    /// sees a hole at once, while DMA mappings taken before keep their
+    /// region (and through it the device) until they end.
+    /// Requires (asserted): `r` is a child of this device and owned by it, and
+    /// in no container. Effects: as container.add_subregion (the container
+    /// takes memory_region_ref on `r`). Throws: as add_subregion (nothing
+    /// recorded then). Complexity: that of add_subregion.
+    void map_region(memory_region& container, hwaddr addr, memory_region& r, std::int32_t priority = 0);
+
+    /// Takes `r` out of its container now (before unrealize).
+    /// Requires (asserted): `r` was placed by map_region and is still there.
+    /// Effects: as del_subregion (the container's reference is dropped; `r`
+    /// stays this device's child).
+    void unmap_region(memory_region& r);
+
+    /// The regions map_region placed that are still in their containers.
+    std::vector<memory_region*> mapped_regions() const;
+
 protected:
     /// Announces DEVICE_DELETED if the device was realized and unrealized.
     ~device() override;
@@ -133,6 +165,10 @@ private:
     std::string id_;
     std::string path_;                      // canonical path when realized
     std::shared_ptr<device_events> events_; // the machine's, when realized on one
+    // Regions map_region placed (not referenced: each is our child while
+    // recorded; unparented ones are dropped from the list when seen).
+    std::vector<memory_region*> mapped_;
+    void unmap_regions() noexcept;
 };
 
 class bus : public object {
@@ -300,7 +336,12 @@ inline void device::realize() {
     QOMEM_ASSERT(!realized_, "{} '{}' is already realized", type().name, name());
     hotplug_handler* handler = hotplug_handler_of();
     if (handler) handler->pre_plug(*this);
-    do_realize();
+    try {
+        do_realize();
+    } catch (...) {
+        unmap_regions(); // placements it made before failing
+        throw;
+    }
     realized_ = true;
     for_each_child([](object& c) {
         if (auto* b = dynamic_cast_to<bus>(&c)) b->realized_ = true;
@@ -314,6 +355,7 @@ inline void device::realize() {
             });
             realized_ = false;
             do_unrealize();
+            unmap_regions();
             throw;
         }
     }
@@ -339,7 +381,53 @@ inline void device::unrealize() {
     });
     realized_ = false;
     do_unrealize();
+    unmap_regions();
     deleted_event_due_ = true;
+}
+
+inline void device::map_region(memory_region& container, hwaddr addr, memory_region& r,
+                               std::int32_t priority) {
+    QOMEM_ASSERT(r.owner() == this && r.parent() == this,
+                 "map_region: region '{}' is not a region of this {} (owner {}, parent {})", r.region_name(),
+                 type().name, static_cast<const void*>(r.owner()), static_cast<const void*>(r.parent()));
+    QOMEM_ASSERT(!r.container(), "map_region: region '{}' is already in container '{}'", r.region_name(),
+                 r.container() ? r.container()->region_name() : std::string());
+    mapped_.reserve(mapped_.size() + 1); // the record cannot fail after the change
+    container.add_subregion(addr, r, priority);
+    mapped_.push_back(&r);
+}
+
+inline void device::unmap_region(memory_region& r) {
+    auto it = std::find(mapped_.begin(), mapped_.end(), &r);
+    QOMEM_ASSERT(it != mapped_.end() && r.container(),
+                 "unmap_region: region '{}' was not placed by map_region of this {}", r.region_name(),
+                 type().name);
+    r.container()->del_subregion(r);
+    mapped_.erase(it);
+}
+
+inline std::vector<memory_region*> device::mapped_regions() const {
+    std::vector<memory_region*> out;
+    for (memory_region* r : mapped_)
+        if (r->parent() == this && r->container()) out.push_back(r);
+    return out;
+}
+
+inline void device::unmap_regions() noexcept {
+    // Only regions still our children are known to be alive; one the user
+    // unparented by hand stays where it is.
+    std::vector<memory_region*> todo;
+    for (memory_region* r : std::exchange(mapped_, {}))
+        if (r->parent() == this && r->container()) todo.push_back(r);
+    if (todo.empty()) return;
+    detail::first_error errors;
+    errors.run([&] {
+        memory_system* sys = todo.front()->system();
+        std::optional<memory_transaction> tx;
+        if (sys) tx.emplace(*sys); // one commit for all of them
+        for (memory_region* r : todo) errors.run([&] { r->container()->del_subregion(*r); });
+    });
+    errors.report_to_finalization_handler(type().name);
 }
 
 inline void device::on_unparent() {

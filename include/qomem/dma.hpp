@@ -31,7 +31,9 @@ public:
     dma_mapping() noexcept = default;
     dma_mapping(dma_mapping&& o) noexcept { take(o); }
     /// Ends this mapping first (see the class comment), then takes `o`'s.
-    dma_mapping& operator=(dma_mapping&& o);
+    /// Not noexcept: ending the old mapping may write a bounce buffer back
+    /// through MMIO, which may throw.
+    dma_mapping& operator=(dma_mapping&& o); // NOLINT(performance-noexcept-move-constructor)
     ~dma_mapping();
 
     std::byte* data() const noexcept { return ptr_; }

@@ -96,7 +96,7 @@ public:
         return std::exchange(queue_, {});
     }
     /// Queues `e` and tells the listener. Called by a device's finalizer.
-    void announce(device_deleted e) noexcept {
+    void announce(const device_deleted& e) noexcept {
         std::function<void(const device_deleted&)> f;
         try {
             std::lock_guard lock(mutex_);

@@ -23,6 +23,8 @@ namespace qomem {
 enum class log_category : unsigned {
     reentrancy = 1u << 0,   ///< blocked re-entrant MMIO (on by default)
     guest_errors = 1u << 1, ///< refused accesses (off by default)
+    lifetime = 1u << 2,     ///< lifetime trouble found at run time: reference cycles, a
+                            ///< region its owner's failed construction could not unmap (on)
 };
 
 using log_sink = void (*)(std::string_view line);
@@ -36,7 +38,8 @@ inline std::atomic<log_sink>& log_sink_slot() noexcept {
     return slot;
 }
 inline std::atomic<unsigned>& log_mask() noexcept {
-    static std::atomic<unsigned> mask{static_cast<unsigned>(log_category::reentrancy)};
+    static std::atomic<unsigned> mask{static_cast<unsigned>(log_category::reentrancy) |
+                                     static_cast<unsigned>(log_category::lifetime)};
     return mask;
 }
 } // namespace detail

@@ -14,11 +14,13 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <type_traits>
 
 #include <boost/intrusive_ptr.hpp>
 
 #include <qomem/hotplug.hpp>
+#include <qomem/log.hpp>
 #include <qomem/memory_system.hpp>
 #include <qomem/object.hpp>
 
@@ -54,6 +56,19 @@ public:
 
     /// The machine's events (DEVICE_DELETED).
     device_events& events() const noexcept { return *events_; }
+
+protected:
+    /// Logs (log_category::lifetime) each of its memory system's
+    /// stranded_regions(): when a machine is finalized its devices are gone
+    /// from the tree, so a region still holding its owner then is most often
+    /// half of a reference cycle, reported by name.
+    ~machine() override {
+        try {
+            for (const std::string& line : memory_->stranded_regions())
+                log_line(log_category::lifetime, "qomem: at the end of a machine: " + line);
+        } catch (...) { // a report must not stop the teardown
+        }
+    }
 
 private:
     friend class device;

@@ -23,6 +23,15 @@
 //    region is freed. An owner is therefore always finalized after its
 //    regions, and a region that is still referenced (mapped for DMA, a
 //    subregion of a live container) keeps working after its device is gone.
+//  * The same on every other path (object::last_reference_dropped): when any
+//    owner's last reference goes — a device never added to the tree, a plain
+//    object (a GPU's host-memory blob), an owner finalized by its parent —
+//    each of its regions still held beyond the owner (held_beyond_owner) is
+//    unparented first and holds the owner; the owner is finalized when the
+//    last of them is freed. Regions held only by the owner and its own other
+//    regions are freed with it. An owner whose constructor throws after
+//    placing a region has the region taken out of its container and no
+//    longer named as its owner (object::owner_destroyed_unfinalized).
 //  * Freeing an ownerless region that is still a subregion, an alias target,
 //    an address-space root or DMA-mapped is misuse (asserted): nothing counts
 //    those uses.
@@ -68,6 +77,7 @@
 #include <utility>
 #include <vector>
 
+#include <boost/intrusive/list_hook.hpp>
 #include <fmt/core.h>
 
 #include <qomem/assert.hpp>
@@ -76,6 +86,7 @@
 #include <qomem/dirty_log.hpp>
 #include <qomem/error.hpp>
 #include <qomem/fwd.hpp>
+#include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/object.hpp>
 #include <qomem/rcu.hpp>
@@ -189,6 +200,10 @@ public:
     object* owner() const noexcept { return owner_; }
     /// True when memory_region_ref counts (the region was made with an owner).
     bool counted() const noexcept { return counted_; }
+    /// True while the region, unparented from its owner, holds one reference
+    /// to it (dropped after the region is freed; see the header overview).
+    /// Read-only, for tools that show who holds whom (reference_graph.hpp).
+    bool holds_owner() const noexcept { return holds_owner_; }
     /// The memory system this region belongs to, or null before it is placed
     /// in one (see the header overview).
     memory_system* system() const noexcept { return log_ ? &log_->system() : nullptr; }
@@ -484,8 +499,16 @@ protected:
     void check_finalizable() const override;
     void last_reference_dropped() override;
 
+    void owner_destroyed_unfinalized(const object& owner) noexcept override;
+
 public:
     bool follows_owner_out_of_tree() const noexcept override { return owner_ != nullptr; }
+    /// True while the region is referenced beyond its owner's child property
+    /// and the owner's own regions still in its tree (their containers and
+    /// aliases): by a container or alias of something else, an address space,
+    /// a flat view, a DMA mapping, or a ref_ptr kept anywhere (the owner's
+    /// own included: see the README on cycles).
+    bool held_beyond_owner(const object& owner) const noexcept override;
 
 private:
     friend void memory_region_ref(memory_region& mr);
@@ -550,6 +573,9 @@ private:
     detail::topology_log* log_ = nullptr; // the memory system, once placed in one
     bool counted_ = false;
     bool holds_owner_ = false;
+    // The memory system's list of its regions (memory_system::stranded_regions).
+    using member_hook = boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>;
+    member_hook system_member_;
     region_kind kind_;
     std::atomic<bool> readonly_{false}; // read by readers (re-entrancy guard)
     bool nonvolatile_ = false;
@@ -1010,7 +1036,7 @@ inline memory_region::memory_region(const init_args& a)
         // target's system. (Its creation changes no view: nothing shows it.)
         if (alias_->log_) {
             log_ = alias_->log_;
-            log_->region_bound();
+            log_->region_bound(*this);
         }
     }
 }
@@ -1033,7 +1059,7 @@ inline memory_region::~memory_region() {
     unmap_backing();
     for (auto& bits : dirty_) delete[] bits.exchange(nullptr);
     if (fd_ >= 0) ::close(std::exchange(fd_, -1));
-    if (log_) log_->region_unbound(); // may free the system: last
+    if (log_) log_->region_unbound(*this); // may free the system: last
 }
 
 inline void memory_region::last_reference_dropped() {
@@ -1289,7 +1315,7 @@ inline void memory_region::join(detail::topology_log& log) {
         if (m->log_) continue;
         // Release: a thread marking the region dirty reads it (system_log).
         std::atomic_ref<detail::topology_log*>(m->log_).store(&log, std::memory_order_release);
-        log.region_bound();
+        log.region_bound(*m);
         if (m->container_) stack.push_back(m->container_);
         if (m->alias_) stack.push_back(m->alias_);
         for (memory_region* a : m->alias_users_) stack.push_back(a);
@@ -1422,18 +1448,50 @@ inline void memory_region::apply_size(u128 size) {
 }
 
 inline void memory_region::on_unparent() {
-    if (owner_ && parent() == owner_) {
+    if (owner_ && parent() == owner_ && !holds_owner_) {
         if (owner_->ref_count() == 0) {
-            // The owner is being finalized and is releasing its children: there
-            // is no owner left to hold. The region goes on ownerless (still
-            // counted) for as long as it is referenced.
+            // The owner is being finalized and is releasing its children.
+            // By the owners' rule (object::last_reference_dropped) nothing
+            // beyond the owner holds this region now: it is freed with the
+            // owner's other regions, and never reaches the owner again.
             owner_ = nullptr;
         } else {
+            // From now on the region holds its owner, once, until it is freed
+            // (added back as the owner's child and unparented again, it does
+            // not take a second reference).
             owner_->ref();
             holds_owner_ = true;
         }
     }
     object::on_unparent();
+}
+
+inline bool memory_region::held_beyond_owner(const object& owner) const noexcept {
+    if (!counted_ || owner_ != &owner) return false;
+    auto own = [&](const memory_region* r) { return r->owner_ == &owner && r->parent() == &owner; };
+    std::uint32_t internal = parent() == &owner ? 1 : 0; // the child property
+    if (container_ && own(container_)) ++internal;
+    for (const memory_region* a : alias_users_)
+        if (own(a)) ++internal;
+    return ref_count() > internal;
+}
+
+inline void memory_region::owner_destroyed_unfinalized(const object& owner) noexcept {
+    if (owner_ != &owner) return;
+    // Out of the guest's view at the next commit (now, unless a transaction
+    // is open), and no longer naming the owner (info mtree -o).
+    if (container_ && container_->owner_ != &owner) {
+        try {
+            container_->del_subregion(*this);
+        } catch (...) {
+            log_line(log_category::lifetime,
+                     fmt::format("qomem: region '{}' could not be removed from '{}' when its owner "
+                                 "{} was destroyed by a throwing constructor",
+                                 name_, container_ ? container_->name_ : std::string(), owner.type().name));
+        }
+    }
+    owner_ = nullptr;
+    holds_owner_ = false;
 }
 
 inline object::after_free_action memory_region::after_free() noexcept {

@@ -56,6 +56,7 @@
 #include <vector>
 
 #include <boost/intrusive/list.hpp>
+#include <fmt/core.h>
 #include <boost/intrusive_ptr.hpp>
 
 #include <qomem/assert.hpp>
@@ -215,6 +216,18 @@ public:
     /// How many regions belong to this system.
     std::size_t region_count() const noexcept { return regions_.load(std::memory_order_relaxed); }
 
+    /// Regions that keep their owner alive while nothing in the memory map
+    /// uses them: unparented (so holding their owner), owner out of the tree,
+    /// in no container, no alias's target, no address space's root, no DMA
+    /// mapping's (for ownerless accounting) — yet still referenced. What
+    /// still holds such a region is outside the library's view: most often
+    /// the owner itself, through a ref_ptr it keeps to its own region, which
+    /// makes a cycle that never frees either (or an unfinished DMA, or a
+    /// handle the program forgot). One line each, naming the region and its
+    /// owner. A machine logs them (log_category::lifetime) when it is
+    /// finalized. Any thread; a snapshot.
+    std::vector<std::string> stranded_regions() const;
+
     // ---- dirty logging (dirty_log.hpp) -------------------------------------
 
     /// Starts tracking dirty memory globally for the reasons in `flags`
@@ -287,11 +300,17 @@ private:
     void hold_until_commit(memory_region& mr) override;
     void forget(const memory_region& mr) noexcept override;
     void finalize_on_writer(memory_region& mr) override;
-    void region_bound() noexcept override {
+    void region_bound(memory_region& mr) noexcept override {
         refs_.fetch_add(1, std::memory_order_relaxed);
         regions_.fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard lock(members_mutex_);
+        members_.push_back(mr);
     }
-    void region_unbound() noexcept override {
+    void region_unbound(memory_region& mr) noexcept override {
+        {
+            std::lock_guard lock(members_mutex_);
+            members_.erase(members_.iterator_to(mr));
+        }
         regions_.fetch_sub(1, std::memory_order_relaxed);
         intrusive_ptr_release(this);
     }
@@ -339,6 +358,13 @@ private:
 
     std::atomic<std::size_t> refs_{0};
     std::atomic<std::size_t> regions_{0};
+    // Every region of this system (region_bound until region_unbound).
+    mutable std::mutex members_mutex_;
+    boost::intrusive::list<memory_region,
+                           boost::intrusive::member_hook<memory_region, memory_region::member_hook,
+                                                         &memory_region::system_member_>,
+                           boost::intrusive::constant_time_size<false>>
+        members_;
     bool counted_live_ = false; // in live_objects() (every system but the default one)
     bool target_big_ = std::endian::native == std::endian::big;
 
@@ -489,6 +515,24 @@ inline void memory_system::drain_deferred() {
         }
         for (memory_region* mr : batch) mr->finalize_now();
     }
+}
+
+inline std::vector<std::string> memory_system::stranded_regions() const {
+    std::vector<std::string> out;
+    std::lock_guard lock(members_mutex_);
+    for (const memory_region& r : members_) {
+        const object* o = r.owner_;
+        if (!r.holds_owner_ || !o || o->parent() || r.container_ || !r.alias_users_.empty() ||
+            r.as_root_users_ != 0 || r.ref_count() == 0)
+            continue;
+        out.push_back(fmt::format(
+            "region '{}' ({} reference(s)) holds its owner, a {} now out of the tree ({} reference(s)), "
+            "yet no container, alias, address space or DMA mapping uses it: something outside the "
+            "memory map holds it — if it is the owner's own ref_ptr to its region, the two form a "
+            "reference cycle and are never freed (drop such references at unrealize)",
+            r.name_, r.ref_count(), o->type().name, o->ref_count()));
+    }
+    return out;
 }
 
 inline void memory_system::finalize_on_writer(memory_region& mr) {
@@ -895,9 +939,12 @@ inline void memory_system::global_dirty_log_stop(unsigned flags) {
 
 inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
     if (v) intrusive_ptr_add_ref(v);
-    // seq_cst: readers load the view with a seq_cst load inside their read
-    // section (address_space::current); see rcu.hpp for why the reader's
-    // epoch announcement is ordered before that load.
+    // seq_cst (release would do): pairs with address_space::current's load,
+    // so a reader that gets `v` sees its contents. A reader that began its
+    // section before the retire below may still get `old`; the retire's
+    // acq_rel increment of the epoch makes one that began after it get `v`
+    // or newer, and keeps `old` until the others have left (rcu.hpp,
+    // "Orderings" (A) and (B)).
     flat_view* old = slot.current.exchange(v, std::memory_order_seq_cst);
     // After the exchange, before the retire: a TLB that has not yet seen
     // its invalidation is used only inside a read section that began

@@ -45,11 +45,13 @@
 // under QEMU's big lock.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -379,6 +381,25 @@ public:
     /// (memory regions, see memory_region.hpp).
     virtual bool follows_owner_out_of_tree() const noexcept { return false; }
 
+    /// For such a follower, still a child of `owner`: true while something
+    /// other than `owner` and its other followers that are still its children
+    /// holds a reference to it (a container or alias of another owner, an
+    /// address space, a flat view, a DMA mapping, a ref_ptr kept anywhere).
+    /// Read when the owner's last reference goes (see last_reference_dropped).
+    virtual bool held_beyond_owner(const object& owner) const noexcept {
+        (void)owner;
+        return false;
+    }
+
+protected:
+    /// For a follower whose owner is being destroyed without finalization (an
+    /// exception thrown by the owner's constructor after it made and placed
+    /// the follower): let nothing reach the owner through it any more.
+    /// Runs from ~object(); must not throw.
+    virtual void owner_destroyed_unfinalized(const object& owner) noexcept { (void)owner; }
+
+public:
+
     /// The "type" class property every object has (QEMU's).
     static void class_init(object_class& k, type_tag<object>);
 
@@ -436,9 +457,26 @@ protected:
         finalize();
     }
 
-    /// What dropping the last reference does: finalize_dropped() at once. A
-    /// type may defer it (a memory region hands it to its system's writer).
-    virtual void last_reference_dropped() { finalize_dropped(); }
+    /// What dropping the last reference does. The rule for owners (any
+    /// object, in the tree or not, device or not): when an owner's last
+    /// reference goes while some of its followers (its memory regions) are
+    /// held beyond it (held_beyond_owner), all its followers are unparented
+    /// first — as a device's unparent hook does — so each one still held
+    /// holds a reference to the owner until it is freed (the others are
+    /// freed at once); the owner is finalized when the last of them goes.
+    /// Otherwise, finalize_dropped() at once. A type may defer
+    /// finalization instead (a memory region hands it to its system's writer).
+    /// Effects: may unparent followers (each then references this object).
+    virtual void last_reference_dropped() {
+        if (!hand_over_to_followers()) finalize_dropped();
+    }
+
+    /// The first half of the owners' rule above: unparents the followers held
+    /// beyond this object, each taking a reference to it, and returns true
+    /// if this object is alive again (then it is not finalized now).
+    /// Requires: drop_ref() just dropped the last reference. Never throws: a
+    /// hook's exception goes to the finalization error handler.
+    bool hand_over_to_followers() noexcept;
 
     /// Misuse checks a type adds for the moment its last reference is
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the
@@ -590,6 +628,10 @@ public:
     }
     void rethrow() const {
         if (error_) std::rethrow_exception(error_);
+    }
+    /// Hands the first exception (if any) to the finalization error handler.
+    void report_to_finalization_handler(std::string_view type) const noexcept {
+        if (error_) finalization_handler_slot().load(std::memory_order_acquire)({type, error_});
     }
 
 private:
@@ -832,6 +874,7 @@ inline object::~object() {
         auto owned = remove(props_.back());
         object* t = owned->target;
         if (owned->kind == role::child) {
+            if (t->follows_owner_out_of_tree()) t->owner_destroyed_unfinalized(*this);
             t->parent_ = nullptr;
             t->child_prop_ = nullptr;
             t->unref();
@@ -1070,6 +1113,37 @@ inline void object::finalize() noexcept {
     if (post.fn) post.fn(post.arg);
     if (first)
         detail::finalization_handler_slot().load(std::memory_order_acquire)({dying_type, first});
+}
+
+inline bool object::hand_over_to_followers() noexcept {
+    bool any_held = false;
+    for (const property& p : props_)
+        if (p.kind == role::child && p.target->follows_owner_out_of_tree() &&
+            p.target->held_beyond_owner(*this)) {
+            any_held = true;
+            break;
+        }
+    if (!any_held) return false;
+    // Then every follower leaves, as a device's unparent hook has them do:
+    // one left in the tree could hold, directly or through regions of
+    // others, one that now holds the owner (a cycle). Those nothing else
+    // holds are freed as they leave, releasing what they held.
+    std::vector<object*> followers;
+    try {
+        for (const property& p : props_)
+            if (p.kind == role::child && p.target->follows_owner_out_of_tree()) followers.push_back(p.target);
+    } catch (...) { // only the allocation can throw: then finalize as before
+        return false;
+    }
+    // Nothing can reach a dead object, so bringing it back is ours alone: a
+    // reference of our own while the followers take theirs.
+    ref_.store(1, std::memory_order_relaxed);
+    dropped_ = false;
+    detail::first_error errors;
+    for (object* f : followers) errors.run([&] { unparent(*f); });
+    errors.report_to_finalization_handler(type().name);
+    unref(); // ours: what the followers hold keeps the object alive
+    return true;
 }
 
 inline void object::dead_ref_failure(const char* what) const {

@@ -255,6 +255,12 @@ class virtio_shmem_device : public device {
 public:
     virtio_shmem_device() noexcept = default;
 
+    /// The VIRTIO device ID (VIRTIO 1.2, 5: 26 for a file system, 16 for a
+    /// GPU, ...) that transports report to the driver (virtio-mmio's
+    /// DeviceID, virtio-pci's PCI device ID 0x1040 + id). 0, "reserved", by
+    /// default: device models override it.
+    virtual std::uint16_t virtio_id() const noexcept { return 0; }
+
     /// Declares shared memory region `shmid` of `size` bytes.
     /// Effects: a child object "shm[shmid]" of the device, whose memory
     /// region it owns. Complexity: O(children). Throws: shmem_error

@@ -423,6 +423,8 @@ private:                                                                        
 
 /// Declares a QOM interface type (a class with pure virtual functions that
 /// object types implement by deriving from it).
+// Self names a type (Self&, Self()): it cannot be parenthesised.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define QOMEM_INTERFACE(Self, Name)                                                                \
 public:                                                                                            \
     using qomem_declared_interface = Self;                                                         \
@@ -438,3 +440,4 @@ protected:                                                                      
     ~Self() = default;                                                                             \
                                                                                                    \
 public:
+// NOLINTEND(bugprone-macro-parentheses)

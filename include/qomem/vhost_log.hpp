@@ -183,7 +183,7 @@ public:
     /// vhost-user's layout); nothing is cleared. Any thread.
     void store_dirty(const memory_section& s, dirty_client client) noexcept {
         const u128 end = std::min(u128(s.offset_within_address_space) + s.size, covered());
-        for (u128 a = s.offset_within_address_space / page_size * page_size; a < end; a += page_size) {
+        for (u128 a = u128(s.offset_within_address_space / page_size) * page_size; a < end; a += page_size) {
             const u128 lo = std::max<u128>(a, s.offset_within_address_space);
             const u128 hi = std::min<u128>(a + page_size, end);
             const hwaddr in_region = static_cast<hwaddr>(s.offset_within_region + (lo - s.offset_within_address_space));

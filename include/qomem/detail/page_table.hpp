@@ -225,6 +225,12 @@ private:
     /// The node of `slot`, copied first if another table shares it.
     static pt_node& own(pt_entry& slot) {
         pt_node* n = node_of(slot);
+        // One reference: the table being built (unpublished) holds the only
+        // path to it, so no reader can reach it. The count may have just
+        // dropped to 1 on another thread releasing a retired table (after
+        // its grace period); acquire pairs with that acq_rel decrement, so
+        // whatever that thread did with the node happens before it is
+        // written here.
         if (n->refs.load(std::memory_order_acquire) == 1) return *n;
         auto* c = new pt_node;
         c->used = n->used;

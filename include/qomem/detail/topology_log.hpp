@@ -54,8 +54,8 @@ public:
 
     /// A region joins (leaves) the system: the system lives as long as one
     /// of its regions does.
-    virtual void region_bound() noexcept = 0;
-    virtual void region_unbound() noexcept = 0;
+    virtual void region_bound(memory_region& mr) noexcept = 0;
+    virtual void region_unbound(memory_region& mr) noexcept = 0;
 
     /// The listeners' dirty-log hooks for `mr` (memory_system.hpp): log_sync
     /// (or log_sync_global) before its bitmap is read, log_clear for

@@ -171,6 +171,21 @@ public:
     /// The back-end's shared memory regions (SHMEM). Throws: protocol_error.
     shmem_config_payload get_shmem_config();
 
+    /// Declares the back-end's shared memory regions on the session's device,
+    /// as QEMU's generic vhost-user device does at realize: GET_SHMEM_CONFIG,
+    /// then one region per non-zero size, at its shmid. A transport then
+    /// places them (virtio_transport.hpp) without the device model naming them.
+    /// Requires (asserted): the session was given a device.
+    /// Effects: a child "shm[N]" of the device per region; returns how many.
+    /// Complexity: one round trip, plus a reservation (mmap) per region.
+    /// Throws: protocol_error (SHMEM not negotiated, nothing sent; the
+    /// session's failures); shmem_error for a size that is not a multiple of
+    /// the page size (bad_size), a shmid the device already has
+    /// (duplicate_shmid), or a reservation the kernel refuses (bad_size).
+    /// Every check runs before the first region is declared, and a failed
+    /// reservation undoes the ones made: the device is left as it was.
+    std::size_t declare_shmem_regions();
+
     /// Starts virtqueue `index` on the rings at `layout` (guest addresses in
     /// the shared RAM): SET_VRING_NUM, SET_VRING_BASE (0), SET_VRING_ADDR
     /// (this process's addresses), SET_VRING_CALL and SET_VRING_KICK with new
@@ -554,6 +569,7 @@ inline void frontend::sync_table() {
         send_acked(frontend_request::set_mem_table,
                    [&](bool nr) { return encode_mem_table(regions, nr); }, fds);
         std::vector<slot> next;
+        next.reserve(want.size());
         for (const slot* w : want) next.push_back(slot{w->entry, region_ref(*const_cast<memory_region*>(w->entry.mr))});
         table_ = std::move(next);
     }
@@ -592,6 +608,36 @@ inline shmem_config_payload frontend::get_shmem_config() {
     } catch (const protocol_error& e) {
         fail_with(e.why(), e.what());
     }
+}
+
+inline std::size_t frontend::declare_shmem_regions() {
+    QOMEM_ASSERT(dev_, "declare_shmem_regions: the session was made without a device to declare them on");
+    const shmem_config_payload c = get_shmem_config();
+    const std::uint64_t page = qomem::detail::host_page_size();
+    for (std::size_t id = 0; id < max_shmem_regions; ++id) {
+        const std::uint64_t size = c.memory_sizes[id];
+        if (size == 0) continue;
+        if (size % page != 0)
+            throw shmem_error(shmem_reason::bad_size,
+                              fmt::format("the back-end's shared memory region {} has size {:#x}, not a multiple "
+                                          "of the page size {:#x}; no region was declared",
+                                          id, size, page));
+        if (dev_->shmem(static_cast<std::uint8_t>(id)))
+            throw shmem_error(shmem_reason::duplicate_shmid,
+                              fmt::format("the back-end's shared memory region {} is already declared on {} '{}'; "
+                                          "no region was declared",
+                                          id, dev_->type().name, dev_->name()));
+    }
+    std::vector<virtio_shmem*> made;
+    try {
+        for (std::size_t id = 0; id < max_shmem_regions; ++id)
+            if (c.memory_sizes[id] != 0)
+                made.push_back(&dev_->declare_shmem(static_cast<std::uint8_t>(id), c.memory_sizes[id]));
+    } catch (...) {
+        for (virtio_shmem* s : made) unparent(*s);
+        throw;
+    }
+    return made.size();
 }
 
 inline void frontend::start_vring(unsigned index, const vring_layout& l) {
