@@ -1,8 +1,11 @@
 # Entry points for developers and CI. CMake does the real work; see CMakeLists.txt.
 .NOTPARALLEL:
-.PHONY: deps build demo test test-asan test-tsan test-aarch64 lint fuzz bench bench-smoke clean
+.PHONY: deps build demo test test-asan test-tsan test-aarch64 test-qemu recapture lint fuzz bench bench-smoke clean
 
 JOBS := 2
+# The captures from a real QEMU (ctest label qemu): AUTO runs them when QEMU is
+# installed; CI passes ON, which fails the configuration when it is not.
+QEMU_TESTS ?= AUTO
 # Repetitions of each benchmark in `make bench`; the report takes their medians.
 BENCH_REPS ?= 5
 
@@ -11,7 +14,7 @@ deps:
 	.ci/install-deps
 
 build:
-	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
 	cmake --build build -j$(JOBS)
 
 # The SVGs are build outputs: the example writes a DOT picture of each step
@@ -21,7 +24,7 @@ demo: deps build
 	rm -rf build/demo/nic_unplug
 	build/examples/nic_unplug build/demo/nic_unplug
 	for f in build/demo/nic_unplug/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg" || exit 1; done
-	build/examples/mtree tests/conformance/qemu-7.2/pc/fixture.json
+	build/tools/mtree/mtree tests/conformance/qemu-7.2/pc/fixture.json
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
 	build/examples/virtiofs_read
@@ -35,9 +38,26 @@ test: deps build
 test-asan: export ASAN_OPTIONS := detect_leaks=1:abort_on_error=1
 test-asan: export UBSAN_OPTIONS := print_stacktrace=1:halt_on_error=1
 test-asan: deps
-	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=address,undefined
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=address,undefined \
+	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
 	cmake --build build-asan -j$(JOBS)
 	ctest --test-dir build-asan --output-on-failure -j$(JOBS)
+
+# Only the captures from a real QEMU: each machine state of
+# tests/conformance/qemu-machines.txt, captured and round-tripped.
+test-qemu: deps build
+	ctest --test-dir build --output-on-failure -j$(JOBS) -L qemu
+
+# Captures the machines marked "committed" in tests/conformance/qemu-machines.txt
+# again, into tests/conformance/qemu-7.2/NAME (review the diff before committing).
+recapture: deps build
+	grep -v '^#' tests/conformance/qemu-machines.txt | while IFS='|' read -r name seconds kept command; do \
+	  name=$$(echo $$name); seconds=$$(echo $$seconds); kept=$$(echo $$kept); \
+	  [ "$$kept" = committed ] || continue; \
+	  echo "== $$name"; \
+	  build/tools/mtree/mtree capture --out tests/conformance/qemu-7.2/$$name --run $$seconds -- $$command \
+	    || exit 1; \
+	done
 
 # ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
 # tests/memory_system_test.cpp, tests/rcu_test.cpp, tests/unplug_vcpu_test.cpp), and only those: only

@@ -638,8 +638,8 @@ TEST_CASE("a dma_mapping unmaps when destroyed or assigned over: RAM references 
     CHECK(as.bounce_buffer_in_use() == 0);
 }
 
-TEST_CASE("a DMA mapping keeps its region alive after the region leaves the address space "
-          "and its device is gone",
+TEST_CASE("a DMA mapping keeps its region, and through it the device, alive after the region "
+          "leaves the address space and the device's last handle goes",
           "[dma][mapping]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
@@ -654,11 +654,14 @@ TEST_CASE("a DMA mapping keeps its region alive after the region leaves the addr
     qomem::memory_region* raw = ram.get();
     b.sys->del_subregion(*raw);
     ram.reset();
-    nic.reset(); // finalized; the region goes on, ownerless but counted
-    REQUIRE(live_count("device") == 1); // only b.dev
+    nic.reset(); // the owners' rule: the DMA-held region leaves the tree and holds the nic
+    REQUIRE(live_count("device") == 2); // b.dev and the nic
+    CHECK(raw->parent() == nullptr);
+    CHECK(raw->owner() != nullptr);
     CHECK(raw->ref_count() == 1);
     CHECK(raw->region_name() == "rx-ring");
     std::memset(m.data(), 0xab, 0x1000); // still valid memory
-    as.unmap(m, 0x1000);                 // frees the region
+    as.unmap(m, 0x1000);                 // frees the region, then the nic
     CHECK(live_count("memory-region") == 1); // only b.sys
+    CHECK(live_count("device") == 1);        // only b.dev
 }

@@ -4,14 +4,19 @@
 // runs with a throwing assertion handler, so that misuse checks can be
 // asserted with REQUIRE_THROWS_AS:
 //
-//     TEST_CASE("unparent of an orphan is reported") {
+//     TEST_CASE("an object cannot become a child of its own child") {
 //         qomem_test::leak_check leaks;           // first: checked last
 //         qomem_test::throwing_assertions asserts;
 //         qomem_test::event_recorder events;      // optional: lifetime order
-//         auto obj = qomem::make<qomem::container>();
-//         events.label(*obj, "obj");
-//         REQUIRE_THROWS_AS(qomem::unparent(*obj), qomem::assertion_failure);
-//     }   // obj released here, then leak_check requires zero live objects
+//         auto a = qomem::make<qomem::container>();
+//         auto b = qomem::make<qomem::container>();
+//         a->add_child("b", *b);
+//         events.label(*a, "a");
+//         REQUIRE_THROWS_AS(b->add_child("a", *a), qomem::assertion_failure);
+//     }   // b, then a released here, then leak_check requires zero live objects
+//
+// These come from <qomem/testing.hpp> (through its Catch2 adapter); the rest
+// of this file is the rigs the tests share.
 //
 // Declare leak_check before any ref_ptr of the scenario: locals are destroyed
 // in reverse order, so the check runs after every handle has been dropped.
@@ -63,6 +68,7 @@
 #include <qomem/object.hpp>
 #include <qomem/pci.hpp>
 #include <qomem/shmem.hpp>
+#include <qomem/testing_catch2.hpp>
 #include <qomem/virtio_mmio.hpp>
 #include <qomem/vhost_user/unique_fd.hpp>
 
@@ -70,119 +76,21 @@ extern char** environ;
 
 namespace qomem_test {
 
-/// Requires, when it goes out of scope, that the number of live qomem objects
-/// is back to what it was when it was made (zero, unless an earlier test
-/// leaked: that test has already failed, and this one is not blamed for it).
+/// qomem/testing.hpp's leak check, reporting through Catch2, that also
+/// requires zero live objects at the start (unless an earlier test leaked:
+/// that test has already failed, and this one is not blamed for it).
 /// Declare it first in a scenario so that it is checked last.
-class leak_check {
+class leak_check : public qomem::testing::catch2::leak_check {
 public:
-    leak_check() : start_(qomem::live_object_count()), unwinding_(std::uncaught_exceptions()) {
-        CHECK(start_ == 0);
-    }
-    leak_check(const leak_check&) = delete;
-    leak_check& operator=(const leak_check&) = delete;
-
-    // A failed REQUIRE throws; that is only allowed when no other exception
-    // is already unwinding the scenario, so fall back to CHECK then.
-    ~leak_check() noexcept(false) {
-        const std::size_t now = qomem::live_object_count();
-        INFO("live objects by type at the end of the scenario: " << describe_live());
-        if (std::uncaught_exceptions() > unwinding_)
-            CHECK(now == start_);
-        else
-            REQUIRE(now == start_);
-    }
-
-    static std::string describe_live() {
-        std::string out;
-        for (const auto& [type, count] : qomem::live_objects())
-            out += type + "=" + std::to_string(count) + " ";
-        return out.empty() ? "none" : out;
-    }
-
-private:
-    std::size_t start_;
-    int unwinding_;
+    leak_check() { CHECK(start() == 0); }
+    /// The live objects by type, e.g. "container=1 memory-region=2", or "none".
+    static std::string describe_live() { return qomem::testing::describe_live_objects(); }
 };
 
-/// Installs qomem::throwing_assertion_handler for its lifetime, so a failed
-/// QOMEM_ASSERT throws qomem::assertion_failure instead of aborting.
-/// Never let such a failure escape a destructor (a finalizer, ref_ptr's
-/// destructor): that terminates. Catch it inside and record it instead.
-class throwing_assertions {
-public:
-    throwing_assertions() = default;
-
-private:
-    qomem::scoped_assertion_handler guard_{qomem::throwing_assertion_handler};
-};
-
-/// An ordered list of events, e.g. "ctor base", "finalizing dev", "free".
-class event_log {
-public:
-    void add(std::string event) { events_.push_back(std::move(event)); }
-    const std::vector<std::string>& events() const noexcept { return events_; }
-    /// Returns the events recorded so far and starts a fresh list.
-    std::vector<std::string> take() { return std::exchange(events_, {}); }
-    void clear() noexcept { events_.clear(); }
-
-private:
-    std::vector<std::string> events_;
-};
-
-/// A lifetime_observer that records "finalizing <label>" and
-/// "unparenting <child label> from <parent label>" into a log, for the
-/// objects given a label (others are recorded by type name). Installed for
-/// its lifetime; restores the previous observer afterwards.
-class event_recorder : public qomem::lifetime_observer {
-public:
-    explicit event_recorder(event_log& log) : log_(&log), previous_(qomem::set_lifetime_observer(this)) {}
-    event_recorder() : event_recorder(own_log_) {}
-    ~event_recorder() { qomem::set_lifetime_observer(previous_); }
-    event_recorder(const event_recorder&) = delete;
-    event_recorder& operator=(const event_recorder&) = delete;
-
-    /// Names `obj` in the log. Labels are kept after `obj` dies (a parent
-    /// being finalized still appears in its children's unparenting events),
-    /// so an object made later at the same address and of the same type
-    /// would inherit the label: label such objects too.
-    void label(const qomem::object& obj, std::string name) {
-        labels_[&obj] = {&obj.type(), std::move(name)};
-    }
-
-    void finalizing(const qomem::object& obj) noexcept override {
-        log_->add("finalizing " + label_of(obj));
-    }
-    void unparenting(const qomem::object& child, const qomem::object& parent) noexcept override {
-        log_->add("unparenting " + label_of(child) + " from " + label_of(parent));
-    }
-
-    event_log& log() noexcept { return *log_; }
-    const std::vector<std::string>& events() const noexcept { return log_->events(); }
-    std::vector<std::string> take() { return log_->take(); }
-
-private:
-    std::string label_of(const qomem::object& obj) const {
-        auto it = labels_.find(&obj);
-        if (it != labels_.end() && it->second.first == &obj.type()) return it->second.second;
-        return std::string(obj.type().name);
-    }
-
-    event_log own_log_;
-    event_log* log_;
-    qomem::lifetime_observer* previous_;
-    std::map<const qomem::object*, std::pair<const qomem::type_info*, std::string>> labels_;
-};
-
-/// The events of `log` that start with `prefix`, in order (e.g. only the
-/// "finalizing " ones).
-inline std::vector<std::string> only(const std::vector<std::string>& events,
-                                     std::string_view prefix) {
-    std::vector<std::string> out;
-    for (const std::string& e : events)
-        if (std::string_view(e).substr(0, prefix.size()) == prefix) out.push_back(e);
-    return out;
-}
+using qomem::testing::event_log;
+using qomem::testing::event_recorder;
+using qomem::testing::only;
+using qomem::testing::throwing_assertions;
 
 // ---- memory-map rigs --------------------------------------------------------
 

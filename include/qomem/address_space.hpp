@@ -70,7 +70,8 @@ public:
         : memory_section(std::exchange(static_cast<memory_section&>(o), memory_section{})),
           hold_(std::move(o.hold_)) {}
     found_section& operator=(found_section&& o) noexcept {
-        static_cast<memory_section&>(*this) = std::exchange(static_cast<memory_section&>(o), memory_section{});
+        static_cast<memory_section&>(*this) =
+            std::exchange(static_cast<memory_section&>(o), memory_section{});
         hold_ = std::move(o.hold_);
         return *this;
     }
@@ -172,7 +173,8 @@ public:
             detail::copy_bytes(reinterpret_cast<std::byte*>(e.aux + addr), buf, len);
             return memtx_ok;
         }
-        return access_slow(v, addr, static_cast<std::byte*>(const_cast<void*>(buf)), len, true, attrs);
+        return access_slow(v, addr, static_cast<std::byte*>(const_cast<void*>(buf)), len, true,
+                           attrs);
     }
     /// Writes even to ROM (QEMU's address_space_write_rom), for loaders.
     memtx_result write_rom(hwaddr addr, const void* buf, std::size_t len) {
@@ -196,14 +198,15 @@ public:
     /// would have read (zeros from holes and refused accesses).
     template <class T, endianness Order = endianness::native>
     memtx_result load(hwaddr addr, T& value, mem_attrs attrs = {}) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "load: an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "load: an unsigned integer of 1 to 8 bytes");
         rcu::read_guard g;
         const flat_view& v = *current();
         const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
         if (e.aux != 0 && (addr & (detail::pt_page_size - 1)) <= detail::pt_page_size - sizeof(T) &&
             !attrs.memory) [[likely]] {
-            value = static_cast<T>(detail::load_ordered(reinterpret_cast<const std::byte*>(e.aux + addr),
-                                                        sizeof(T), big<Order>()));
+            value = static_cast<T>(detail::load_ordered(
+                reinterpret_cast<const std::byte*>(e.aux + addr), sizeof(T), big<Order>()));
             return memtx_ok;
         }
         std::byte bytes[sizeof(T)];
@@ -215,7 +218,8 @@ public:
     /// Stores one value of `T` at `addr` in byte order `Order`, as load().
     template <class T, endianness Order = endianness::native>
     memtx_result store(hwaddr addr, T value, mem_attrs attrs = {}) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "store: an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "store: an unsigned integer of 1 to 8 bytes");
         std::byte bytes[sizeof(T)];
         detail::store_ordered(bytes, sizeof(T), value, big<Order>());
         rcu::read_guard g;
@@ -226,7 +230,8 @@ public:
             std::memcpy(reinterpret_cast<std::byte*>(e.aux + addr), bytes, sizeof(T));
             return memtx_ok;
         }
-        return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs, sys_->target_big_endian());
+        return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs,
+                                         sys_->target_big_endian());
     }
 
     // ---- translation and checks ----------------------------------------------
@@ -332,7 +337,8 @@ private:
     }
 
     [[gnu::noinline]] memtx_result access_slow(const flat_view& v, hwaddr addr, std::byte* buf,
-                                               std::size_t len, bool is_write, mem_attrs attrs) const {
+                                               std::size_t len, bool is_write,
+                                               mem_attrs attrs) const {
         return detail::access_view(v, addr, buf, len, is_write, attrs, sys_->target_big_endian());
     }
     template <endianness Order>
@@ -345,7 +351,7 @@ private:
     /// map() beyond its inline case: several ranges, MMIO (a bounce
     /// buffer), attributes; fills `m`, or leaves it empty.
     [[gnu::noinline]] void map_slow(dma_mapping& m, const flat_view& v, hwaddr addr, hwaddr len,
-                                        bool is_write, mem_attrs attrs) {
+                                    bool is_write, mem_attrs attrs) {
         const flat_range* fr = v.lookup(addr);
         if (!fr) return;
         memory_region& mr = *fr->mr;
@@ -384,7 +390,8 @@ private:
             const std::size_t left = used < max ? max - used : 0;
             take = static_cast<std::size_t>(std::min<u128>(len, left));
             if (take == 0) return;
-            if (bounce_used_.compare_exchange_weak(used, used + take, std::memory_order_acq_rel)) break;
+            if (bounce_used_.compare_exchange_weak(used, used + take, std::memory_order_acq_rel))
+                break;
         }
         // From here the mapping is whole at every step: if the pre-read throws,
         // its destructor gives back the buffer, the budget and the region.
@@ -435,8 +442,9 @@ inline address_space::~address_space() {
     QOMEM_ASSERT(bounce_mappings_.load() == 0,
                  "address space '{}' destroyed with {} live bounce mapping(s)", name_,
                  bounce_mappings_.load());
-    QOMEM_ASSERT(reader_caches() == 0, "address space '{}' destroyed with {} CPU TLB(s) bound to it",
-                 name_, reader_caches());
+    QOMEM_ASSERT(reader_caches() == 0,
+                 "address space '{}' destroyed with {} CPU TLB(s) bound to it", name_,
+                 reader_caches());
     sys_->remove_space(slot_);
 }
 
@@ -519,7 +527,9 @@ inline void dma_mapping::end() {
         address_space::end_direct(*this, is_write_ ? len_ : 0);
 }
 
-inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) { // NOLINT(performance-noexcept-move-constructor): see dma.hpp
+// Not noexcept (see dma.hpp): ending the old mapping may write back through MMIO.
+// NOLINTNEXTLINE(performance-noexcept-move-constructor)
+inline dma_mapping& dma_mapping::operator=(dma_mapping&& o) {
     if (this != &o) {
         if (ptr_) end();
         take(o);
@@ -568,7 +578,6 @@ inline found_section address_space::find(hwaddr addr, u128 size) const {
     s.size = std::min(end, r.end()) - start;
     return found_section(s);
 }
-
 
 inline memtx_result address_space::set(hwaddr addr, std::uint8_t c, hwaddr len, mem_attrs attrs) {
     std::byte chunk[512];
@@ -625,7 +634,8 @@ inline found_section address_space::translate(hwaddr addr, hwaddr& len, bool is_
     return found_section(s);
 }
 
-inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs) const {
+inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write,
+                                        mem_attrs attrs) const {
     const u128 end = u128(addr) + len;
     if (end > u128_2_64) return false;
     rcu::read_guard g;

@@ -96,4 +96,5 @@ private:
 #define QOMEM_ASSERT(cond, ...)                                                                    \
     (__builtin_expect(static_cast<bool>(cond), 1)                                                  \
          ? void(0)                                                                                 \
-         : ::qomem::detail::assertion_failed(#cond, __FILE__, __LINE__, ::fmt::format(__VA_ARGS__)))
+         : ::qomem::detail::assertion_failed(#cond, __FILE__, __LINE__,                            \
+                                             ::fmt::format(__VA_ARGS__)))

@@ -132,7 +132,8 @@ public:
     /// in no container. Effects: as container.add_subregion (the container
     /// takes memory_region_ref on `r`). Throws: as add_subregion (nothing
     /// recorded then). Complexity: that of add_subregion.
-    void map_region(memory_region& container, hwaddr addr, memory_region& r, std::int32_t priority = 0);
+    void map_region(memory_region& container, hwaddr addr, memory_region& r,
+                    std::int32_t priority = 0);
 
     /// Takes `r` out of its container now (before unrealize).
     /// Requires (asserted): `r` was placed by map_region and is still there.
@@ -175,7 +176,9 @@ class bus : public object {
     QOMEM_OBJECT(bus, "bus", object)
 public:
     /// A bus has a weak link "hotplug-handler" (QEMU's), empty at first.
-    bus() { add_link("hotplug-handler", nullptr, link_strength::weak, hotplug_handler::static_type()); }
+    bus() {
+        add_link("hotplug-handler", nullptr, link_strength::weak, hotplug_handler::static_type());
+    }
 
     /// The device that owns this bus (its parent), if any.
     device* owner_device() const noexcept { return dynamic_cast_to<device>(parent()); }
@@ -285,12 +288,9 @@ inline void device::class_init(class_type& k, type_tag<device>) {
                                d.unrealize();
                        })
                        .describe("realize or unrealize the device"));
-    k.add_property(bool_property<device>(
-                       "hotpluggable",
-                       [](const device& d) {
-                           return static_cast<const class_type&>(d.get_class()).hotpluggable;
-                       })
-                       .describe("whether device_del may remove the device"));
+    k.add_property(bool_property<device>("hotpluggable", [](const device& d) {
+                       return static_cast<const class_type&>(d.get_class()).hotpluggable;
+                   }).describe("whether device_del may remove the device"));
 }
 
 inline device::~device() {
@@ -388,10 +388,11 @@ inline void device::unrealize() {
 inline void device::map_region(memory_region& container, hwaddr addr, memory_region& r,
                                std::int32_t priority) {
     QOMEM_ASSERT(r.owner() == this && r.parent() == this,
-                 "map_region: region '{}' is not a region of this {} (owner {}, parent {})", r.region_name(),
-                 type().name, static_cast<const void*>(r.owner()), static_cast<const void*>(r.parent()));
-    QOMEM_ASSERT(!r.container(), "map_region: region '{}' is already in container '{}'", r.region_name(),
-                 r.container() ? r.container()->region_name() : std::string());
+                 "map_region: region '{}' is not a region of this {} (owner {}, parent {})",
+                 r.region_name(), type().name, static_cast<const void*>(r.owner()),
+                 static_cast<const void*>(r.parent()));
+    QOMEM_ASSERT(!r.container(), "map_region: region '{}' is already in container '{}'",
+                 r.region_name(), r.container() ? r.container()->region_name() : std::string());
     mapped_.reserve(mapped_.size() + 1); // the record cannot fail after the change
     container.add_subregion(addr, r, priority);
     mapped_.push_back(&r);
@@ -400,8 +401,8 @@ inline void device::map_region(memory_region& container, hwaddr addr, memory_reg
 inline void device::unmap_region(memory_region& r) {
     auto it = std::find(mapped_.begin(), mapped_.end(), &r);
     QOMEM_ASSERT(it != mapped_.end() && r.container(),
-                 "unmap_region: region '{}' was not placed by map_region of this {}", r.region_name(),
-                 type().name);
+                 "unmap_region: region '{}' was not placed by map_region of this {}",
+                 r.region_name(), type().name);
     r.container()->del_subregion(r);
     mapped_.erase(it);
 }
@@ -487,11 +488,12 @@ inline void device_del(device& dev) {
         throw hotplug_error(fmt::format("device '{}' ({}) does not support hotplugging", dev.id(),
                                         dev.type().name));
     if (dev.unplug_pending_)
-        throw hotplug_error(fmt::format("device '{}' is already in the process of unplug", dev.id()));
+        throw hotplug_error(
+            fmt::format("device '{}' is already in the process of unplug", dev.id()));
     hotplug_handler* handler = dev.hotplug_handler_of();
     if (!handler)
-        throw hotplug_error(fmt::format("device '{}' ({}) has no hotplug handler", dev.id(),
-                                        dev.type().name));
+        throw hotplug_error(
+            fmt::format("device '{}' ({}) has no hotplug handler", dev.id(), dev.type().name));
     dev.unplug_pending_ = true;
     bool asked = false;
     try {

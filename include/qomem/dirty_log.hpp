@@ -57,8 +57,8 @@ inline constexpr hwaddr dirty_page_size = 4096;
 /// Why a memory system tracks dirty memory globally (QEMU's GLOBAL_DIRTY_*
 /// flags): tracking is on while any reason is.
 namespace global_dirty {
-inline constexpr unsigned migration = 1u << 0;  ///< live migration
-inline constexpr unsigned dirty_rate = 1u << 1; ///< measuring the dirty rate
+inline constexpr unsigned migration = 1u << 0;   ///< live migration
+inline constexpr unsigned dirty_rate = 1u << 1;  ///< measuring the dirty rate
 inline constexpr unsigned dirty_limit = 1u << 2; ///< throttling dirty vCPUs
 inline constexpr unsigned all = migration | dirty_rate | dirty_limit;
 } // namespace global_dirty

@@ -74,7 +74,8 @@ struct flat_range {
     std::byte* host_at(hwaddr a) const noexcept {
         // An integer on purpose: host_base is a guest-0 address that may lie
         // outside any object (see above); only the sum is a pointer.
-        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a)); // NOLINT(performance-no-int-to-ptr)
+        // NOLINTNEXTLINE(performance-no-int-to-ptr)
+        return reinterpret_cast<std::byte*>(host_base + static_cast<std::uintptr_t>(a));
     }
     /// The host address of the region's offset 0 (from host_base), or null.
     std::byte* region_host() const noexcept {
@@ -239,7 +240,8 @@ public:
             using pointer = const flat_range*;
             using reference = const flat_range&;
             iterator() noexcept = default;
-            iterator(const flat_view* v, std::size_t c, std::size_t i) noexcept : v_(v), c_(c), i_(i) {}
+            iterator(const flat_view* v, std::size_t c, std::size_t i) noexcept
+                : v_(v), c_(c), i_(i) {}
             reference operator*() const noexcept { return v_->chunks_[c_]->ranges()[i_]; }
             pointer operator->() const noexcept { return &**this; }
             iterator& operator++() noexcept {
@@ -290,7 +292,8 @@ public:
         : root_(root), root_addr_(root ? root->addr() : 0) {
         detail::append_chunks(chunks_, std::move(ranges));
         index();
-        table_.rewrite(0, u128_2_64, this->ranges().begin(), this->ranges().end(), detail::range_slot);
+        table_.rewrite(0, u128_2_64, this->ranges().begin(), this->ranges().end(),
+                       detail::range_slot);
         if (root_) memory_region_ref(*root_);
     }
     ~flat_view() {
@@ -372,8 +375,8 @@ private:
         hi = (hi + page - 1) & ~(page - 1);
         if (hi > u128_2_64) hi = u128_2_64;
         if (lo >= hi) return;
-        table_.rewrite(lo, hi, iterator_at(first_ending_after(static_cast<hwaddr>(lo))), ranges().end(),
-                       detail::range_slot);
+        table_.rewrite(lo, hi, iterator_at(first_ending_after(static_cast<hwaddr>(lo))),
+                       ranges().end(), detail::range_slot);
     }
     range_list::iterator iterator_at(std::size_t i) const noexcept {
         if (i >= size_) return ranges().end();
@@ -398,7 +401,9 @@ private:
         return prefix_[c - 1] + detail::upper_index(st.data(), st.size(), addr);
     }
     std::size_t chunk_of(std::size_t i) const noexcept {
-        return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) - prefix_.begin()) - 1;
+        return static_cast<std::size_t>(std::upper_bound(prefix_.begin(), prefix_.end(), i) -
+                                        prefix_.begin()) -
+               1;
     }
 
     memory_region* root_;
@@ -423,7 +428,8 @@ struct view_access {
 
 template <class OnChange>
 ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& windows,
-                                     const std::vector<flat_range>& fresh, OnChange&& on_change) const {
+                                     const std::vector<flat_range>& fresh,
+                                     OnChange&& on_change) const {
     std::vector<detail::chunk_ptr> out;
     out.reserve(chunks_.size() + 4);
     // The stretches of the address space whose chunks are rebuilt: their
@@ -464,7 +470,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
         std::vector<flat_range> old_span;
         if (size_ > 0)
             for (std::size_t c = c0; c <= c1; ++c)
-                old_span.insert(old_span.end(), chunks_[c]->ranges().begin(), chunks_[c]->ranges().end());
+                old_span.insert(old_span.end(), chunks_[c]->ranges().begin(),
+                                chunks_[c]->ranges().end());
         // The old ranges cut to what lies outside the windows...
         std::vector<flat_range> outside;
         std::size_t w = wi;
@@ -478,7 +485,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
                         flat_range piece = r; // host_base stays valid: same mapping
                         piece.start = static_cast<hwaddr>(pos);
                         piece.size = windows[k].first - pos;
-                        piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                        piece.offset_in_region =
+                            static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
                         outside.push_back(piece);
                     }
                     pos = std::max(pos, windows[k].second);
@@ -487,7 +495,8 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
                     flat_range piece = r;
                     piece.start = static_cast<hwaddr>(pos);
                     piece.size = end - pos;
-                    piece.offset_in_region = static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
+                    piece.offset_in_region =
+                        static_cast<hwaddr>(r.offset_in_region + (pos - r.start));
                     outside.push_back(piece);
                     pos = end;
                 }
@@ -527,15 +536,13 @@ inline std::string flat_view::check_page_table() const {
     for (const flat_range& r : ranges()) mine.insert(&r);
     auto overlapping = [&](u128 lo, u128 hi) {
         std::vector<const flat_range*> out;
-        for (auto it = iterator_at(first_ending_after(static_cast<hwaddr>(lo))); it != ranges().end() &&
-                                                                                 u128(it->start) < hi;
-             ++it)
+        for (auto it = iterator_at(first_ending_after(static_cast<hwaddr>(lo)));
+             it != ranges().end() && u128(it->start) < hi; ++it)
             out.push_back(&*it);
         return out;
     };
     return table_.check([&](const flat_range* r) { return mine.count(r) != 0; }, overlapping,
                         detail::range_slot);
 }
-
 
 } // namespace qomem

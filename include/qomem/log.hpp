@@ -39,7 +39,7 @@ inline std::atomic<log_sink>& log_sink_slot() noexcept {
 }
 inline std::atomic<unsigned>& log_mask() noexcept {
     static std::atomic<unsigned> mask{static_cast<unsigned>(log_category::reentrancy) |
-                                     static_cast<unsigned>(log_category::lifetime)};
+                                      static_cast<unsigned>(log_category::lifetime)};
     return mask;
 }
 } // namespace detail

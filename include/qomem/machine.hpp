@@ -79,8 +79,7 @@ private:
 /// Creates a machine of type M and adds it as child "machine" of `root`,
 /// which then holds the only reference to it.
 template <class M = machine>
-    requires std::is_base_of_v<machine, M>
-M& add_machine(container& root) {
+requires std::is_base_of_v<machine, M> M& add_machine(container& root) {
     auto m = make<M>();
     root.add_child("machine", *m);
     return *m;

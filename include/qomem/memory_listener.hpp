@@ -161,10 +161,12 @@ public:
     /// 0): the old and the new mask (bit dirty_client: dirty_log.hpp). A
     /// range added by a commit gets region_add alone, as in QEMU: its
     /// region's mask is memory_region::dirty_log_mask().
-    virtual void log_start(const memory_section&, std::uint8_t /*old_mask*/, std::uint8_t /*new_mask*/) {}
+    virtual void log_start(const memory_section&, std::uint8_t /*old_mask*/,
+                           std::uint8_t /*new_mask*/) {}
     /// After region_nop (or at unregistration) of a section whose region
     /// stopped logging for some clients: the old and the new mask.
-    virtual void log_stop(const memory_section&, std::uint8_t /*old_mask*/, std::uint8_t /*new_mask*/) {}
+    virtual void log_stop(const memory_section&, std::uint8_t /*old_mask*/,
+                          std::uint8_t /*new_mask*/) {}
     /// Before the dirty bitmap of the section's region is read: bring what
     /// the listener logged itself (a vhost back-end's log, KVM's) into it,
     /// with memory_region::set_dirty. sync_mode::per_section only.
@@ -205,8 +207,9 @@ protected:
     /// Requires (asserted, never compiled out): not registered to an address
     /// space, which would otherwise call into a destroyed object.
     ~memory_listener() noexcept(false) {
-        QOMEM_ASSERT(!as_, "memory listener '{}' at {} destroyed while still registered to an "
-                           "address space",
+        QOMEM_ASSERT(!as_,
+                     "memory listener '{}' at {} destroyed while still registered to an "
+                     "address space",
                      name_, static_cast<const void*>(this));
     }
 
@@ -214,18 +217,18 @@ private:
     friend class address_space;
     friend class memory_system;
     friend struct detail::view_slot;
-    using hook_type =
-        boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>;
+    using hook_type = boost::intrusive::list_member_hook<
+        boost::intrusive::link_mode<boost::intrusive::normal_link>>;
     hook_type hook_;        // the address space's listeners
     hook_type system_hook_; // every listener of the memory system
     /// The listeners of one address space, in priority order.
     using list_type = boost::intrusive::list<
-        memory_listener, boost::intrusive::member_hook<memory_listener, hook_type, &memory_listener::hook_>>;
+        memory_listener,
+        boost::intrusive::member_hook<memory_listener, hook_type, &memory_listener::hook_>>;
     /// Every listener of one memory system, in priority order.
-    using system_list_type =
-        boost::intrusive::list<memory_listener,
-                               boost::intrusive::member_hook<memory_listener, hook_type,
-                                                             &memory_listener::system_hook_>>;
+    using system_list_type = boost::intrusive::list<
+        memory_listener,
+        boost::intrusive::member_hook<memory_listener, hook_type, &memory_listener::system_hook_>>;
     unsigned priority_;
     std::string name_;
     nop_mode nops_ = nop_mode::changes_only;

@@ -116,7 +116,9 @@ concept attrs_read = requires(T& t, hwaddr a, std::uint64_t* d, unsigned s, mem_
     { t.read(a, d, s, at) } -> std::same_as<memtx_result>;
 };
 template <class T>
-concept plain_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s) { t.write(a, v, s); };
+concept plain_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s) {
+    t.write(a, v, s);
+};
 template <class T>
 concept attrs_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s, mem_attrs at) {
     { t.write(a, v, s, at) } -> std::same_as<memtx_result>;
@@ -126,8 +128,9 @@ concept attrs_write = requires(T& t, hwaddr a, std::uint64_t v, unsigned s, mem_
 
 /// A type usable as MMIO callbacks.
 template <class T>
-concept MemoryRegionOps = (detail::plain_read<T> || detail::attrs_read<T>) &&
-                          (detail::plain_write<T> || detail::attrs_write<T>);
+concept MemoryRegionOps = (detail::plain_read<T> ||
+                           detail::attrs_read<T>)&&(detail::plain_write<T> ||
+                                                    detail::attrs_write<T>);
 
 /// A MemoryRegionOps type with its type erased: one static table per ops
 /// type, which a region points to together with the ops object. Made by
@@ -188,9 +191,9 @@ struct ops_thunks {
         }
     }
     static constexpr bool has_accepts =
-        requires(T& t, hwaddr a, unsigned s, bool w, mem_attrs at) {
-            { t.accepts(a, s, w, at) } -> std::convertible_to<bool>;
-        };
+        requires(T & t, hwaddr a, unsigned s, bool w, mem_attrs at) {
+        { t.accepts(a, s, w, at) } -> std::convertible_to<bool>;
+    };
     static bool accepts(void* o, hwaddr a, unsigned s, bool w, mem_attrs at) {
         if constexpr (has_accepts)
             return static_cast<T*>(o)->accepts(a, s, w, at);
@@ -199,15 +202,16 @@ struct ops_thunks {
     }
     static_assert(!(impl_of<T>().unaligned && !valid_of<T>().unaligned),
                   "MemoryRegionOps: impl.unaligned requires valid.unaligned (as in QEMU)");
-    static constexpr region_ops table{&read, &write, has_accepts ? &accepts : nullptr,
-                                     valid_of<T>(), impl_of<T>(), endian_of<T>()};
+    static constexpr region_ops table{&read,         &write,       has_accepts ? &accepts : nullptr,
+                                      valid_of<T>(), impl_of<T>(), endian_of<T>()};
 };
 
 } // namespace detail
 
 template <class Ops>
 constexpr const region_ops* region_ops::of() noexcept {
-    static_assert(MemoryRegionOps<Ops>, "region_ops::of<Ops>: Ops must meet qomem::MemoryRegionOps");
+    static_assert(MemoryRegionOps<Ops>,
+                  "region_ops::of<Ops>: Ops must meet qomem::MemoryRegionOps");
     return &detail::ops_thunks<Ops>::table;
 }
 

@@ -274,7 +274,8 @@ public:
         std::uint8_t m = log_mask_.load(std::memory_order_relaxed);
         if (logs_dirty())
             if (const detail::topology_log* l = system_log())
-                m = static_cast<std::uint8_t>(m | l->global_log_mask.load(std::memory_order_relaxed));
+                m = static_cast<std::uint8_t>(m |
+                                              l->global_log_mask.load(std::memory_order_relaxed));
         return m;
     }
     /// True if `client` is in dirty_log_mask() (QEMU's is_logging).
@@ -341,7 +342,8 @@ public:
     /// The short form of earlier versions: logging for the VGA client on or
     /// off (not counted), whether it is on, and test-and-clear for it.
     void set_dirty_log(bool on) {
-        if (on != ((log_mask_.load(std::memory_order_relaxed) & dirty_mask_of(dirty_client::vga)) != 0))
+        if (on !=
+            ((log_mask_.load(std::memory_order_relaxed) & dirty_mask_of(dirty_client::vga)) != 0))
             set_log(on, dirty_client::vga);
     }
     bool dirty_log() const noexcept { return is_logging(dirty_client::vga); }
@@ -574,7 +576,8 @@ private:
     bool counted_ = false;
     bool holds_owner_ = false;
     // The memory system's list of its regions (memory_system::stranded_regions).
-    using member_hook = boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>;
+    using member_hook = boost::intrusive::list_member_hook<
+        boost::intrusive::link_mode<boost::intrusive::normal_link>>;
     member_hook system_member_;
     region_kind kind_;
     std::atomic<bool> readonly_{false}; // read by readers (re-entrancy guard)
@@ -668,7 +671,8 @@ namespace detail {
 inline void add_to_home(memory_region& mr, const memory_region::init_args& a) {
     if (object* home = a.where.home()) {
         std::string name;
-        for (char c : a.name) name += c == '/' ? std::string_view("\\x2f") : std::string_view(&c, 1);
+        for (char c : a.name)
+            name += c == '/' ? std::string_view("\\x2f") : std::string_view(&c, 1);
         home->add_child(name + "[*]", mr);
     }
 }
@@ -734,12 +738,11 @@ struct ram_file_options {
 /// — a bad fd, a size of 0 or below the page size, an unaligned offset, a
 /// regular file too small, a shared writable mapping of a read-only fd, a
 /// failing mmap — and nothing is left behind. Never later, at first use.
-ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size, int fd,
-                                        const ram_file_options& opts);
+ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size,
+                                        int fd, const ram_file_options& opts);
 /// The same with a shared (or, with `shared` false, private) writable mapping.
-inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name,
-                                               u128 size, int fd, std::uint64_t offset,
-                                               bool shared = true) {
+inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_view name, u128 size,
+                                               int fd, std::uint64_t offset, bool shared = true) {
     ram_file_options o;
     o.shared = shared;
     o.offset = offset;
@@ -754,7 +757,8 @@ inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_v
 /// mapping cannot be made (see make_ram_from_fd); a file this call created
 /// is removed again.
 ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
-                                          const std::string& path, const ram_file_options& opts = {});
+                                          const std::string& path,
+                                          const ram_file_options& opts = {});
 /// RAM in the caller's memory (`host` must stay valid for the region's life).
 inline ref_ptr<memory_region> make_ram_from_ptr(region_owner where, std::string_view name,
                                                 u128 size, void* host) {
@@ -763,8 +767,8 @@ inline ref_ptr<memory_region> make_ram_from_ptr(region_owner where, std::string_
     return make_region(a);
 }
 /// A RAM device: the caller's memory, always dispatched like MMIO.
-inline ref_ptr<memory_region> make_ram_device(region_owner where, std::string_view name,
-                                              u128 size, void* host) {
+inline ref_ptr<memory_region> make_ram_device(region_owner where, std::string_view name, u128 size,
+                                              void* host) {
     memory_region::init_args a{where, std::string(name), region_kind::ram_device, size};
     a.host = host;
     return make_region(a);
@@ -893,16 +897,19 @@ inline ref_ptr<memory_region> map_file_ram(region_owner where, std::string_view 
     if (size == 0 || size < page)
         throw refuse(fmt::format("size {} is below the page size {:#x}", hex(size), page));
     if (opts.offset % page)
-        throw refuse(fmt::format("offset {:#x} is not a multiple of the page size {:#x}", opts.offset, page));
+        throw refuse(fmt::format("offset {:#x} is not a multiple of the page size {:#x}",
+                                 opts.offset, page));
     const u128 len = align_up(size, page);
     if (u128(opts.offset) + len > u128(std::numeric_limits<off_t>::max()) || len >= (u128(1) << 63))
-        throw refuse(fmt::format("offset {:#x} + size {} is too large to map", opts.offset, hex(len)));
+        throw refuse(
+            fmt::format("offset {:#x} + size {} is too large to map", opts.offset, hex(len)));
     if (opts.shared && !opts.readonly && !fd_writable)
         throw refuse(fmt::format("fd {} is open read-only: it cannot be mapped shared and writable "
                                  "(ask for readonly, or a private mapping)",
                                  fd));
     struct stat st;
-    if (::fstat(fd, &st) != 0) throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
+    if (::fstat(fd, &st) != 0)
+        throw refuse(fmt::format("fstat of fd {}: {}", fd, std::strerror(errno)));
     if (S_ISREG(st.st_mode)) {
         const u128 need = u128(opts.offset) + len;
         // An empty file is extended (QEMU does); any other size must be enough.
@@ -914,8 +921,9 @@ inline ref_ptr<memory_region> map_file_ram(region_owner where, std::string_view 
                                      static_cast<std::uint64_t>(st.st_size),
                                      static_cast<std::uint64_t>(need), opts.offset, hex(len)));
     }
-    void* host = ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ | (opts.readonly ? 0 : PROT_WRITE),
-                        opts.shared ? MAP_SHARED : MAP_PRIVATE, fd, static_cast<off_t>(opts.offset));
+    void* host =
+        ::mmap(nullptr, static_cast<std::size_t>(len), PROT_READ | (opts.readonly ? 0 : PROT_WRITE),
+               opts.shared ? MAP_SHARED : MAP_PRIVATE, fd, static_cast<off_t>(opts.offset));
     if (host == MAP_FAILED)
         throw refuse(fmt::format("mmap of {} bytes at offset {:#x} ({}, {}) failed: {}", hex(len),
                                  opts.offset, opts.shared ? "shared" : "private",
@@ -956,22 +964,23 @@ inline ref_ptr<memory_region> make_ram_from_fd(region_owner where, std::string_v
     return detail::map_file_ram(where, name, size, fd, false, opts, fmt::format("fd {}", fd));
 }
 
-inline ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name, u128 size,
-                                                 const std::string& path, const ram_file_options& opts) {
+inline ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string_view name,
+                                                 u128 size, const std::string& path,
+                                                 const ram_file_options& opts) {
     auto refuse = [&](const std::string& why) {
         return region_error(fmt::format("RAM '{}' from '{}': {}", name, path, why));
     };
     std::string created; // a file this call made, removed again on failure
     int fd = ::open(path.c_str(), (opts.readonly_fd ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0 && errno == EISDIR) {
-        if (opts.readonly_fd)
-            throw refuse("a directory: no file to open read-only (readonly_fd)");
+        if (opts.readonly_fd) throw refuse("a directory: no file to open read-only (readonly_fd)");
         // A fresh file in the directory, unlinked at once: nothing else sees it.
         std::string tmpl = path + "/qomem_back_mem.";
         for (char c : name) tmpl += (c == '/' ? '_' : c);
         tmpl += ".XXXXXX";
         fd = ::mkostemp(tmpl.data(), O_CLOEXEC);
-        if (fd < 0) throw refuse(fmt::format("cannot create a file in it: {}", std::strerror(errno)));
+        if (fd < 0)
+            throw refuse(fmt::format("cannot create a file in it: {}", std::strerror(errno)));
         ::unlink(tmpl.c_str());
     } else if (fd < 0 && errno == ENOENT && !opts.readonly_fd) {
         fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -990,7 +999,8 @@ inline ref_ptr<memory_region> make_ram_from_file(region_owner where, std::string
 
 inline void memory_region::check_size(std::string_view name, u128 size) {
     if (size > u128_2_64)
-        throw region_error(fmt::format("region '{}': size {} is larger than 2^64", name, detail::hex(size)));
+        throw region_error(
+            fmt::format("region '{}': size {} is larger than 2^64", name, detail::hex(size)));
 }
 
 inline memory_region::memory_region(const init_args& a)
@@ -1007,8 +1017,9 @@ inline memory_region::memory_region(const init_args& a)
     }
     if (a.max_size != 0) {
         if (a.max_size < a.size)
-            throw region_error(fmt::format("resizeable RAM '{}': size {} is larger than its maximum {}",
-                                           a.name, detail::hex(a.size), detail::hex(a.max_size)));
+            throw region_error(
+                fmt::format("resizeable RAM '{}': size {} is larger than its maximum {}", a.name,
+                            detail::hex(a.size), detail::hex(a.max_size)));
         check_size(a.name, a.max_size);
         resizeable_ = true;
         resized_ = a.resized;
@@ -1093,7 +1104,8 @@ inline void memory_region::dma_release() noexcept {
     if (counted_)
         unref();
     else
-        dma_users_.fetch_sub(1, std::memory_order_release); // pairs with check_finalizable's acquire
+        dma_users_.fetch_sub(1,
+                             std::memory_order_release); // pairs with check_finalizable's acquire
 }
 
 inline void memory_region::set_log(bool log, dirty_client client) {
@@ -1116,7 +1128,8 @@ inline void memory_region::set_log(bool log, dirty_client client) {
     if (enabled_) changed_whole();
 }
 
-inline memory_region::dirty_word* memory_region::dirty_bitmap(unsigned client, bool make) const noexcept {
+inline memory_region::dirty_word* memory_region::dirty_bitmap(unsigned client,
+                                                              bool make) const noexcept {
     dirty_word* bits = dirty_[client].load(std::memory_order_acquire);
     if (bits || !make || !logs_dirty()) return bits;
     // Value-initialised: every word 0. Made on first use by whichever thread
@@ -1139,13 +1152,15 @@ void memory_region::for_each_dirty_word(hwaddr offset, hwaddr len, F&& f) const 
     for (u128 w = first / 64; w <= last / 64; ++w) {
         const unsigned lo = w == first / 64 ? static_cast<unsigned>(first % 64) : 0;
         const unsigned hi = w == last / 64 ? static_cast<unsigned>(last % 64) : 63;
-        const std::uint64_t bits = (hi == 63 ? ~std::uint64_t(0) : (std::uint64_t(1) << (hi + 1)) - 1) &
-                                   ~((std::uint64_t(1) << lo) - 1);
+        const std::uint64_t bits =
+            (hi == 63 ? ~std::uint64_t(0) : (std::uint64_t(1) << (hi + 1)) - 1) &
+            ~((std::uint64_t(1) << lo) - 1);
         f(static_cast<std::size_t>(w), bits);
     }
 }
 
-inline void memory_region::mark_dirty_slow(std::uint8_t mask, hwaddr offset, hwaddr len) const noexcept {
+inline void memory_region::mark_dirty_slow(std::uint8_t mask, hwaddr offset,
+                                           hwaddr len) const noexcept {
     for (unsigned c = 0; c < dirty_client_count; ++c) {
         if (!(mask >> c & 1)) continue;
         dirty_word* bits = dirty_bitmap(c, true);
@@ -1191,8 +1206,8 @@ inline dirty_bitmap_snapshot memory_region::snapshot_and_clear_dirty(hwaddr addr
     QOMEM_ASSERT(logs_dirty(), "snapshot_and_clear_dirty on '{}', which has no RAM to log", name_);
     const unsigned c = client_index(client);
     QOMEM_ASSERT(u128(addr) + size <= size_,
-                 "snapshot_and_clear_dirty on '{}': [{:#x}, +{:#x}) is not inside its {} bytes", name_,
-                 addr, size, detail::hex(size_));
+                 "snapshot_and_clear_dirty on '{}': [{:#x}, +{:#x}) is not inside its {} bytes",
+                 name_, addr, size, detail::hex(size_));
     if (log_) log_->sync_dirty_log(*this);
     // Whole words, as QEMU: bits are copied 64 pages at a time.
     constexpr hwaddr word_span = 64 * dirty_page_size;
@@ -1200,7 +1215,8 @@ inline dirty_bitmap_snapshot memory_region::snapshot_and_clear_dirty(hwaddr addr
     const u128 limit = u128(dirty_pages()) * dirty_page_size;
     const u128 want_end = (u128(addr) + size + word_span - 1) / word_span * word_span;
     const auto end = static_cast<hwaddr>(std::min(want_end, std::max<u128>(limit, start)));
-    std::vector<std::uint64_t> words(static_cast<std::size_t>((end - start + word_span - 1) / word_span));
+    std::vector<std::uint64_t> words(
+        static_cast<std::size_t>((end - start + word_span - 1) / word_span));
     if (dirty_word* bits = dirty_bitmap(c, false))
         for (std::size_t i = 0; i < words.size(); ++i)
             words[i] = bits[start / word_span + i].exchange(0, std::memory_order_relaxed);
@@ -1222,13 +1238,15 @@ inline void memory_region::ram_resize(u128 new_size) {
             // Within the used length: host memory is there (mapped in whole
             // pages, or the caller's: then the used length is its size).
             apply_size(new_size);
-            if (resized_) resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
+            if (resized_)
+                resized_(*this, static_cast<std::uint64_t>(new_size), host_ptr_if_mapped());
         }
         return;
     }
     if (!resizeable_)
-        throw region_error(fmt::format("RAM '{}' is not resizeable: its used length {} cannot become {}",
-                                       name_, detail::hex(used_length_), detail::hex(used)));
+        throw region_error(
+            fmt::format("RAM '{}' is not resizeable: its used length {} cannot become {}", name_,
+                        detail::hex(used_length_), detail::hex(used)));
     if (used > backing_size_)
         throw region_error(fmt::format("RAM '{}' cannot grow to {}: its maximum is {}", name_,
                                        detail::hex(used), detail::hex(backing_size_)));
@@ -1237,7 +1255,8 @@ inline void memory_region::ram_resize(u128 new_size) {
     for (unsigned c = 0; c < dirty_client_count; ++c)
         if (!dirty_bitmap(c, true)) throw std::bad_alloc();
     for (unsigned c = 0; c < dirty_client_count; ++c)
-        reset_dirty(0, static_cast<hwaddr>(std::min<u128>(used_length_, ~hwaddr(0))), static_cast<dirty_client>(c));
+        reset_dirty(0, static_cast<hwaddr>(std::min<u128>(used_length_, ~hwaddr(0))),
+                    static_cast<dirty_client>(c));
     used_length_ = used;
     mark_dirty_slow(dirty_clients_all, 0, static_cast<hwaddr>(std::min<u128>(used, ~hwaddr(0))));
     apply_size(new_size);
@@ -1256,8 +1275,8 @@ inline std::byte* memory_region::host_ptr() const {
         throw region_error(fmt::format("region '{}': cannot back {} bytes of RAM", name_,
                                        detail::hex(backing_size_)));
     const auto len = static_cast<std::size_t>(backing_size_);
-    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                     -1, 0);
+    void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED)
         throw region_error(fmt::format("region '{}': mmap of {} bytes failed: {}", name_,
                                        detail::hex(backing_size_), std::strerror(errno)));
@@ -1443,7 +1462,8 @@ inline void memory_region::apply_size(u128 size) {
     // before the commit; and in its own, which reach the views rendered
     // from it and the aliases showing it.
     detail::region_transaction tx(log_);
-    if (container_) container_->changed_inside(i128(addr_), i128(addr_) + i128(std::max(old, size)));
+    if (container_)
+        container_->changed_inside(i128(addr_), i128(addr_) + i128(std::max(old, size)));
     changed_inside(0, i128(std::max(old, size)));
 }
 
@@ -1487,7 +1507,8 @@ inline void memory_region::owner_destroyed_unfinalized(const object& owner) noex
             log_line(log_category::lifetime,
                      fmt::format("qomem: region '{}' could not be removed from '{}' when its owner "
                                  "{} was destroyed by a throwing constructor",
-                                 name_, container_ ? container_->name_ : std::string(), owner.type().name));
+                                 name_, container_ ? container_->name_ : std::string(),
+                                 owner.type().name));
         }
     }
     owner_ = nullptr;
@@ -1502,8 +1523,9 @@ inline object::after_free_action memory_region::after_free() noexcept {
 inline void memory_region::check_finalizable() const {
     QOMEM_ASSERT(!container_, "region '{}' freed while still a subregion of '{}'", name_,
                  container_ ? container_->name_ : std::string());
-    QOMEM_ASSERT(as_root_users_ == 0, "region '{}' freed while still the root of {} address space(s)",
-                 name_, as_root_users_);
+    QOMEM_ASSERT(as_root_users_ == 0,
+                 "region '{}' freed while still the root of {} address space(s)", name_,
+                 as_root_users_);
     QOMEM_ASSERT(alias_users_.empty(), "region '{}' freed while {} alias(es) still point to it",
                  name_, alias_users_.size());
     const std::uint32_t dma = dma_users_.load(std::memory_order_acquire);

@@ -50,7 +50,8 @@ class memory_region_cache : public typed_accessors<memory_region_cache> {
 public:
     memory_region_cache() noexcept = default;
     /// init() at construction.
-    memory_region_cache(address_space& as, hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs = {})
+    memory_region_cache(address_space& as, hwaddr addr, hwaddr len, bool is_write,
+                        mem_attrs attrs = {})
         : memory_region_cache() {
         init(as, addr, len, is_write, attrs);
     }
@@ -78,7 +79,8 @@ public:
     /// dirty-logged). Writes through write() and the accessors mark their own.
     void invalidate(hwaddr offset, hwaddr access_len) noexcept {
         if (direct_write_ && offset < len_)
-            range_.mr->mark_dirty(range_.offset_in_region + offset, std::min(access_len, len_ - offset));
+            range_.mr->mark_dirty(range_.offset_in_region + offset,
+                                  std::min(access_len, len_ - offset));
     }
 
     /// Drops the region (which may finalize it); the cache is then empty.
@@ -110,7 +112,8 @@ public:
     /// One value of T at `offset`, bytes in order `Order` (accessors.hpp).
     template <class T, endianness Order = endianness::native>
     memtx_result load(hwaddr offset, T& value) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "an unsigned integer of 1 to 8 bytes");
         std::byte bytes[sizeof(T)];
         const memtx_result r = access(offset, bytes, sizeof(T), false, true);
         value = static_cast<T>(detail::load_ordered(bytes, sizeof(T), big(Order)));
@@ -118,7 +121,8 @@ public:
     }
     template <class T, endianness Order = endianness::native>
     memtx_result store(hwaddr offset, T value) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "an unsigned integer of 1 to 8 bytes");
         std::byte bytes[sizeof(T)];
         detail::store_ordered(bytes, sizeof(T), value, big(Order));
         return access(offset, bytes, sizeof(T), true, true);
@@ -153,11 +157,11 @@ private:
             return memtx_ok;
         }
         // MMIO (or ROM written, a ROM device, a RAM device): the range's rules.
-        return detail::access_range(range_, range_.offset_in_region + offset, buf, len, is_write, attrs_,
-                                    target_big_, one_access);
+        return detail::access_range(range_, range_.offset_in_region + offset, buf, len, is_write,
+                                    attrs_, target_big_, one_access);
     }
 
-    flat_range range_;       // the cached stretch: start = its guest address, size = len_; mr held
+    flat_range range_; // the cached stretch: start = its guest address, size = len_; mr held
     std::byte* ptr_ = nullptr;
     hwaddr len_ = 0;
     mem_attrs attrs_{};
@@ -181,7 +185,8 @@ inline hwaddr memory_region_cache::init(address_space& as, hwaddr addr, hwaddr l
     const bool writes = memory_ok && fr->writes_direct(attrs);
     // A file another process may shrink is never accessed through a raw
     // pointer here: access_range copies it under a SIGBUS guard.
-    std::byte* host = (reads || writes) && !mr.backing_may_shrink() ? detail::range_host(*fr) : nullptr;
+    std::byte* host =
+        (reads || writes) && !mr.backing_may_shrink() ? detail::range_host(*fr) : nullptr;
     u128 done = std::min<u128>(len, fr->end() - addr);
     if (host && (is_write ? writes : reads)) {
         // Extend across following ranges of the same region that continue it

@@ -56,8 +56,8 @@
 #include <vector>
 
 #include <boost/intrusive/list.hpp>
-#include <fmt/core.h>
 #include <boost/intrusive_ptr.hpp>
+#include <fmt/core.h>
 
 #include <qomem/assert.hpp>
 #include <qomem/detail/topology_log.hpp>
@@ -87,7 +87,8 @@ public:
     virtual void invalidate() noexcept = 0;
 
     /// Links the cache into its address space's slot (view_slot::caches).
-    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>> cache_hook;
+    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>
+        cache_hook;
 
 protected:
     reader_cache() = default;
@@ -97,7 +98,8 @@ protected:
 /// What the engine keeps of one address space: its root, its current view
 /// (published for readers) and its listeners. A member of address_space.
 struct view_slot {
-    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>> hook;
+    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>
+        hook;
     address_space* owner = nullptr;
     const std::string* name = nullptr;
     memory_region* root = nullptr;
@@ -109,14 +111,15 @@ struct view_slot {
     /// Registered and removed on their own threads (hence the mutex; the
     /// writer holds it only to walk the list).
     std::mutex caches_mutex;
-    boost::intrusive::list<reader_cache,
-                           boost::intrusive::member_hook<reader_cache, decltype(reader_cache::cache_hook),
-                                                         &reader_cache::cache_hook>>
+    boost::intrusive::list<reader_cache, boost::intrusive::member_hook<
+                                             reader_cache, decltype(reader_cache::cache_hook),
+                                             &reader_cache::cache_hook>>
         caches;
 };
 
 using slot_list = boost::intrusive::list<
-    view_slot, boost::intrusive::member_hook<view_slot, decltype(view_slot::hook), &view_slot::hook>>;
+    view_slot,
+    boost::intrusive::member_hook<view_slot, decltype(view_slot::hook), &view_slot::hook>>;
 
 } // namespace detail
 
@@ -157,8 +160,9 @@ public:
     /// Sets the guest's byte order. Requires (asserted): no address space
     /// of this system exists yet (accesses in flight read it).
     void set_target_endianness(std::endian target) {
-        QOMEM_ASSERT(slots_.empty(), "memory system {}: the target byte order is set before its first "
-                                     "address space ({} exist)",
+        QOMEM_ASSERT(slots_.empty(),
+                     "memory system {}: the target byte order is set before its first "
+                     "address space ({} exist)",
                      static_cast<const void*>(this), slots_.size());
         target_big_ = target == std::endian::big;
     }
@@ -340,7 +344,8 @@ private:
     struct slot_update {
         detail::view_slot* slot;
         flat_view* next;
-        const detail::view_diff* diff = nullptr; ///< what changes_only listeners hear (null: nothing)
+        const detail::view_diff* diff =
+            nullptr; ///< what changes_only listeners hear (null: nothing)
         const detail::view_diff* full = nullptr; ///< every range, for every_range listeners
     };
     /// Tells the listeners one commit: begin to all that hear it, each
@@ -414,7 +419,9 @@ private:
 };
 
 /// QEMU's memory_region_transaction_begin, on the default system.
-inline void memory_region_transaction_begin() { memory_system::default_system().begin_transaction(); }
+inline void memory_region_transaction_begin() {
+    memory_system::default_system().begin_transaction();
+}
 /// QEMU's memory_region_transaction_commit, on the default system.
 /// Requires (asserted): a transaction of it is open on this thread.
 inline void memory_region_transaction_commit() {
@@ -477,8 +484,9 @@ inline bool memory_system::try_lock() {
 }
 
 inline void memory_system::unlock() {
-    QOMEM_ASSERT(held_by_this_thread(), "memory system {}: unlock by a thread that does not hold "
-                                        "its writer role",
+    QOMEM_ASSERT(held_by_this_thread(),
+                 "memory system {}: unlock by a thread that does not hold "
+                 "its writer role",
                  static_cast<const void*>(this));
     if (lock_depth_ > 1) {
         --lock_depth_;
@@ -526,7 +534,8 @@ inline std::vector<std::string> memory_system::stranded_regions() const {
             r.as_root_users_ != 0 || r.ref_count() == 0)
             continue;
         out.push_back(fmt::format(
-            "region '{}' ({} reference(s)) holds its owner, a {} now out of the tree ({} reference(s)), "
+            "region '{}' ({} reference(s)) holds its owner, a {} now out of the tree ({} "
+            "reference(s)), "
             "yet no container, alias, address space or DMA mapping uses it: something outside the "
             "memory map holds it — if it is the owner's own ref_ptr to its region, the two form a "
             "reference cycle and are never freed (drop such references at unrealize)",
@@ -574,7 +583,8 @@ inline void memory_system::end() {
 }
 
 inline void memory_system::changed(const memory_region& in, i128 lo, i128 hi) {
-    QOMEM_ASSERT(held_by_this_thread(), "memory system {}: region '{}' changed without the writer role",
+    QOMEM_ASSERT(held_by_this_thread(),
+                 "memory system {}: region '{}' changed without the writer role",
                  static_cast<const void*>(this), in.region_name());
     if (!full_) {
         if (windows_.size() < max_windows) {
@@ -664,7 +674,8 @@ inline void memory_system::render() {
     detail::window_map windows;
     for (detail::view_slot& s : slots_) {
         memory_region* physmr = flat_view_root(s.root);
-        auto g = std::find_if(groups.begin(), groups.end(), [&](const group& x) { return x.physmr == physmr; });
+        auto g = std::find_if(groups.begin(), groups.end(),
+                              [&](const group& x) { return x.physmr == physmr; });
         if (g == groups.end()) {
             groups.push_back(group{physmr, nullptr, {}, {}});
             g = groups.end() - 1;
@@ -693,7 +704,8 @@ inline void memory_system::render() {
             const auto merged = detail::merge_windows(std::move(w));
             g.next = detail::update_view(*g.base, *g.physmr, merged, g.diff);
             if (!g.diff.changes()) g.next = g.base; // same content: keep sharing the old view
-            if (verify_incremental_) detail::verify_against_full_render(*g.base, *g.next, *g.physmr, merged);
+            if (verify_incremental_)
+                detail::verify_against_full_render(*g.base, *g.next, *g.physmr, merged);
         }
     }
 
@@ -798,7 +810,6 @@ inline void memory_system::tell_slot(const slot_update& u) {
     }
 }
 
-
 inline void memory_system::add_listener(detail::view_slot& slot, memory_listener& l) {
     QOMEM_ASSERT(!l.as_, "listener '{}' is already registered to address space '{}'", l.name(),
                  l.slot_ ? *l.slot_->name : std::string());
@@ -830,10 +841,11 @@ inline void memory_system::add_listener(detail::view_slot& slot, memory_listener
 }
 
 inline void memory_system::remove_listener(detail::view_slot& slot, memory_listener& l) {
-    QOMEM_ASSERT(l.slot_ == &slot, "listener '{}' is not registered to address space '{}'", l.name(),
-                 *slot.name);
+    QOMEM_ASSERT(l.slot_ == &slot, "listener '{}' is not registered to address space '{}'",
+                 l.name(), *slot.name);
     std::lock_guard w(*this);
-    QOMEM_ASSERT(!notifying_, "listener '{}' unregistered from inside a listener callback", l.name());
+    QOMEM_ASSERT(!notifying_, "listener '{}' unregistered from inside a listener callback",
+                 l.name());
     struct unlink {
         memory_system& sys;
         detail::view_slot& slot;
@@ -872,7 +884,9 @@ inline void memory_system::sync_dirty(const memory_region* mr, bool last_stage) 
     }
 }
 
-inline void memory_system::global_dirty_log_sync(bool last_stage) { sync_dirty(nullptr, last_stage); }
+inline void memory_system::global_dirty_log_sync(bool last_stage) {
+    sync_dirty(nullptr, last_stage);
+}
 
 inline void memory_system::global_after_dirty_log_sync() {
     std::lock_guard w(*this);
@@ -893,7 +907,8 @@ inline void memory_system::clear_dirty_log(const memory_region& mr, hwaddr start
             const u128 hi = std::min<u128>(u128(r.offset_in_region) + r.size, end);
             if (lo >= hi) continue;
             memory_section s = detail::section_of(r);
-            s.offset_within_address_space = static_cast<hwaddr>(r.start + (lo - r.offset_in_region));
+            s.offset_within_address_space =
+                static_cast<hwaddr>(r.start + (lo - r.offset_in_region));
             s.offset_within_region = static_cast<hwaddr>(lo);
             s.size = hi - lo;
             l.log_clear(s);
@@ -927,9 +942,9 @@ inline void memory_system::global_dirty_log_start(unsigned flags) {
 
 inline void memory_system::global_dirty_log_stop(unsigned flags) {
     std::lock_guard w(*this);
-    QOMEM_ASSERT(flags != 0 && (flags & ~global_dirty::all) == 0 && (global_dirty_ & flags) == flags,
-                 "global_dirty_log_stop: flags {:#x}, but tracking is on for {:#x}", flags,
-                 global_dirty_);
+    QOMEM_ASSERT(
+        flags != 0 && (flags & ~global_dirty::all) == 0 && (global_dirty_ & flags) == flags,
+        "global_dirty_log_stop: flags {:#x}, but tracking is on for {:#x}", flags, global_dirty_);
     global_dirty_ &= ~flags;
     if (global_dirty_ != 0) return;
     global_log_mask.store(0, std::memory_order_relaxed);

@@ -75,11 +75,11 @@ public:
                 queue_.push_back(target);
             if (shown) {
                 indent(level);
-                out_ += fmt::format("{:016x}-{:016x} (prio {}, {}{}): alias {} @{} {:016x}-{:016x}{}",
-                                    start, end, mr.priority(), mr.nonvolatile() ? "nv-" : "",
-                                    mr.type_string(), mr.region_name(), target->region_name(),
-                                    mr.alias_offset(), mr.alias_offset() + span,
-                                    mr.enabled() ? "" : " [disabled]");
+                out_ += fmt::format(
+                    "{:016x}-{:016x} (prio {}, {}{}): alias {} @{} {:016x}-{:016x}{}", start, end,
+                    mr.priority(), mr.nonvolatile() ? "nv-" : "", mr.type_string(),
+                    mr.region_name(), target->region_name(), mr.alias_offset(),
+                    mr.alias_offset() + span, mr.enabled() ? "" : " [disabled]");
                 end_line(mr);
             }
         } else if (shown) {
@@ -93,9 +93,11 @@ public:
         // otherwise in list order. A disabled region's children still print.
         std::vector<const memory_region*> subs;
         mr.for_each_subregion([&](const memory_region& s) { subs.push_back(&s); });
-        std::stable_sort(subs.begin(), subs.end(), [](const memory_region* a, const memory_region* b) {
-            return a->addr() < b->addr() || (a->addr() == b->addr() && a->priority() > b->priority());
-        });
+        std::stable_sort(subs.begin(), subs.end(),
+                         [](const memory_region* a, const memory_region* b) {
+                             return a->addr() < b->addr() ||
+                                    (a->addr() == b->addr() && a->priority() > b->priority());
+                         });
         for (const memory_region* s : subs) print(*s, level + 1, start);
     }
 
@@ -160,7 +162,8 @@ auto mtree_group(std::span<const address_space* const> spaces, Key key) {
     std::vector<std::pair<K, std::vector<const address_space*>>> groups;
     for (const address_space* as : spaces) {
         const K k = key(*as);
-        auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == k; });
+        auto it =
+            std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == k; });
         if (it == groups.end())
             groups.emplace_back(k, std::vector<const address_space*>{as});
         else
@@ -187,11 +190,11 @@ inline std::string info_mtree(std::span<const address_space* const> spaces,
         spaces, [](const address_space& as) -> const memory_region* { return &as.root(); });
     detail::mtree_tree_printer printer(out, opt);
     for (auto& [root, members] : groups) {
-        std::stable_sort(members.begin(), members.end(),
-                         [](const address_space* a, const address_space* b) {
-                             return a->name() < b->name();
-                         });
-        for (const address_space* as : members) out += fmt::format("address-space: {}\n", as->name());
+        std::stable_sort(
+            members.begin(), members.end(),
+            [](const address_space* a, const address_space* b) { return a->name() < b->name(); });
+        for (const address_space* as : members)
+            out += fmt::format("address-space: {}\n", as->name());
         printer.print(*root, 1, 0);
         out += '\n';
     }

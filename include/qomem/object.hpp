@@ -100,8 +100,8 @@ lifetime_observer* set_lifetime_observer(lifetime_observer* obs) noexcept;
 /// An exception that a hook threw while an object was being finalized (see
 /// the header overview): finalization went on, and reports it afterwards.
 struct finalization_error {
-    std::string_view type;     ///< the type name of the object whose finalization caught it
-    std::exception_ptr error;  ///< the first exception caught during that finalization
+    std::string_view type;    ///< the type name of the object whose finalization caught it
+    std::exception_ptr error; ///< the first exception caught during that finalization
 };
 
 /// Receives finalization errors, after the object is freed. Must not throw.
@@ -116,13 +116,16 @@ inline void default_finalization_error_handler(const finalization_error& e) noex
         what = x.what();
     } catch (...) {
     }
-    std::fprintf(stderr, "qomem: a hook threw while a %.*s was being finalized (finalization "
-                 "completed): %s\n", static_cast<int>(e.type.size()), e.type.data(), what.c_str());
+    std::fprintf(stderr,
+                 "qomem: a hook threw while a %.*s was being finalized (finalization "
+                 "completed): %s\n",
+                 static_cast<int>(e.type.size()), e.type.data(), what.c_str());
 }
 
 /// Installs `handler` (null: the default) and returns the previous one.
 /// Thread-safe.
-finalization_error_handler set_finalization_error_handler(finalization_error_handler handler) noexcept;
+finalization_error_handler
+set_finalization_error_handler(finalization_error_handler handler) noexcept;
 
 /// Installs a finalization error handler for its lifetime (RAII for tests).
 class scoped_finalization_error_handler {
@@ -374,7 +377,6 @@ protected:
     /// while parent() is still set. Overriders call the base version.
     virtual void on_unparent() {}
 
-
 public:
     /// True for children that leave the tree together with their owner: a
     /// device's unparent hook unparents every child for which this is true
@@ -399,7 +401,6 @@ protected:
     virtual void owner_destroyed_unfinalized(const object& owner) noexcept { (void)owner; }
 
 public:
-
     /// The "type" class property every object has (QEMU's).
     static void class_init(object_class& k, type_tag<object>);
 
@@ -441,7 +442,8 @@ protected:
         QOMEM_ASSERT(dropped_ && ref_.load(std::memory_order_relaxed) == 0,
                      "check_dropped on {} at {} whose last reference drop_ref() did not drop "
                      "(count {})",
-                     type().name, static_cast<const void*>(this), ref_.load(std::memory_order_relaxed));
+                     type().name, static_cast<const void*>(this),
+                     ref_.load(std::memory_order_relaxed));
         ref_.store(1, std::memory_order_relaxed);
         check_last_unref();
         ref_.store(0, std::memory_order_relaxed);
@@ -485,8 +487,7 @@ protected:
 
 private:
     template <class T, class... Args>
-        requires ObjectType<T> && (!T::qomem_abstract)
-    friend ref_ptr<T> make(Args&&... args);
+    requires ObjectType<T> &&(!T::qomem_abstract) friend ref_ptr<T> make(Args&&... args);
     template <ObjectType T>
     friend class embedded;
     friend void unparent(object& obj);
@@ -496,7 +497,8 @@ private:
     struct property {
         // normal_link: Boost's safe_link checks are BOOST_ASSERTs, which
         // -DNDEBUG removes; `linked` is our own check, never compiled out.
-        boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>
+        boost::intrusive::list_member_hook<
+            boost::intrusive::link_mode<boost::intrusive::normal_link>>
             hook;
         bool linked = false;
         bool released = false; // by the owner's finalization, kept findable until it ends
@@ -516,8 +518,8 @@ private:
         }
     };
     using property_list = boost::intrusive::list<
-        property, boost::intrusive::member_hook<property, decltype(property::hook),
-                                                &property::hook>>;
+        property,
+        boost::intrusive::member_hook<property, decltype(property::hook), &property::hook>>;
 
     property* find(std::string_view name) const noexcept {
         auto it = index_.find(name);
@@ -544,8 +546,8 @@ private:
     void check_last_unref() const;
 
     std::atomic<std::uint32_t> ref_{1};
-    bool dropped_ = false;      // drop_ref() dropped the last reference; finalize_dropped() due
-    bool unparenting_ = false;  // our unparent hook is running
+    bool dropped_ = false;     // drop_ref() dropped the last reference; finalize_dropped() due
+    bool unparenting_ = false; // our unparent hook is running
     object* parent_ = nullptr;
     property* child_prop_ = nullptr; // our property in parent_
     property_list props_;            // oldest first
@@ -601,7 +603,7 @@ inline std::atomic<finalization_error_handler>& finalization_handler_slot() noex
 
 template <class T>
 void free_storage(void* p) noexcept {
-    ::operator delete(p, std::align_val_t{alignof(T)});
+    ::operator delete (p, std::align_val_t{alignof(T)});
 }
 
 /// QEMU's id_wellformed (device and object ids): a letter, then letters,
@@ -643,8 +645,8 @@ inline lifetime_observer* set_lifetime_observer(lifetime_observer* obs) noexcept
     return detail::observer_slot().exchange(obs, std::memory_order_acq_rel);
 }
 
-inline finalization_error_handler set_finalization_error_handler(
-    finalization_error_handler handler) noexcept {
+inline finalization_error_handler
+set_finalization_error_handler(finalization_error_handler handler) noexcept {
     return detail::finalization_handler_slot().exchange(
         handler ? handler : &default_finalization_error_handler, std::memory_order_acq_rel);
 }
@@ -669,14 +671,13 @@ inline std::size_t live_object_count() {
 /// Throws: what a constructor, a default's setter or a post-init hook throws;
 /// the object is then finalized (or, for a constructor, never was one).
 template <class T, class... Args>
-    requires ObjectType<T> && (!T::qomem_abstract)
-ref_ptr<T> make(Args&&... args) {
-    void* mem = ::operator new(sizeof(T), std::align_val_t{alignof(T)});
+requires ObjectType<T> &&(!T::qomem_abstract)ref_ptr<T> make(Args&&... args) {
+    void* mem = ::operator new (sizeof(T), std::align_val_t{alignof(T)});
     T* obj;
     try {
         obj = ::new (mem) T(std::forward<Args>(args)...);
     } catch (...) {
-        ::operator delete(mem, std::align_val_t{alignof(T)});
+        ::operator delete (mem, std::align_val_t{alignof(T)});
         throw;
     }
     object* base = obj;
@@ -707,8 +708,8 @@ public:
     embedded(const embedded&) = delete;
     embedded& operator=(const embedded&) = delete;
     ~embedded() {
-        QOMEM_ASSERT(!live_, "embedded {} destroyed while still alive (ref count {})",
-                     T::type_name, get().ref_count());
+        QOMEM_ASSERT(!live_, "embedded {} destroyed while still alive (ref count {})", T::type_name,
+                     get().ref_count());
     }
 
     /// Constructs the object in place with one reference (the caller's),
@@ -860,9 +861,9 @@ void complete_init(T& obj) {
 } // namespace detail
 
 inline void object::class_init(object_class& k, type_tag<object>) {
-    k.add_property(string_property<object>(
-                       "type", [](const object& o) { return std::string(o.type().name); })
-                       .describe("the object's type name"));
+    k.add_property(string_property<object>("type", [](const object& o) {
+                       return std::string(o.type().name);
+                   }).describe("the object's type name"));
 }
 
 inline object::~object() {
@@ -922,8 +923,8 @@ inline std::unique_ptr<object::property> object::remove(property& p) noexcept {
 inline std::string_view object::add_child(std::string_view name, object& child) {
     QOMEM_ASSERT(!child.parent_,
                  "cannot add {} as child '{}' of {}: it already has parent {} (as '{}')",
-                 child.type().name, name, type().name, child.parent_ ? child.parent_->type().name : "",
-                 child.name());
+                 child.type().name, name, type().name,
+                 child.parent_ ? child.parent_->type().name : "", child.name());
     for (const object* a = this; a; a = a->parent_)
         QOMEM_ASSERT(a != &child, "cannot add {} as child '{}' of its own descendant",
                      child.type().name, name);
@@ -988,7 +989,8 @@ inline void object::set_link(std::string_view name, object* target) {
     if (!p || p->kind != role::link)
         throw property_error(fmt::format("{} has no link property named '{}'", type().name, name));
     if (target) {
-        if (std::string why = detail::link_refusal(*this, name, *target, *p->target_type); !why.empty())
+        if (std::string why = detail::link_refusal(*this, name, *target, *p->target_type);
+            !why.empty())
             throw property_error(why);
     }
     const bool strong = p->strength == link_strength::strong;
@@ -1131,7 +1133,8 @@ inline bool object::hand_over_to_followers() noexcept {
     std::vector<object*> followers;
     try {
         for (const property& p : props_)
-            if (p.kind == role::child && p.target->follows_owner_out_of_tree()) followers.push_back(p.target);
+            if (p.kind == role::child && p.target->follows_owner_out_of_tree())
+                followers.push_back(p.target);
     } catch (...) { // only the allocation can throw: then finalize as before
         return false;
     }
@@ -1147,8 +1150,8 @@ inline bool object::hand_over_to_followers() noexcept {
 }
 
 inline void object::dead_ref_failure(const char* what) const {
-    QOMEM_ASSERT(false, "{} of a dead object: {} at {} has no references left", what,
-                 type().name, static_cast<const void*>(this));
+    QOMEM_ASSERT(false, "{} of a dead object: {} at {} has no references left", what, type().name,
+                 static_cast<const void*>(this));
     std::abort();
 }
 
@@ -1220,9 +1223,8 @@ inline property_info object::info_of(const property& p) const {
     } else {
         i.name = p.name;
         i.kind = p.kind == role::child ? property_kind::child : property_kind::link;
-        i.type = p.kind == role::child
-                     ? fmt::format("child<{}>", p.target->type().name)
-                     : fmt::format("link<{}>", p.target_type->name);
+        i.type = p.kind == role::child ? fmt::format("child<{}>", p.target->type().name)
+                                       : fmt::format("link<{}>", p.target_type->name);
         i.writable = p.kind == role::link;
         i.description = p.description;
     }
@@ -1239,8 +1241,8 @@ inline std::optional<property_info> object::find_property(std::string_view name)
 inline void object::set_property_description(std::string_view name, std::string text) {
     property* p = find_live(name);
     if (!p)
-        throw property_error(fmt::format("{} has no property of its own named '{}'", type().name,
-                                         name));
+        throw property_error(
+            fmt::format("{} has no property of its own named '{}'", type().name, name));
     p->description = std::move(text);
 }
 
@@ -1264,7 +1266,8 @@ inline property_error wrong_kind(const object& o, std::string_view name, std::st
 
 inline bool object::get_bool(std::string_view name) const {
     const property_def& d = value_def(name);
-    if (d.kind() != property_kind::boolean) throw detail::wrong_kind(*this, name, d.type_name(), "bool");
+    if (d.kind() != property_kind::boolean)
+        throw detail::wrong_kind(*this, name, d.type_name(), "bool");
     return std::get<bool>(d.get(*this));
 }
 
@@ -1308,7 +1311,9 @@ inline void object::set_checked(std::string_view name, const property_value& v) 
 
 inline void object::set_bool(std::string_view name, bool value) { set_checked(name, value); }
 inline void object::set_int(std::string_view name, std::int64_t value) { set_checked(name, value); }
-inline void object::set_uint(std::string_view name, std::uint64_t value) { set_checked(name, value); }
+inline void object::set_uint(std::string_view name, std::uint64_t value) {
+    set_checked(name, value);
+}
 
 inline void object::set_str(std::string_view name, std::string_view value) {
     if (const property* p = find_live(name); p && p->kind != role::value) {
@@ -1326,8 +1331,8 @@ inline void object::set_str(std::string_view name, std::string_view value) {
 inline void object::parse_property(std::string_view name, std::string_view text) {
     if (const property* p = find_live(name); p && p->kind != role::value) {
         if (p->kind == role::child)
-            throw property_error(fmt::format("property '{}' of {} is a child<>: read-only", name,
-                                             type().name));
+            throw property_error(
+                fmt::format("property '{}' of {} is a child<>: read-only", name, type().name));
         set_link_path(name, text);
         return;
     }

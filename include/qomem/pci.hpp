@@ -136,7 +136,7 @@ class pci_bus : public bus {
 public:
     /// `memory` is where the BARs of the bus's devices go; it must outlive
     /// the bus (the host bridge owns both).
-    explicit pci_bus(memory_region& memory) noexcept : memory_(&memory) {}
+    explicit pci_bus(memory_region& memory) : memory_(&memory) {}
 
     memory_region& memory() const noexcept { return *memory_; }
 
@@ -164,7 +164,8 @@ public:
     /// Requires (asserted): not realized. Effects: none until realize.
     /// Complexity: O(1). Throws: nothing else.
     void set_devfn(std::uint8_t devfn) {
-        QOMEM_ASSERT(!realized(), "{} '{}': set_devfn({:#x}) after realize", type().name, name(), devfn);
+        QOMEM_ASSERT(!realized(), "{} '{}': set_devfn({:#x}) after realize", type().name, name(),
+                     devfn);
         devfn_ = devfn;
         devfn_chosen_ = true;
     }
@@ -325,7 +326,8 @@ private:
 inline pci_device* pci_bus::find(std::uint8_t devfn) const noexcept {
     pci_device* found = nullptr;
     for_each_link([&](std::string_view, object* target, link_strength) {
-        if (auto* d = dynamic_cast_to<pci_device>(target); d && d->realized() && d->devfn() == devfn)
+        if (auto* d = dynamic_cast_to<pci_device>(target);
+            d && d->realized() && d->devfn() == devfn)
             found = d;
     });
     return found;
@@ -334,8 +336,8 @@ inline pci_device* pci_bus::find(std::uint8_t devfn) const noexcept {
 inline void pci_device::init_header() noexcept {
     set_ids(pci_ids{});
     // QEMU's default writable bits (pci_init_wmask).
-    const std::uint16_t cmd = pci_config::command_io | pci_config::command_memory | pci_config::command_master |
-                              pci_config::command_intx_disable;
+    const std::uint16_t cmd = pci_config::command_io | pci_config::command_memory |
+                              pci_config::command_master | pci_config::command_intx_disable;
     wmask_[pci_config::command] = static_cast<std::uint8_t>(cmd);
     wmask_[pci_config::command + 1] = static_cast<std::uint8_t>(cmd >> 8);
     wmask_[pci_config::cache_line_size] = 0xff;
@@ -358,18 +360,21 @@ inline void pci_device::set_ids(const pci_ids& ids) {
 inline void pci_device::register_bar(unsigned index, memory_region& mr, pci_bar_type type) {
     const bool is64 = static_cast<std::uint32_t>(type) & pci_config::bar_mem_type_64;
     const u128 size = mr.size();
-    QOMEM_ASSERT(!realized(), "{} '{}': register_bar({}) after realize", this->type().name, name(), index);
+    QOMEM_ASSERT(!realized(), "{} '{}': register_bar({}) after realize", this->type().name, name(),
+                 index);
     QOMEM_ASSERT(index < bar_count && (!is64 || index + 1 < bar_count),
-                 "{} '{}': BAR {} does not exist for a {}-bit BAR", this->type().name, name(), index,
-                 is64 ? 64 : 32);
-    QOMEM_ASSERT(!bars_[index].hold && (!is64 || !bars_[index + 1].hold) &&
-                     !(index > 0 && bars_[index - 1].hold &&
-                       (static_cast<std::uint32_t>(bars_[index - 1].type) & pci_config::bar_mem_type_64)),
-                 "{} '{}': BAR {} is already taken", this->type().name, name(), index);
-    QOMEM_ASSERT(size >= 16 && (size & (size - 1)) == 0 && size <= (is64 ? u128(1) << 63 : u128(1) << 31),
-                 "{} '{}': BAR {} region '{}' has size {:#x}, not a power of two between 16 and 2^{}",
-                 this->type().name, name(), index, mr.region_name(), static_cast<std::uint64_t>(size),
-                 is64 ? 63 : 31);
+                 "{} '{}': BAR {} does not exist for a {}-bit BAR", this->type().name, name(),
+                 index, is64 ? 64 : 32);
+    QOMEM_ASSERT(
+        !bars_[index].hold && (!is64 || !bars_[index + 1].hold) &&
+            !(index > 0 && bars_[index - 1].hold &&
+              (static_cast<std::uint32_t>(bars_[index - 1].type) & pci_config::bar_mem_type_64)),
+        "{} '{}': BAR {} is already taken", this->type().name, name(), index);
+    QOMEM_ASSERT(
+        size >= 16 && (size & (size - 1)) == 0 && size <= (is64 ? u128(1) << 63 : u128(1) << 31),
+        "{} '{}': BAR {} region '{}' has size {:#x}, not a power of two between 16 and 2^{}",
+        this->type().name, name(), index, mr.region_name(), static_cast<std::uint64_t>(size),
+        is64 ? 63 : 31);
     bar& b = bars_[index];
     b.hold = region_ref(mr);
     b.type = type;
@@ -382,18 +387,21 @@ inline void pci_device::register_bar(unsigned index, memory_region& mr, pci_bar_
     if (is64) {
         put32(at + 4, 0);
         const auto high = static_cast<std::uint32_t>(addr_mask >> 32);
-        for (unsigned i = 0; i < 4; ++i) wmask_[at + 4 + i] = static_cast<std::uint8_t>(high >> (8 * i));
+        for (unsigned i = 0; i < 4; ++i)
+            wmask_[at + 4 + i] = static_cast<std::uint8_t>(high >> (8 * i));
     }
 }
 
 inline std::uint32_t pci_device::capability_end(std::span<const pci_capability> caps) noexcept {
     std::uint32_t at = pci_config::first_capability;
-    for (const pci_capability& c : caps) at += (2 + static_cast<std::uint32_t>(c.body.size()) + 3) & ~3u;
+    for (const pci_capability& c : caps)
+        at += (2 + static_cast<std::uint32_t>(c.body.size()) + 3) & ~3u;
     return at;
 }
 
 inline void pci_device::set_capabilities(std::span<const pci_capability> caps) {
-    QOMEM_ASSERT(capabilities_fit(caps), "{} '{}': {} capabilities need {:#x} bytes of configuration space, "
+    QOMEM_ASSERT(capabilities_fit(caps),
+                 "{} '{}': {} capabilities need {:#x} bytes of configuration space, "
                  "past its end",
                  type().name, name(), caps.size(), capability_end(caps));
     for (std::uint32_t i = pci_config::first_capability; i < caps_end_; ++i) config_[i] = 0;
@@ -410,7 +418,8 @@ inline void pci_device::set_capabilities(std::span<const pci_capability> caps) {
     const std::uint16_t status = get16(pci_config::status);
     put16(pci_config::status, caps.empty() ? status & ~pci_config::status_cap_list
                                            : status | pci_config::status_cap_list);
-    put8(pci_config::capability_list, caps.empty() ? 0 : static_cast<std::uint8_t>(pci_config::first_capability));
+    put8(pci_config::capability_list,
+         caps.empty() ? 0 : static_cast<std::uint8_t>(pci_config::first_capability));
 }
 
 inline std::unique_lock<memory_system> pci_device::hold_writer() const {
@@ -420,18 +429,23 @@ inline std::unique_lock<memory_system> pci_device::hold_writer() const {
 }
 
 inline std::uint32_t pci_device::config_read(std::uint32_t addr, unsigned len) {
-    QOMEM_ASSERT((len == 1 || len == 2 || len == 4) && addr < pci_config::size && len <= pci_config::size - addr,
-                 "{} '{}': config read of {} bytes at {:#x}, outside the 256-byte configuration space",
-                 type().name, name(), len, addr);
+    QOMEM_ASSERT(
+        (len == 1 || len == 2 || len == 4) && addr < pci_config::size &&
+            len <= pci_config::size - addr,
+        "{} '{}': config read of {} bytes at {:#x}, outside the 256-byte configuration space",
+        type().name, name(), len, addr);
     const auto writer = hold_writer();
     return do_config_read(addr, len);
 }
 
 inline void pci_device::config_write(std::uint32_t addr, std::uint32_t value, unsigned len) {
-    QOMEM_ASSERT((len == 1 || len == 2 || len == 4) && addr < pci_config::size && len <= pci_config::size - addr,
-                 "{} '{}': config write of {} bytes at {:#x}, outside the 256-byte configuration space",
-                 type().name, name(), len, addr);
-    QOMEM_ASSERT(pci_parent_bus(), "{} '{}': config write while not on a PCI bus", type().name, name());
+    QOMEM_ASSERT(
+        (len == 1 || len == 2 || len == 4) && addr < pci_config::size &&
+            len <= pci_config::size - addr,
+        "{} '{}': config write of {} bytes at {:#x}, outside the 256-byte configuration space",
+        type().name, name(), len, addr);
+    QOMEM_ASSERT(pci_parent_bus(), "{} '{}': config write while not on a PCI bus", type().name,
+                 name());
     const auto writer = hold_writer();
     do_config_write(addr, value, len);
 }
@@ -448,8 +462,11 @@ inline void pci_device::do_config_write(std::uint32_t addr, std::uint32_t value,
         const auto v = static_cast<std::uint8_t>(value >> (8 * i));
         config_[a] = static_cast<std::uint8_t>((config_[a] & ~wmask_[a]) | (v & wmask_[a]));
     }
-    const auto touches = [&](std::uint32_t from, std::uint32_t n) { return addr < from + n && from < addr + len; };
-    if (touches(pci_config::bar0, 4 * bar_count) || touches(pci_config::command, 1)) update_mappings();
+    const auto touches = [&](std::uint32_t from, std::uint32_t n) {
+        return addr < from + n && from < addr + len;
+    };
+    if (touches(pci_config::bar0, 4 * bar_count) || touches(pci_config::command, 1))
+        update_mappings();
 }
 
 inline std::optional<hwaddr> pci_device::wanted_address(unsigned index) const noexcept {
@@ -493,15 +510,18 @@ inline void pci_device::update_mappings() {
 
 inline void pci_device::do_realize() {
     pci_bus* bus = pci_parent_bus();
-    QOMEM_ASSERT(bus, "{} '{}': realize without a PCI bus (plug it into one first)", type().name, name());
+    QOMEM_ASSERT(bus, "{} '{}': realize without a PCI bus (plug it into one first)", type().name,
+                 name());
     if (devfn_chosen_) {
         const pci_device* other = bus->find(*devfn_);
-        QOMEM_ASSERT(!other, "{} '{}': PCI slot {} function {} is already taken by {} '{}'", type().name, name(),
-                     *devfn_ >> 3, *devfn_ & 7, other ? other->type().name : "", other ? other->name() : "");
+        QOMEM_ASSERT(!other, "{} '{}': PCI slot {} function {} is already taken by {} '{}'",
+                     type().name, name(), *devfn_ >> 3, *devfn_ & 7,
+                     other ? other->type().name : "", other ? other->name() : "");
     } else {
         std::optional<std::uint8_t> free;
         for (unsigned slot = 0; slot < 32 && !free; ++slot)
-            if (!bus->find(static_cast<std::uint8_t>(slot << 3))) free = static_cast<std::uint8_t>(slot << 3);
+            if (!bus->find(static_cast<std::uint8_t>(slot << 3)))
+                free = static_cast<std::uint8_t>(slot << 3);
         QOMEM_ASSERT(free, "{} '{}': every slot of the PCI bus is taken", type().name, name());
         devfn_ = free;
     }
@@ -549,7 +569,8 @@ inline void pci_host_bridge::ecam_ops::write(hwaddr offset, std::uint64_t value,
     std::uint32_t reg = 0;
     std::unique_lock<memory_system> writer;
     if (memory_system* sys = host->ecam_->system()) writer = std::unique_lock<memory_system>(*sys);
-    if (pci_device* d = host->decode(offset, reg)) d->config_write(reg, static_cast<std::uint32_t>(value), size);
+    if (pci_device* d = host->decode(offset, reg))
+        d->config_write(reg, static_cast<std::uint32_t>(value), size);
 }
 
 } // namespace qomem

@@ -203,13 +203,34 @@ inline std::optional<std::uint64_t> parse_size(std::string_view s, std::string& 
     unsigned shift = 0;
     if (p < rest.size()) {
         switch (rest[p]) {
-        case 'b': case 'B': shift = 0; break;
-        case 'k': case 'K': shift = 10; break;
-        case 'm': case 'M': shift = 20; break;
-        case 'g': case 'G': shift = 30; break;
-        case 't': case 'T': shift = 40; break;
-        case 'p': case 'P': shift = 50; break;
-        case 'e': case 'E': shift = 60; break;
+        case 'b':
+        case 'B':
+            shift = 0;
+            break;
+        case 'k':
+        case 'K':
+            shift = 10;
+            break;
+        case 'm':
+        case 'M':
+            shift = 20;
+            break;
+        case 'g':
+        case 'G':
+            shift = 30;
+            break;
+        case 't':
+        case 'T':
+            shift = 40;
+            break;
+        case 'p':
+        case 'P':
+            shift = 50;
+            break;
+        case 'e':
+        case 'E':
+            shift = 60;
+            break;
         default:
             why = fmt::format("unknown unit '{}' (B, K, M, G, T, P or E)", rest[p]);
             return std::nullopt;
@@ -279,8 +300,8 @@ inline std::vector<property_setting> parse_settings(std::string_view text) {
         const std::size_t eq = text.find('=', i);
         const std::size_t comma = text.find(',', i);
         if (eq == std::string_view::npos || (comma != std::string_view::npos && comma < eq))
-            throw property_value_error(fmt::format(
-                "expected name=value at '{}' in '{}'", text.substr(i, comma - i), text));
+            throw property_value_error(fmt::format("expected name=value at '{}' in '{}'",
+                                                   text.substr(i, comma - i), text));
         property_setting s;
         s.name = std::string(text.substr(i, eq - i));
         if (s.name.empty())
@@ -353,7 +374,8 @@ public:
         return to_value<V>(V(get_(static_cast<const T&>(o))));
     }
     void set(object& o, const property_value& v) const override {
-        if constexpr (!std::is_same_v<Set, std::nullptr_t>) set_(static_cast<T&>(o), from_value<V>(v));
+        if constexpr (!std::is_same_v<Set, std::nullptr_t>)
+            set_(static_cast<T&>(o), from_value<V>(v));
     }
     bool writable() const noexcept override { return !std::is_same_v<Set, std::nullptr_t>; }
 
@@ -368,10 +390,14 @@ template <class M>
 constexpr std::string_view integer_type_name() noexcept {
     constexpr bool s = std::is_signed_v<M>;
     switch (sizeof(M)) {
-    case 1: return s ? "int8" : "uint8";
-    case 2: return s ? "int16" : "uint16";
-    case 4: return s ? "int32" : "uint32";
-    default: return s ? "int64" : "uint64";
+    case 1:
+        return s ? "int8" : "uint8";
+    case 2:
+        return s ? "int16" : "uint16";
+    case 4:
+        return s ? "int32" : "uint32";
+    default:
+        return s ? "int64" : "uint64";
     }
 }
 
@@ -438,7 +464,8 @@ public:
                 else if (neg && mag > static_cast<std::uint64_t>(-(min_ + 1)) + 1)
                     why = fmt::format("below the minimum {}", min_);
                 else
-                    return neg ? static_cast<std::int64_t>(0 - mag) : static_cast<std::int64_t>(mag);
+                    return neg ? static_cast<std::int64_t>(0 - mag)
+                               : static_cast<std::int64_t>(mag);
             }
             break;
         }
@@ -469,17 +496,20 @@ public:
             why = "not a value property";
             break;
         }
-        throw property_value_error(
-            fmt::format("property '{}' ({}) does not accept value '{}': {}", name_, type_, text, why));
+        throw property_value_error(fmt::format("property '{}' ({}) does not accept value '{}': {}",
+                                               name_, type_, text, why));
     }
 
     /// `v` in text form (what parse() reads back).
     std::string print(const property_value& v) const {
         switch (kind_) {
-        case property_kind::boolean: return std::get<bool>(v) ? "true" : "false";
-        case property_kind::signed_integer: return fmt::format("{}", std::get<std::int64_t>(v));
+        case property_kind::boolean:
+            return std::get<bool>(v) ? "true" : "false";
+        case property_kind::signed_integer:
+            return fmt::format("{}", std::get<std::int64_t>(v));
         case property_kind::unsigned_integer:
-        case property_kind::size: return fmt::format("{}", std::get<std::uint64_t>(v));
+        case property_kind::size:
+            return fmt::format("{}", std::get<std::uint64_t>(v));
         case property_kind::enumeration: {
             const auto i = std::get<std::int64_t>(v);
             return i >= 0 && static_cast<std::size_t>(i) < enum_names_.size()
@@ -488,7 +518,8 @@ public:
         }
         case property_kind::string:
         case property_kind::link:
-        case property_kind::child: break;
+        case property_kind::child:
+            break;
         }
         return std::get<std::string>(v);
     }
@@ -500,14 +531,19 @@ public:
     void check(const property_value& v) const {
         const bool ok_kind = [&] {
             switch (kind_) {
-            case property_kind::boolean: return std::holds_alternative<bool>(v);
-            case property_kind::string: return std::holds_alternative<std::string>(v);
+            case property_kind::boolean:
+                return std::holds_alternative<bool>(v);
+            case property_kind::string:
+                return std::holds_alternative<std::string>(v);
             case property_kind::signed_integer:
-            case property_kind::enumeration: return std::holds_alternative<std::int64_t>(v);
+            case property_kind::enumeration:
+                return std::holds_alternative<std::int64_t>(v);
             case property_kind::unsigned_integer:
-            case property_kind::size: return std::holds_alternative<std::uint64_t>(v);
+            case property_kind::size:
+                return std::holds_alternative<std::uint64_t>(v);
             case property_kind::link:
-            case property_kind::child: return false;
+            case property_kind::child:
+                return false;
             }
             return false;
         }();
@@ -527,8 +563,8 @@ public:
         } else if (kind_ == property_kind::enumeration) {
             const auto x = std::get<std::int64_t>(v);
             if (x < 0 || static_cast<std::size_t>(x) >= enum_names_.size())
-                throw property_value_error(fmt::format(
-                    "property '{}' ({}) has no value number {}", name_, type_, x));
+                throw property_value_error(
+                    fmt::format("property '{}' ({}) has no value number {}", name_, type_, x));
         }
     }
 
@@ -571,14 +607,15 @@ private:
             pv = static_cast<std::int64_t>(v);
         } else if constexpr (std::is_integral_v<V>) {
             if (kind_ == property_kind::unsigned_integer || kind_ == property_kind::size) {
-                QOMEM_ASSERT(!(std::is_signed_v<V> && v < 0), "negative default for property '{}' ({})",
-                             name_, type_);
+                QOMEM_ASSERT(!(std::is_signed_v<V> && v < 0),
+                             "negative default for property '{}' ({})", name_, type_);
                 pv = static_cast<std::uint64_t>(v);
             } else {
-                QOMEM_ASSERT(!(std::is_unsigned_v<V> &&
-                               static_cast<std::uint64_t>(v) >
-                                   static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())),
-                             "default for property '{}' ({}) out of range", name_, type_);
+                QOMEM_ASSERT(
+                    !(std::is_unsigned_v<V> &&
+                      static_cast<std::uint64_t>(v) >
+                          static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())),
+                    "default for property '{}' ({}) out of range", name_, type_);
                 pv = static_cast<std::int64_t>(v);
             }
         } else {
@@ -587,8 +624,8 @@ private:
                 std::int64_t index = -1;
                 for (std::size_t i = 0; i < enum_names_.size(); ++i)
                     if (enum_names_[i] == s) index = static_cast<std::int64_t>(i);
-                QOMEM_ASSERT(index >= 0, "default '{}' is not a value of enum property '{}' ({})", s,
-                             name_, type_);
+                QOMEM_ASSERT(index >= 0, "default '{}' is not a value of enum property '{}' ({})",
+                             s, name_, type_);
                 pv = index;
             } else {
                 pv = s;
@@ -600,7 +637,8 @@ private:
         } catch (const property_error&) {
             fits = false;
         }
-        QOMEM_ASSERT(fits, "default {} does not fit property '{}' ({})", print_any(pv), name_, type_);
+        QOMEM_ASSERT(fits, "default {} does not fit property '{}' ({})", print_any(pv), name_,
+                     type_);
         return pv;
     }
 
@@ -619,9 +657,9 @@ private:
     std::string type_;
     std::string description_;
     property_kind kind_ = property_kind::boolean;
-    std::int64_t min_ = 0;       // signed integers
-    std::int64_t max_ = 0;       // signed integers
-    std::uint64_t umax_ = 0;     // unsigned integers and sizes
+    std::int64_t min_ = 0;   // signed integers
+    std::int64_t max_ = 0;   // signed integers
+    std::uint64_t umax_ = 0; // unsigned integers and sizes
     std::vector<std::string> enum_names_;
     std::optional<property_value> default_;
     const type_info* owner_ = nullptr;
@@ -639,8 +677,8 @@ struct property_builder {
         d.type_ = std::move(type);
         d.kind_ = kind;
         d.owner_ = &T::static_type();
-        d.access_ = std::make_shared<const callable_access<T, V, Get, Set>>(std::move(get),
-                                                                             std::move(set));
+        d.access_ =
+            std::make_shared<const callable_access<T, V, Get, Set>>(std::move(get), std::move(set));
         if constexpr (std::is_integral_v<V> && !std::is_same_v<V, bool>) {
             if constexpr (std::is_signed_v<V>) {
                 d.min_ = std::numeric_limits<V>::min();
@@ -700,16 +738,14 @@ property_def string_property(std::string name, std::string T::*member) {
 }
 template <class T, detail::not_member_pointer Get, class Set = std::nullptr_t>
 property_def string_property(std::string name, Get get, Set set = nullptr) {
-    return detail::property_builder::make<T, std::string>(std::move(name), "string",
-                                                          property_kind::string, std::move(get),
-                                                          std::move(set));
+    return detail::property_builder::make<T, std::string>(
+        std::move(name), "string", property_kind::string, std::move(get), std::move(set));
 }
 
 /// "int8" ... "int64", "uint8" ... "uint64", after the member's type, whose
 /// range values are checked against.
 template <class T, std::integral M>
-    requires(!std::is_same_v<M, bool>)
-property_def int_property(std::string name, M T::*member) {
+requires(!std::is_same_v<M, bool>) property_def int_property(std::string name, M T::*member) {
     return detail::property_builder::make<T, M>(
         std::move(name), std::string(detail::integer_type_name<M>()),
         std::is_signed_v<M> ? property_kind::signed_integer : property_kind::unsigned_integer,
@@ -717,8 +753,8 @@ property_def int_property(std::string name, M T::*member) {
 }
 template <class T, detail::not_member_pointer Get, class Set = std::nullptr_t,
           class M = std::decay_t<std::invoke_result_t<Get, const T&>>>
-    requires(std::is_integral_v<M> && !std::is_same_v<M, bool>)
-property_def int_property(std::string name, Get get, Set set = nullptr) {
+requires(std::is_integral_v<M> && !std::is_same_v<M, bool>) property_def
+    int_property(std::string name, Get get, Set set = nullptr) {
     return detail::property_builder::make<T, M>(
         std::move(name), std::string(detail::integer_type_name<M>()),
         std::is_signed_v<M> ? property_kind::signed_integer : property_kind::unsigned_integer,
@@ -727,16 +763,15 @@ property_def int_property(std::string name, Get get, Set set = nullptr) {
 
 /// "size": a byte count, parsed with parse_size's units.
 template <class T, std::unsigned_integral M>
-    requires(!std::is_same_v<M, bool>)
-property_def size_property(std::string name, M T::*member) {
+requires(!std::is_same_v<M, bool>) property_def size_property(std::string name, M T::*member) {
     return detail::property_builder::make<T, M>(std::move(name), "size", property_kind::size,
                                                 detail::member_getter<T>(member),
                                                 detail::member_setter(member));
 }
 template <class T, detail::not_member_pointer Get, class Set = std::nullptr_t,
           class M = std::decay_t<std::invoke_result_t<Get, const T&>>>
-    requires(std::is_unsigned_v<M> && !std::is_same_v<M, bool>)
-property_def size_property(std::string name, Get get, Set set = nullptr) {
+requires(std::is_unsigned_v<M> && !std::is_same_v<M, bool>) property_def
+    size_property(std::string name, Get get, Set set = nullptr) {
     return detail::property_builder::make<T, M>(std::move(name), "size", property_kind::size,
                                                 std::move(get), std::move(set));
 }
@@ -745,22 +780,20 @@ property_def size_property(std::string name, Get get, Set set = nullptr) {
 /// "OnOffAuto") whose values are `names`: the enum value i is named names[i]
 /// (E's values must be 0, 1, ... in that order).
 template <class T, class E>
-    requires std::is_enum_v<E>
-property_def enum_property(std::string name, std::string enum_type,
-                           std::initializer_list<std::string_view> names, E T::*member) {
-    auto d = detail::property_builder::make<T, E>(std::move(name), std::move(enum_type),
-                                                  property_kind::enumeration,
-                                                  detail::member_getter<T>(member),
-                                                  detail::member_setter(member));
+requires std::is_enum_v<E> property_def enum_property(std::string name, std::string enum_type,
+                                                      std::initializer_list<std::string_view> names,
+                                                      E T::*member) {
+    auto d = detail::property_builder::make<T, E>(
+        std::move(name), std::move(enum_type), property_kind::enumeration,
+        detail::member_getter<T>(member), detail::member_setter(member));
     detail::property_builder::set_enum_names(d, names);
     return d;
 }
 template <class T, detail::not_member_pointer Get, class Set = std::nullptr_t,
           class E = std::decay_t<std::invoke_result_t<Get, const T&>>>
-    requires std::is_enum_v<E>
-property_def enum_property(std::string name, std::string enum_type,
-                           std::initializer_list<std::string_view> names, Get get,
-                           Set set = nullptr) {
+requires std::is_enum_v<E> property_def enum_property(std::string name, std::string enum_type,
+                                                      std::initializer_list<std::string_view> names,
+                                                      Get get, Set set = nullptr) {
     auto d = detail::property_builder::make<T, E>(std::move(name), std::move(enum_type),
                                                   property_kind::enumeration, std::move(get),
                                                   std::move(set));

@@ -256,7 +256,8 @@ inline void wait_for_readers(std::uint64_t target) {
             // futex wake at its next read_unlock).
             for (reader_record* r = s.readers; r; r = r->next)
                 if (r != self && may_hold(*r, self, degraded, target))
-                    r->waiting.store(1, std::memory_order_relaxed); // ordered by the fence below (C)
+                    r->waiting.store(1,
+                                     std::memory_order_relaxed); // ordered by the fence below (C)
             // Acquire: pairs with wake_writers' release increment (C).
             seq = s.gp_seq.load(std::memory_order_acquire);
             degraded = fence_registry(s, self);

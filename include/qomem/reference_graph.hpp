@@ -105,14 +105,22 @@ enum class reference_kind : std::uint8_t {
 /// A short name for `k` ("child<>", "subregion", ...).
 constexpr std::string_view to_string(reference_kind k) noexcept {
     switch (k) {
-    case reference_kind::child: return "child<>";
-    case reference_kind::strong_link: return "link<>";
-    case reference_kind::subregion: return "subregion";
-    case reference_kind::alias: return "alias";
-    case reference_kind::root: return "root";
-    case reference_kind::owner: return "owner";
-    case reference_kind::dma: return "DMA";
-    case reference_kind::held: return "held";
+    case reference_kind::child:
+        return "child<>";
+    case reference_kind::strong_link:
+        return "link<>";
+    case reference_kind::subregion:
+        return "subregion";
+    case reference_kind::alias:
+        return "alias";
+    case reference_kind::root:
+        return "root";
+    case reference_kind::owner:
+        return "owner";
+    case reference_kind::dma:
+        return "DMA";
+    case reference_kind::held:
+        return "held";
     }
     return "?";
 }
@@ -405,7 +413,8 @@ inline std::size_t reference_graph::visit(const object& obj) {
     if (region) {
         region->for_each_subregion([&](const memory_region& sub) {
             const std::size_t to = visit(sub);
-            edge e = make_edge(self, to, reference_kind::subregion, fmt::format("{:#x}", sub.addr()));
+            edge e =
+                make_edge(self, to, reference_kind::subregion, fmt::format("{:#x}", sub.addr()));
             e.counted = sub.counted();
             // A placement device::map_region made is undone at the device's unrealize.
             if (const auto* d = dynamic_cast_to<device>(sub.owner())) {
@@ -417,7 +426,8 @@ inline std::size_t reference_graph::visit(const object& obj) {
         });
         if (const memory_region* target = region->alias()) {
             const std::size_t to = visit(*target);
-            edge e = make_edge(self, to, reference_kind::alias, fmt::format("{:#x}", region->alias_offset()));
+            edge e = make_edge(self, to, reference_kind::alias,
+                               fmt::format("{:#x}", region->alias_offset()));
             e.counted = target->counted();
             add_edge(std::move(e));
         }
@@ -428,7 +438,8 @@ inline std::size_t reference_graph::visit(const object& obj) {
             if (region->holds_owner()) add_edge(make_edge(self, o, reference_kind::owner, "owner"));
         }
     }
-    if (const auto* d = dynamic_cast_to<device>(&obj); d && d->parent_bus()) visit(*d->parent_bus());
+    if (const auto* d = dynamic_cast_to<device>(&obj); d && d->parent_bus())
+        visit(*d->parent_bus());
     if (obj.parent()) visit(*obj.parent());
     return self;
 }
@@ -531,19 +542,37 @@ inline std::string reference_graph::describe(std::size_t edge_index) const {
     const edge& e = edges_.at(edge_index);
     std::string what;
     switch (e.kind) {
-    case reference_kind::child: what = fmt::format("child<> '{}'", e.name); break;
-    case reference_kind::strong_link: what = fmt::format("link<> '{}'", e.name); break;
-    case reference_kind::subregion: what = fmt::format("subregion at {}", e.name); break;
-    case reference_kind::alias: what = fmt::format("alias at {}", e.name); break;
-    case reference_kind::root: what = "address-space root"; break;
-    case reference_kind::owner: what = "owner, until the region is freed"; break;
-    case reference_kind::dma: what = fmt::format("DMA mapping of {}", e.name); break;
-    case reference_kind::held: what = e.name.empty() ? "held" : e.name; break;
+    case reference_kind::child:
+        what = fmt::format("child<> '{}'", e.name);
+        break;
+    case reference_kind::strong_link:
+        what = fmt::format("link<> '{}'", e.name);
+        break;
+    case reference_kind::subregion:
+        what = fmt::format("subregion at {}", e.name);
+        break;
+    case reference_kind::alias:
+        what = fmt::format("alias at {}", e.name);
+        break;
+    case reference_kind::root:
+        what = "address-space root";
+        break;
+    case reference_kind::owner:
+        what = "owner, until the region is freed";
+        break;
+    case reference_kind::dma:
+        what = fmt::format("DMA mapping of {}", e.name);
+        break;
+    case reference_kind::held:
+        what = e.name.empty() ? "held" : e.name;
+        break;
     }
     if (e.redirected_from)
-        what += fmt::format(": a reference to {}, counted on its owner", nodes_[*e.redirected_from].label);
+        what += fmt::format(": a reference to {}, counted on its owner",
+                            nodes_[*e.redirected_from].label);
     if (!e.counted) what += " (not counted)";
-    if (e.released_by) what += fmt::format(" (until {} is unparented)", nodes_[*e.released_by].label);
+    if (e.released_by)
+        what += fmt::format(" (until {} is unparented)", nodes_[*e.released_by].label);
     return fmt::format("{} → {}: {}", nodes_[e.from].label, nodes_[e.to].label, what);
 }
 
@@ -576,21 +605,29 @@ inline std::string reference_graph::dot(std::string_view title, const reference_
             label += "\\n" + detail::dot_escape(n.type);
             const std::size_t drawn = counted_references_to(i);
             if (!replay)
-                label += drawn == n.ref_count ? fmt::format("\\nrefs={}", n.ref_count)
-                                              : fmt::format("\\nrefs={} ({} drawn)", n.ref_count, drawn);
+                label += drawn == n.ref_count
+                             ? fmt::format("\\nrefs={}", n.ref_count)
+                             : fmt::format("\\nrefs={} ({} drawn)", n.ref_count, drawn);
             if (n.region) attrs += ", style=\"rounded\"";
             if (n.device) attrs += ", penwidth=2";
             break;
         }
-        case node_kind::address_space: attrs += ", shape=ellipse"; break;
-        case node_kind::dma_mapping: attrs += ", shape=hexagon"; break;
-        case node_kind::outside: attrs += ", shape=note"; break;
+        case node_kind::address_space:
+            attrs += ", shape=ellipse";
+            break;
+        case node_kind::dma_mapping:
+            attrs += ", shape=hexagon";
+            break;
+        case node_kind::outside:
+            attrs += ", shape=note";
+            break;
         }
         if (replay && n.kind != node_kind::outside) {
             if (replay->finalized(i))
                 attrs += ", color=gray, fontcolor=gray";
             else
-                attrs += fmt::format(", color=red, fontcolor=red, xlabel=\"count {}\"", replay->count(i));
+                attrs += fmt::format(", color=red, fontcolor=red, xlabel=\"count {}\"",
+                                     replay->count(i));
         }
         fmt::format_to(std::back_inserter(out), "  n{} [label=\"{}\"{}];\n", i, label, attrs);
     }
@@ -601,8 +638,8 @@ inline std::string reference_graph::dot(std::string_view title, const reference_
             // Released: kept faintly (the picture keeps its shape), unless
             // only what lives is shown.
             if (!live_only)
-                fmt::format_to(std::back_inserter(out), "  n{} -> n{} [color=gray85, style=dotted];\n",
-                               e.from, e.to);
+                fmt::format_to(std::back_inserter(out),
+                               "  n{} -> n{} [color=gray85, style=dotted];\n", e.from, e.to);
             continue;
         }
         // Each part escaped on its own: "\\n" is DOT's line break.
@@ -610,14 +647,35 @@ inline std::string reference_graph::dot(std::string_view title, const reference_
         std::string style;
         const std::string name = detail::dot_escape(e.name);
         switch (e.kind) {
-        case reference_kind::child: label = name; break;
-        case reference_kind::strong_link: label = name; style = "dashed,bold"; break;
-        case reference_kind::subregion: label = "@" + name; style = "solid"; break;
-        case reference_kind::alias: label = "alias @" + name; style = "dashed"; break;
-        case reference_kind::root: label = "root"; break;
-        case reference_kind::owner: label = "owner"; style = "bold"; break;
-        case reference_kind::dma: label = "DMA"; break;
-        case reference_kind::held: label = name; style = "dotted"; break;
+        case reference_kind::child:
+            label = name;
+            break;
+        case reference_kind::strong_link:
+            label = name;
+            style = "dashed,bold";
+            break;
+        case reference_kind::subregion:
+            label = "@" + name;
+            style = "solid";
+            break;
+        case reference_kind::alias:
+            label = "alias @" + name;
+            style = "dashed";
+            break;
+        case reference_kind::root:
+            label = "root";
+            break;
+        case reference_kind::owner:
+            label = "owner";
+            style = "bold";
+            break;
+        case reference_kind::dma:
+            label = "DMA";
+            break;
+        case reference_kind::held:
+            label = name;
+            style = "dotted";
+            break;
         }
         std::string color = e.kind == reference_kind::owner       ? "red"
                             : e.kind == reference_kind::subregion ? "blue"
@@ -626,7 +684,8 @@ inline std::string reference_graph::dot(std::string_view title, const reference_
                             : e.kind == reference_kind::root      ? "darkgreen"
                                                                   : "black";
         if (e.redirected_from) {
-            label += fmt::format("\\n({} → its owner)", detail::dot_escape(nodes_[*e.redirected_from].label));
+            label += fmt::format("\\n({} → its owner)",
+                                 detail::dot_escape(nodes_[*e.redirected_from].label));
             color = "darkorange";
         }
         if (!e.counted) {
@@ -634,9 +693,11 @@ inline std::string reference_graph::dot(std::string_view title, const reference_
             style = "dotted";
         }
         if (e.released_by)
-            label += fmt::format("\\n(until {} unparented)", detail::dot_escape(nodes_[*e.released_by].label));
-        fmt::format_to(std::back_inserter(out), "  n{} -> n{} [label=\"{}\", color={}{}];\n", e.from, e.to,
-                       label, color, style.empty() ? std::string() : fmt::format(", style=\"{}\"", style));
+            label += fmt::format("\\n(until {} unparented)",
+                                 detail::dot_escape(nodes_[*e.released_by].label));
+        fmt::format_to(std::back_inserter(out), "  n{} -> n{} [label=\"{}\", color={}{}];\n",
+                       e.from, e.to, label, color,
+                       style.empty() ? std::string() : fmt::format(", style=\"{}\"", style));
     }
     out += "}\n";
     return out;
@@ -787,21 +848,23 @@ inline void reference_replay::unparent_hook(std::size_t c, std::size_t parent) {
                     e.released_by != e.to)
                     continue;
                 const std::size_t d = e.to;
-                if (parent_edge_[d])
-                    drop(*parent_edge_[d]);
+                if (parent_edge_[d]) drop(*parent_edge_[d]);
                 drop(i); // if its hook did not
                 again = true;
                 break;
             }
         }
     }
-    if (nd.region && rule_ == lifetime_rule::regions_counted && nd.owner == parent && count_[parent] > 0) {
+    if (nd.region && rule_ == lifetime_rule::regions_counted && nd.owner == parent &&
+        count_[parent] > 0) {
         // memory_region::on_unparent: the region holds its owner, once.
         bool holds = false;
         for (std::size_t i = 0; i < g_.edges_.size(); ++i)
-            if (edge_alive_[i] && g_.edges_[i].from == c && g_.edges_[i].kind == reference_kind::owner)
+            if (edge_alive_[i] && g_.edges_[i].from == c &&
+                g_.edges_[i].kind == reference_kind::owner)
                 holds = true;
-        if (!holds) add_counted_edge(reference_graph::make_edge(c, parent, reference_kind::owner, "owner"));
+        if (!holds)
+            add_counted_edge(reference_graph::make_edge(c, parent, reference_kind::owner, "owner"));
     }
 }
 
@@ -856,7 +919,8 @@ inline std::vector<reference_replay::cycle> reference_replay::cycles() const {
     std::vector<std::vector<std::size_t>> out_edges(count);
     for (std::size_t i = 0; i < g_.edges_.size(); ++i) {
         const auto& e = g_.edges_[i];
-        if (edge_alive_[i] && e.counted && is_live[e.from] && is_live[e.to]) out_edges[e.from].push_back(i);
+        if (edge_alive_[i] && e.counted && is_live[e.from] && is_live[e.to])
+            out_edges[e.from].push_back(i);
     }
     // Tarjan's strongly connected components.
     constexpr std::size_t unset = static_cast<std::size_t>(-1);
@@ -961,12 +1025,13 @@ inline std::string reference_replay::report() const {
         for (std::size_t n : ns) s += (s.empty() ? "" : ", ") + g_.nodes_[n].label;
         return s;
     };
-    std::string out = fmt::format("{} leak ({} of them objects): {}\n", left.size(), live_objects(),
-                                  names(left));
+    std::string out =
+        fmt::format("{} leak ({} of them objects): {}\n", left.size(), live_objects(), names(left));
     for (const cycle& c : cycles()) {
         out += fmt::format("  cycle of {}:\n", names(c.members));
         for (std::size_t i : c.path) out += fmt::format("    {}\n", g_.describe(i));
-        if (!c.keeps_alive.empty()) out += fmt::format("    keeps alive: {}\n", names(c.keeps_alive));
+        if (!c.keeps_alive.empty())
+            out += fmt::format("    keeps alive: {}\n", names(c.keeps_alive));
     }
     return out;
 }

@@ -60,7 +60,8 @@ inline memtx_result dispatch_region(memory_region& mr, hwaddr addr, std::byte* b
 }
 
 inline bool memop_is_big(const memory_region& mr, endianness order) noexcept {
-    return is_big_endian(order, mr.system() ? mr.system()->target_big_endian() : host_is_big_endian);
+    return is_big_endian(order,
+                         mr.system() ? mr.system()->target_big_endian() : host_is_big_endian);
 }
 
 } // namespace detail
@@ -68,8 +69,9 @@ inline bool memop_is_big(const memory_region& mr, endianness order) noexcept {
 /// Reads one value of op.size bytes at offset `addr` of `mr` into `value`
 /// (zero-extended; 0 where the access fails). Requires (asserted): op.size
 /// is 1, 2, 4 or 8.
-inline memtx_result memory_region_dispatch_read(memory_region& mr, hwaddr addr, std::uint64_t& value,
-                                                memop op, mem_attrs attrs = {}) {
+inline memtx_result memory_region_dispatch_read(memory_region& mr, hwaddr addr,
+                                                std::uint64_t& value, memop op,
+                                                mem_attrs attrs = {}) {
     std::byte bytes[8];
     const memtx_result r = detail::dispatch_region(mr, addr, bytes, op, false, attrs);
     value = detail::load_ordered(bytes, op.size, detail::memop_is_big(mr, op.order));
@@ -78,8 +80,9 @@ inline memtx_result memory_region_dispatch_read(memory_region& mr, hwaddr addr, 
 
 /// Writes the low op.size bytes of `value` at offset `addr` of `mr`.
 /// Requires (asserted): op.size is 1, 2, 4 or 8.
-inline memtx_result memory_region_dispatch_write(memory_region& mr, hwaddr addr, std::uint64_t value,
-                                                 memop op, mem_attrs attrs = {}) {
+inline memtx_result memory_region_dispatch_write(memory_region& mr, hwaddr addr,
+                                                 std::uint64_t value, memop op,
+                                                 mem_attrs attrs = {}) {
     std::byte bytes[8];
     detail::store_ordered(bytes, op.size, value, detail::memop_is_big(mr, op.order));
     return detail::dispatch_region(mr, addr, bytes, op, true, attrs);

@@ -63,8 +63,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -105,9 +105,9 @@ enum class shmem_reason {
 template <>
 struct reason_names<shmem_reason> {
     static constexpr std::string_view names[] = {
-        "unknown_shmid", "zero_length",       "unaligned",    "overflow",    "out_of_bounds",
-        "overlap",       "bad_fd",            "bad_flags",    "too_many_mappings",
-        "mmap_failed",   "not_mapped",        "duplicate_shmid", "bad_size"};
+        "unknown_shmid", "zero_length",     "unaligned", "overflow",          "out_of_bounds",
+        "overlap",       "bad_fd",          "bad_flags", "too_many_mappings", "mmap_failed",
+        "not_mapped",    "duplicate_shmid", "bad_size"};
 };
 
 /// A refused shared-memory request; `why()` says which rule it broke.
@@ -208,8 +208,8 @@ public:
     /// would fault), flags other than read_only / read_write, too many
     /// mappings (this region's limit or the process's), or a failing mmap.
     /// Nothing changes.
-    shmem_mapping& map(int fd, std::uint64_t fd_offset, std::uint64_t shm_offset,
-                       std::uint64_t len, shmem_flags flags);
+    shmem_mapping& map(int fd, std::uint64_t fd_offset, std::uint64_t shm_offset, std::uint64_t len,
+                       shmem_flags flags);
 
     /// Unmaps the active mapping that is exactly [shm_offset, shm_offset + len).
     /// Effects: the guest stops seeing it and its slot is PROT_NONE again at
@@ -235,7 +235,8 @@ public:
 private:
     friend class shmem_mapping;
     [[noreturn]] void refuse(shmem_reason r, const std::string& what) const {
-        throw shmem_error(r, fmt::format("shared memory region {} ('{}'): {}", shmid_, name_, what));
+        throw shmem_error(r,
+                          fmt::format("shared memory region {} ('{}'): {}", shmid_, name_, what));
     }
 
     std::uint8_t shmid_;
@@ -246,7 +247,7 @@ private:
     std::size_t max_mappings_ = 4096;
     std::map<std::uint64_t, shmem_mapping*> active_; // by offset
     std::size_t lingering_ = 0;                      // unmapped, held by DMA
-    object* held_owner_ = nullptr; // the device, held once unparented from it
+    object* held_owner_ = nullptr;                   // the device, held once unparented from it
 };
 
 /// A VIRTIO device with shared memory regions (transport-independent).
@@ -363,7 +364,8 @@ inline void shmem_mapping::on_unparent() {
         if (r.container()) r.container()->del_subregion(r);
         if (state_ == state::active) shm_->active_.erase(offset_);
         if (!detail::reserve_again(shm_->base_ + offset_, len_))
-            std::fprintf(stderr, "qomem: restoring PROT_NONE over a shared memory slot failed: %s\n",
+            std::fprintf(stderr,
+                         "qomem: restoring PROT_NONE over a shared memory slot failed: %s\n",
                          std::strerror(errno));
         state_ = state::lingering;
         ++shm_->lingering_;
@@ -381,7 +383,8 @@ inline virtio_shmem::virtio_shmem(std::uint8_t shmid, std::uint64_t size, std::s
     const std::uint64_t page = detail::host_page_size();
     if (size == 0 || size % page != 0)
         refuse(shmem_reason::bad_size,
-               fmt::format("size 0x{:x} is not a non-zero multiple of the page size 0x{:x}", size, page));
+               fmt::format("size 0x{:x} is not a non-zero multiple of the page size 0x{:x}", size,
+                           page));
     // In place before any mapping exists, so a handler the program installs
     // later finds it and can chain to it.
     detail::install_fault_guard();
@@ -433,27 +436,32 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
     constexpr auto known = static_cast<std::uint64_t>(shmem_flags::read_write);
     if (bits & ~known)
         refuse(reason::bad_flags,
-               fmt::format("flags 0x{:x} have unknown bits 0x{:x} (0 is read-only, 1 read-write)", bits,
-                           bits & ~known));
-    if (len == 0) refuse(reason::zero_length, fmt::format("map of length 0 at offset 0x{:x}", shm_offset));
+               fmt::format("flags 0x{:x} have unknown bits 0x{:x} (0 is read-only, 1 read-write)",
+                           bits, bits & ~known));
+    if (len == 0)
+        refuse(reason::zero_length, fmt::format("map of length 0 at offset 0x{:x}", shm_offset));
     if (shm_offset % page || len % page || fd_offset % page)
-        refuse(reason::unaligned,
-               fmt::format("shm offset 0x{:x}, fd offset 0x{:x} and length 0x{:x} must be multiples "
-                           "of the page size 0x{:x}",
-                           shm_offset, fd_offset, len, page));
+        refuse(
+            reason::unaligned,
+            fmt::format("shm offset 0x{:x}, fd offset 0x{:x} and length 0x{:x} must be multiples "
+                        "of the page size 0x{:x}",
+                        shm_offset, fd_offset, len, page));
     if (shm_offset + len < shm_offset)
-        refuse(reason::overflow, fmt::format("shm offset 0x{:x} + length 0x{:x} overflows", shm_offset, len));
+        refuse(reason::overflow,
+               fmt::format("shm offset 0x{:x} + length 0x{:x} overflows", shm_offset, len));
     if (fd_offset + len < fd_offset ||
         fd_offset + len > static_cast<std::uint64_t>(std::numeric_limits<off_t>::max()))
-        refuse(reason::overflow, fmt::format("fd offset 0x{:x} + length 0x{:x} overflows", fd_offset, len));
+        refuse(reason::overflow,
+               fmt::format("fd offset 0x{:x} + length 0x{:x} overflows", fd_offset, len));
     if (shm_offset + len > size_)
         refuse(reason::out_of_bounds,
                fmt::format("range 0x{:x}..0x{:x} is past the end of the region (size 0x{:x})",
                            shm_offset, shm_offset + len - 1, size_));
     // The nearest active mapping at or before the range, and the first after it.
     auto refuse_overlap = [&](const shmem_mapping& m) {
-        refuse(reason::overlap, fmt::format("range 0x{:x}..0x{:x} overlaps the mapping at 0x{:x} (length 0x{:x})",
-                                            shm_offset, shm_offset + len - 1, m.offset_, m.len_));
+        refuse(reason::overlap,
+               fmt::format("range 0x{:x}..0x{:x} overlaps the mapping at 0x{:x} (length 0x{:x})",
+                           shm_offset, shm_offset + len - 1, m.offset_, m.len_));
     };
     auto next = active_.lower_bound(shm_offset);
     if (next != active_.end() && next->first < shm_offset + len) refuse_overlap(*next->second);
@@ -473,24 +481,26 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
         refuse(reason::bad_fd, fmt::format("fd {} is not an open file descriptor", fd));
     if (S_ISREG(st.st_mode) && fd_offset + len > static_cast<std::uint64_t>(st.st_size))
         refuse(reason::out_of_bounds,
-               fmt::format("fd {} range 0x{:x}..0x{:x} is past the end of the file (size 0x{:x})", fd,
-                           fd_offset, fd_offset + len - 1, static_cast<std::uint64_t>(st.st_size)));
+               fmt::format("fd {} range 0x{:x}..0x{:x} is past the end of the file (size 0x{:x})",
+                           fd, fd_offset, fd_offset + len - 1,
+                           static_cast<std::uint64_t>(st.st_size)));
     // Last of the checks: the process-wide count, taken here and given back
     // by the mapping (or below, if it is never made).
     detail::shmem_budget& budget = detail::shmem_budget::get();
     if (!budget.take())
-        refuse(reason::too_many_mappings,
-               fmt::format("the process already has {} shared-memory mappings, its limit (a sixth of "
-                           "vm.max_map_count by default)",
-                           budget.live.load()));
+        refuse(
+            reason::too_many_mappings,
+            fmt::format("the process already has {} shared-memory mappings, its limit (a sixth of "
+                        "vm.max_map_count by default)",
+                        budget.live.load()));
 
     const bool writable = flags == shmem_flags::read_write;
     const int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     const auto n = static_cast<std::size_t>(len);
     void* view = ::mmap(nullptr, n, prot, MAP_SHARED, fd, static_cast<off_t>(fd_offset));
     std::byte* slot = base_ + shm_offset;
-    if (view == MAP_FAILED ||
-        ::mmap(slot, n, prot, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(fd_offset)) == MAP_FAILED) {
+    if (view == MAP_FAILED || ::mmap(slot, n, prot, MAP_SHARED | MAP_FIXED, fd,
+                                     static_cast<off_t>(fd_offset)) == MAP_FAILED) {
         const int err = errno;
         if (view != MAP_FAILED) {
             ::munmap(view, n);
@@ -498,8 +508,8 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
         }
         budget.give_back();
         refuse(reason::mmap_failed,
-               fmt::format("mmap of fd {} at fd offset 0x{:x}, length 0x{:x} failed: {}", fd, fd_offset,
-                           len, std::strerror(err)));
+               fmt::format("mmap of fd {} at fd offset 0x{:x}, length 0x{:x} failed: {}", fd,
+                           fd_offset, len, std::strerror(err)));
     }
     // The bookkeeping below only allocates. Publish the mapping last; if
     // anything throws, unparenting and dropping the mapping undoes it all
@@ -514,7 +524,8 @@ inline shmem_mapping& virtio_shmem::map(int fd, std::uint64_t fd_offset, std::ui
         throw;
     }
     try {
-        memory_region::init_args a{region_owner(*m), fmt::format("{}-map@0x{:x}", name_, shm_offset),
+        memory_region::init_args a{region_owner(*m),
+                                   fmt::format("{}-map@0x{:x}", name_, shm_offset),
                                    region_kind::ram, len};
         a.host = view;
         a.backing_may_shrink = true; // the back-end owns the file
@@ -541,7 +552,8 @@ inline void virtio_shmem::unmap(std::uint64_t shm_offset, std::uint64_t len) {
     auto it = active_.find(shm_offset);
     if (it == active_.end() || it->second->len_ != len)
         refuse(shmem_reason::not_mapped,
-               fmt::format("no mapping is exactly 0x{:x}..0x{:x}{}", shm_offset, shm_offset + len - 1,
+               fmt::format("no mapping is exactly 0x{:x}..0x{:x}{}", shm_offset,
+                           shm_offset + len - 1,
                            it == active_.end()
                                ? ""
                                : fmt::format(" (the mapping at that offset has length 0x{:x})",
@@ -559,8 +571,9 @@ inline void virtio_shmem::unmap_all() {
 
 inline virtio_shmem& virtio_shmem_device::declare_shmem(std::uint8_t shmid, std::uint64_t size) {
     if (shmem(shmid))
-        throw shmem_error(shmem_reason::duplicate_shmid,
-                          fmt::format("{}: shared memory region {} is already declared", type().name, shmid));
+        throw shmem_error(
+            shmem_reason::duplicate_shmid,
+            fmt::format("{}: shared memory region {} is already declared", type().name, shmid));
     auto s = make<virtio_shmem>(shmid, size, fmt::format("{}-shm{}", type().name, shmid));
     add_child(fmt::format("shm[{}]", shmid), *s);
     return *s;
@@ -573,12 +586,14 @@ inline virtio_shmem* virtio_shmem_device::shmem(std::uint8_t shmid) const noexce
 inline virtio_shmem& virtio_shmem_device::checked(std::uint8_t shmid) const {
     virtio_shmem* s = shmem(shmid);
     if (!s)
-        throw shmem_error(shmem_reason::unknown_shmid,
-                          fmt::format("{}: no shared memory region with shmid {}", type().name, shmid));
+        throw shmem_error(
+            shmem_reason::unknown_shmid,
+            fmt::format("{}: no shared memory region with shmid {}", type().name, shmid));
     return *s;
 }
 
-inline shmem_mapping& virtio_shmem_device::shmem_map(std::uint8_t shmid, int fd, std::uint64_t fd_offset,
+inline shmem_mapping& virtio_shmem_device::shmem_map(std::uint8_t shmid, int fd,
+                                                     std::uint64_t fd_offset,
                                                      std::uint64_t shm_offset, std::uint64_t len,
                                                      shmem_flags flags) {
     return checked(shmid).map(fd, fd_offset, shm_offset, len, flags);

@@ -77,9 +77,9 @@
 // space must outlive the TLB (asserted when it is destroyed).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -110,9 +110,7 @@ public:
         flush();
         as.add_reader_cache(*this);
     }
-    ~cpu_tlb() {
-        as_->remove_reader_cache(*this);
-    }
+    ~cpu_tlb() { as_->remove_reader_cache(*this); }
     cpu_tlb(const cpu_tlb&) = delete;
     cpu_tlb& operator=(const cpu_tlb&) = delete;
 
@@ -198,11 +196,15 @@ private:
     /// The tables accesses read: own_, or invalid_tables once the writer
     /// invalidated this TLB. (seq_cst: a plain load on x86; ordered after
     /// the read section's start as address_space::current() is.)
-    const tables* current_tables() const noexcept { return tables_.load(std::memory_order_seq_cst); }
+    const tables* current_tables() const noexcept {
+        return tables_.load(std::memory_order_seq_cst);
+    }
 
     /// reader_cache: called by the writer after it published a new view
     /// and before it retires the old one.
-    void invalidate() noexcept override { tables_.store(&invalid_tables, std::memory_order_seq_cst); }
+    void invalidate() noexcept override {
+        tables_.store(&invalid_tables, std::memory_order_seq_cst);
+    }
 
     static std::size_t index(hwaddr addr) noexcept {
         return static_cast<std::size_t>(addr >> page_bits) & (entries - 1);
@@ -224,13 +226,15 @@ private:
         T v;
         std::memcpy(&v, reinterpret_cast<const void*>(p), sizeof(T));
         if constexpr (sizeof(T) > 1)
-            if (big<Order>() != detail::host_is_big_endian) v = static_cast<T>(detail::bswap_n(v, sizeof(T)));
+            if (big<Order>() != detail::host_is_big_endian)
+                v = static_cast<T>(detail::bswap_n(v, sizeof(T)));
         return v;
     }
     template <class T, endianness Order>
     void to_host(std::uintptr_t p, T v) const noexcept {
         if constexpr (sizeof(T) > 1)
-            if (big<Order>() != detail::host_is_big_endian) v = static_cast<T>(detail::bswap_n(v, sizeof(T)));
+            if (big<Order>() != detail::host_is_big_endian)
+                v = static_cast<T>(detail::bswap_n(v, sizeof(T)));
         std::memcpy(reinterpret_cast<void*>(p), &v, sizeof(T));
     }
 
@@ -267,17 +271,20 @@ private:
     };
     template <class T, endianness Order>
     [[gnu::noinline]] loaded<T> load_slow(hwaddr addr, bool code) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "an unsigned integer of 1 to 8 bytes");
         const flat_view& v = current_view();
         const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
         fill(addr, e, code);
         std::byte bytes[sizeof(T)];
-        const memtx_result r = detail::access_view_sized(v, addr, bytes, sizeof(T), false, attrs_, target_big_);
+        const memtx_result r =
+            detail::access_view_sized(v, addr, bytes, sizeof(T), false, attrs_, target_big_);
         return {r, static_cast<T>(detail::load_ordered(bytes, sizeof(T), big<Order>()))};
     }
     template <class T, endianness Order>
     [[gnu::noinline]] memtx_result store_slow(hwaddr addr, T value) {
-        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8, "an unsigned integer of 1 to 8 bytes");
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "an unsigned integer of 1 to 8 bytes");
         const flat_view& v = current_view();
         const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
         fill(addr, e, false);

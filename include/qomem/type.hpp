@@ -90,7 +90,7 @@ struct interface_entry {
 /// Run-time description of a QOM type (QEMU's TypeImpl).
 struct type_info {
     std::string_view name;
-    const type_info* parent;                    ///< null for "object" and interfaces
+    const type_info* parent;                     ///< null for "object" and interfaces
     std::span<const interface_entry> interfaces; ///< declared by this type itself
     bool is_interface;
     bool is_abstract; ///< QOMEM_ABSTRACT_OBJECT or a C++ abstract class
@@ -208,14 +208,15 @@ private:
 /// in its own class body: false for a class that derives from a QOM type
 /// without declaring itself, which would otherwise pass for its base.
 template <class T>
-concept ObjectType = std::is_class_v<T> && std::is_base_of_v<object, T> &&
-                     requires { typename T::qomem_declared_type; } &&
-                     std::is_same_v<typename T::qomem_declared_type, T>;
+concept ObjectType = std::is_class_v<T> && std::is_base_of_v<object, T> && requires {
+    typename T::qomem_declared_type;
+} && std::is_same_v<typename T::qomem_declared_type, T>;
 
 /// T was declared with QOMEM_INTERFACE in its own body.
 template <class T>
-concept InterfaceType = std::is_class_v<T> && requires { typename T::qomem_declared_interface; } &&
-                        std::is_same_v<typename T::qomem_declared_interface, T>;
+concept InterfaceType = std::is_class_v<T> && requires {
+    typename T::qomem_declared_interface;
+} && std::is_same_v<typename T::qomem_declared_interface, T>;
 
 /// An object type or an interface: what casts accept.
 template <class T>
@@ -259,14 +260,15 @@ struct interface_class_of_t {
     using type = interface_class;
 };
 template <class I>
-    requires requires { typename I::interface_class_type; }
+requires requires { typename I::interface_class_type; }
 struct interface_class_of_t<I> {
     using type = typename I::interface_class_type;
 };
 
 template <class T>
-concept creatable = ObjectType<T> && !T::qomem_abstract && !std::is_abstract_v<T> &&
-                    requires { ::new (static_cast<void*>(nullptr)) T(); };
+concept creatable = ObjectType<T> && !T::qomem_abstract && !std::is_abstract_v<T> && requires {
+    ::new (static_cast<void*>(nullptr)) T();
+};
 
 /// Defined in object.hpp (it needs make<T>): makes a T with its creation
 /// reference, for creation by name.
@@ -282,7 +284,8 @@ struct type_hooks {
     template <class T>
     static void class_init(typename T::class_type& k) {
         // Checked here, not in a concept, so that a private hook counts.
-        if constexpr (requires { T::class_init(k, type_tag<T>{}); }) T::class_init(k, type_tag<T>{});
+        if constexpr (requires { T::class_init(k, type_tag<T>{}); })
+            T::class_init(k, type_tag<T>{});
     }
     /// instance_post_init of T, then of each ancestor: leaf to root.
     template <class T>
@@ -330,13 +333,15 @@ struct interface_holder {
 /// class_init to fill in the interface's class (QEMU's TEST_IF_CLASS(oc)).
 template <class I>
 auto* interface_class_of(object_class& k) noexcept {
-    static_assert(InterfaceType<I>, "interface_class_of<I>: I must be declared with QOMEM_INTERFACE");
+    static_assert(InterfaceType<I>,
+                  "interface_class_of<I>: I must be declared with QOMEM_INTERFACE");
     using C = typename detail::interface_class_of_t<I>::type;
     return static_cast<C*>(k.interface(I::static_type()));
 }
 template <class I>
 const auto* interface_class_of(const object_class& k) noexcept {
-    static_assert(InterfaceType<I>, "interface_class_of<I>: I must be declared with QOMEM_INTERFACE");
+    static_assert(InterfaceType<I>,
+                  "interface_class_of<I>: I must be declared with QOMEM_INTERFACE");
     using C = typename detail::interface_class_of_t<I>::type;
     return static_cast<const C*>(k.interface(I::static_type()));
 }
@@ -351,16 +356,17 @@ struct detail::class_builder {
     static void add_interface(object_class& c) {
         if (c.interface(I::static_type())) return; // inherited: keep the parent's copy
         using C = typename detail::interface_class_of_t<I>::type;
-        static_assert(std::is_base_of_v<interface_class, C>,
-                      "an interface's interface_class_type must derive from qomem::interface_class");
+        static_assert(
+            std::is_base_of_v<interface_class, C>,
+            "an interface's interface_class_type must derive from qomem::interface_class");
         auto fresh = std::make_unique<C>();
         fresh->type = &I::static_type();
-        if constexpr (requires { I::interface_class_init(*fresh); }) I::interface_class_init(*fresh);
-        c.interfaces_.push_back(
-            {&I::static_type(), std::move(fresh), [](const interface_class& x) {
-                 return std::unique_ptr<interface_class>(
-                     std::make_unique<C>(static_cast<const C&>(x)));
-             }});
+        if constexpr (requires { I::interface_class_init(*fresh); })
+            I::interface_class_init(*fresh);
+        c.interfaces_.push_back({&I::static_type(), std::move(fresh), [](const interface_class& x) {
+                                     return std::unique_ptr<interface_class>(
+                                         std::make_unique<C>(static_cast<const C&>(x)));
+                                 }});
     }
     static void set_concrete(object_class& c, const type_info& t) {
         for (auto& s : c.interfaces_) s.cls->concrete_type = &t;
@@ -399,7 +405,8 @@ const object_class& detail::class_base_of() {
 
 /// Declares a QOM object type inside its class body: its name, its parent type
 /// and the interfaces it implements (zero or more). Leaves the access at private.
-#define QOMEM_OBJECT(Self, Name, Parent, ...) QOMEM_DETAIL_OBJECT(false, Self, Name, Parent, __VA_ARGS__)
+#define QOMEM_OBJECT(Self, Name, Parent, ...)                                                      \
+    QOMEM_DETAIL_OBJECT(false, Self, Name, Parent, __VA_ARGS__)
 
 /// As QOMEM_OBJECT, for a type that cannot be instantiated itself, only its
 /// subtypes (QEMU's TypeInfo.abstract).

@@ -64,7 +64,8 @@ inline object& new_with_props(std::string_view type, object& parent, std::string
 }
 inline object& new_with_props(std::string_view type, object& parent, std::string_view id,
                               std::initializer_list<property_setting> props) {
-    return new_with_props(type, parent, id, std::span<const property_setting>(props.begin(), props.size()));
+    return new_with_props(type, parent, id,
+                          std::span<const property_setting>(props.begin(), props.size()));
 }
 
 /// The "/objects" container of `in_tree`'s tree (QEMU's

@@ -71,12 +71,15 @@ public:
         const u128 chunk_span = u128(page_size) * 8 * chunk_bytes;
         const u128 chunks = std::max<u128>(1, (covered + chunk_span - 1) / chunk_span);
         if (chunks * chunk_bytes > (u128(1) << 40))
-            throw std::system_error(EINVAL, std::generic_category(),
-                                    fmt::format("vhost log for {} bytes of guest memory is too large",
-                                                detail::hex(covered)));
+            throw std::system_error(
+                EINVAL, std::generic_category(),
+                fmt::format("vhost log for {} bytes of guest memory is too large",
+                            detail::hex(covered)));
         size_ = static_cast<std::uint64_t>(chunks * chunk_bytes);
         fd_ = vhost_user::unique_fd(::memfd_create("qomem-vhost-log", MFD_CLOEXEC));
-        if (!fd_) throw std::system_error(errno, std::generic_category(), "memfd_create for the vhost log");
+        if (!fd_)
+            throw std::system_error(errno, std::generic_category(),
+                                    "memfd_create for the vhost log");
         if (::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0)
             throw std::system_error(errno, std::generic_category(), "ftruncate of the vhost log");
         map(0);
@@ -100,9 +103,11 @@ public:
             throw refuse("the offset is not a multiple of the page size");
         if (offset + size < offset) throw refuse("offset + size overflows");
         struct stat st;
-        if (::fstat(fd.get(), &st) != 0) throw refuse(fmt::format("fstat: {}", std::strerror(errno)));
+        if (::fstat(fd.get(), &st) != 0)
+            throw refuse(fmt::format("fstat: {}", std::strerror(errno)));
         if (S_ISREG(st.st_mode) && static_cast<std::uint64_t>(st.st_size) < offset + size)
-            throw refuse(fmt::format("the file has only {:#x} bytes", static_cast<std::uint64_t>(st.st_size)));
+            throw refuse(fmt::format("the file has only {:#x} bytes",
+                                     static_cast<std::uint64_t>(st.st_size)));
         vhost_log l;
         l.fd_ = std::move(fd);
         l.size_ = size;
@@ -154,7 +159,8 @@ public:
     /// it writes guest memory). The part beyond covered() is ignored.
     void mark(hwaddr gpa, hwaddr len) noexcept {
         for_each_page(gpa, len, [&](std::uint64_t page) {
-            byte(page).fetch_or(static_cast<std::uint8_t>(1u << (page % 8)), std::memory_order_relaxed);
+            byte(page).fetch_or(static_cast<std::uint8_t>(1u << (page % 8)),
+                                std::memory_order_relaxed);
         });
     }
     /// True if a page of [gpa, gpa + len) is marked; changes nothing.
@@ -174,7 +180,8 @@ public:
         for (std::uint64_t page = gpa / page_size; u128(page) * page_size < end; ++page) {
             const auto bit = static_cast<std::uint8_t>(1u << (page % 8));
             if ((byte(page).load(std::memory_order_relaxed) & bit) &&
-                (byte(page).fetch_and(static_cast<std::uint8_t>(~bit), std::memory_order_relaxed) & bit))
+                (byte(page).fetch_and(static_cast<std::uint8_t>(~bit), std::memory_order_relaxed) &
+                 bit))
                 f(static_cast<hwaddr>(page * page_size));
         }
     }
@@ -183,10 +190,12 @@ public:
     /// vhost-user's layout); nothing is cleared. Any thread.
     void store_dirty(const memory_section& s, dirty_client client) noexcept {
         const u128 end = std::min(u128(s.offset_within_address_space) + s.size, covered());
-        for (u128 a = u128(s.offset_within_address_space / page_size) * page_size; a < end; a += page_size) {
+        for (u128 a = u128(s.offset_within_address_space / page_size) * page_size; a < end;
+             a += page_size) {
             const u128 lo = std::max<u128>(a, s.offset_within_address_space);
             const u128 hi = std::min<u128>(a + page_size, end);
-            const hwaddr in_region = static_cast<hwaddr>(s.offset_within_region + (lo - s.offset_within_address_space));
+            const hwaddr in_region =
+                static_cast<hwaddr>(s.offset_within_region + (lo - s.offset_within_address_space));
             if (s.mr->get_dirty(in_region, static_cast<hwaddr>(hi - lo), client))
                 mark(static_cast<hwaddr>(lo), static_cast<hwaddr>(hi - lo));
         }
@@ -215,7 +224,8 @@ private:
         map_len_ = static_cast<std::size_t>(size_);
         void* p = ::mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(),
                          static_cast<off_t>(offset));
-        if (p == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap of the vhost log");
+        if (p == MAP_FAILED)
+            throw std::system_error(errno, std::generic_category(), "mmap of the vhost log");
         base_ = static_cast<std::uint8_t*>(p);
     }
     void unmap() noexcept {
@@ -239,7 +249,8 @@ private:
 class vhost_log_listener : public memory_listener {
 public:
     explicit vhost_log_listener(vhost_log& log)
-        : memory_listener(options{.priority = priority_dev_backend, .name = "vhost-log"}), log_(&log) {}
+        : memory_listener(options{.priority = priority_dev_backend, .name = "vhost-log"}),
+          log_(&log) {}
 
     bool logging() const noexcept { return logging_; }
     /// How many pages log_sync brought in so far.
@@ -269,7 +280,8 @@ namespace vhost_user {
 
 /// VHOST_USER_SET_LOG_BASE (frontend_request::set_log_base, negotiated by
 /// protocol_feature::log_shmfd), as a number for encode_u64_reply.
-inline constexpr std::uint32_t request_set_log_base = static_cast<std::uint32_t>(frontend_request::set_log_base);
+inline constexpr std::uint32_t request_set_log_base =
+    static_cast<std::uint32_t>(frontend_request::set_log_base);
 /// VHOST_F_LOG_ALL: the device feature a back-end that logs offers.
 inline constexpr unsigned f_log_all = 26;
 
@@ -300,13 +312,12 @@ inline set_log_base_request decode_set_log_base(std::span<const std::byte> bytes
     const msg_header h = decode_header(bytes);
     if (h.request != request_set_log_base)
         throw protocol_error(reason::unknown_request,
-                             fmt::format("request {} where SET_LOG_BASE ({}) was expected", h.request,
-                                         request_set_log_base));
+                             fmt::format("request {} where SET_LOG_BASE ({}) was expected",
+                                         h.request, request_set_log_base));
     if (h.size != 16)
         throw protocol_error(reason::bad_payload,
                              fmt::format("SET_LOG_BASE: payload of {} bytes, expected 16", h.size));
-    if (fds.empty())
-        throw protocol_error(reason::missing_fd, "SET_LOG_BASE without the log's fd");
+    if (fds.empty()) throw protocol_error(reason::missing_fd, "SET_LOG_BASE without the log's fd");
     set_log_base_request r;
     r.mmap_size = detail::get_le<std::uint64_t>(bytes.data() + header_size);
     r.mmap_offset = detail::get_le<std::uint64_t>(bytes.data() + header_size + 8);

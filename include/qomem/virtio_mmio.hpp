@@ -76,7 +76,7 @@ inline constexpr hwaddr config = 0x100;
 class virtio_mmio : public device {
     QOMEM_OBJECT(virtio_mmio, "virtio-mmio", device)
 public:
-    static constexpr std::uint32_t magic = 0x74726976;  ///< "virt", little-endian
+    static constexpr std::uint32_t magic = 0x74726976; ///< "virt", little-endian
     static constexpr std::uint32_t version = 2;
     static constexpr std::uint32_t vendor = 0x554d4551; ///< "QEMU", as QEMU's virtio-mmio
     static constexpr hwaddr register_size = 0x200;
@@ -101,7 +101,8 @@ public:
     /// Effects: `system` takes a reference to each (dropped at unrealize).
     /// Complexity: two commits. Throws: nothing else.
     void map(memory_region& system, hwaddr regs_addr) {
-        QOMEM_ASSERT(!regs_->container() && !window_->container(), "{} '{}': already mapped", type().name, name());
+        QOMEM_ASSERT(!regs_->container() && !window_->container(), "{} '{}': already mapped",
+                     type().name, name());
         system.add_subregion(regs_addr, *regs_);
         system.add_subregion(shm_base_, *window_);
     }
@@ -139,7 +140,9 @@ private:
         static constexpr access_limits valid{.min_access_size = 1, .max_access_size = 4};
         virtio_mmio* t;
         std::uint64_t read(hwaddr offset, unsigned size) { return t->read_register(offset, size); }
-        void write(hwaddr offset, std::uint64_t value, unsigned size) { t->write_register(offset, value, size); }
+        void write(hwaddr offset, std::uint64_t value, unsigned size) {
+            t->write_register(offset, value, size);
+        }
     };
 
     void place(virtio_shmem_device& dev);
@@ -148,7 +151,8 @@ private:
     void guest_error(const char* what, hwaddr offset, unsigned size) const {
         if (log_enabled(log_category::guest_errors))
             log_line(log_category::guest_errors,
-                     fmt::format("{} '{}': {} at {:#x}, size {}", type().name, name(), what, offset, size));
+                     fmt::format("{} '{}': {} at {:#x}, size {}", type().name, name(), what, offset,
+                                 size));
     }
 
     regs_ops ops_{this};
@@ -161,11 +165,13 @@ private:
 
 // ---- implementation ---------------------------------------------------------------------
 
-inline virtio_mmio::virtio_mmio(hwaddr shm_base, std::uint64_t shm_window_size) : shm_base_(shm_base) {
+inline virtio_mmio::virtio_mmio(hwaddr shm_base, std::uint64_t shm_window_size)
+    : shm_base_(shm_base) {
     const std::uint64_t page = detail::host_page_size();
     QOMEM_ASSERT(shm_base % page == 0 && shm_window_size % page == 0 &&
                      u128(shm_base) + shm_window_size <= u128_2_64,
-                 "virtio-mmio: a shared memory window of {:#x} bytes at {:#x} must be page aligned and end by 2^64",
+                 "virtio-mmio: a shared memory window of {:#x} bytes at {:#x} must be page aligned "
+                 "and end by 2^64",
                  shm_window_size, shm_base);
     regs_ = make_io(*this, "virtio-mmio", register_size, ops_).get(); // our children hold them
     window_ = make_container(*this, "virtio-mmio-shm", shm_window_size).get();
@@ -179,12 +185,13 @@ inline void virtio_mmio::place(virtio_shmem_device& dev) {
     if (l.end > window_->size()) {
         std::string regions;
         for (const shmem_placement& p : l.regions)
-            regions += fmt::format("{}shmid {} ({:#x} bytes)", regions.empty() ? "" : ", ", p.shmid, p.size);
-        throw transport_error(fmt::format("{} '{}': the shared memory regions of {} '{}' need {:#x} bytes, the "
-                                          "window at {:#x} has {:#x}: {}",
-                                          type().name, name(), dev.type().name, dev.name(),
-                                          static_cast<std::uint64_t>(l.end), shm_base_,
-                                          static_cast<std::uint64_t>(window_->size()), regions));
+            regions += fmt::format("{}shmid {} ({:#x} bytes)", regions.empty() ? "" : ", ", p.shmid,
+                                   p.size);
+        throw transport_error(fmt::format(
+            "{} '{}': the shared memory regions of {} '{}' need {:#x} bytes, the "
+            "window at {:#x} has {:#x}: {}",
+            type().name, name(), dev.type().name, dev.name(), static_cast<std::uint64_t>(l.end),
+            shm_base_, static_cast<std::uint64_t>(window_->size()), regions));
     }
     place_shmem(*window_, dev, l);
 }
@@ -214,9 +221,12 @@ inline std::uint64_t virtio_mmio::read_register(hwaddr offset, unsigned size) {
     if (memory_system* sys = regs_->system()) writer = std::unique_lock<memory_system>(*sys);
     constexpr std::uint64_t absent = 0xffffffff;
     switch (offset) {
-    case reg::magic_value: return magic;
-    case reg::version: return version;
-    case reg::vendor_id: return vendor;
+    case reg::magic_value:
+        return magic;
+    case reg::version:
+        return version;
+    case reg::vendor_id:
+        return vendor;
     case reg::device_id: {
         const virtio_shmem_device* dev = bus_->device();
         return dev ? dev->virtio_id() : 0;
@@ -234,8 +244,11 @@ inline std::uint64_t virtio_mmio::read_register(hwaddr offset, unsigned size) {
         const std::uint64_t base = shm_base_ + p->offset; // within the window: no overflow
         return offset == reg::shm_base_low ? base & 0xffffffff : base >> 32;
     }
-    case reg::shm_sel: guest_error("read of the write-only register SHMSel", offset, size); return 0;
-    default: return 0; // not modelled
+    case reg::shm_sel:
+        guest_error("read of the write-only register SHMSel", offset, size);
+        return 0;
+    default:
+        return 0; // not modelled
     }
 }
 
@@ -249,7 +262,9 @@ inline void virtio_mmio::write_register(hwaddr offset, std::uint64_t value, unsi
     std::unique_lock<memory_system> writer;
     if (memory_system* sys = regs_->system()) writer = std::unique_lock<memory_system>(*sys);
     switch (offset) {
-    case reg::shm_sel: shm_sel_ = static_cast<std::uint32_t>(value); return;
+    case reg::shm_sel:
+        shm_sel_ = static_cast<std::uint32_t>(value);
+        return;
     case reg::magic_value:
     case reg::version:
     case reg::device_id:
@@ -257,8 +272,11 @@ inline void virtio_mmio::write_register(hwaddr offset, std::uint64_t value, unsi
     case reg::shm_len_low:
     case reg::shm_len_high:
     case reg::shm_base_low:
-    case reg::shm_base_high: guest_error("write to a read-only register", offset, size); return;
-    default: return; // not modelled
+    case reg::shm_base_high:
+        guest_error("write to a read-only register", offset, size);
+        return;
+    default:
+        return; // not modelled
     }
 }
 

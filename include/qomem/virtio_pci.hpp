@@ -105,9 +105,11 @@ public:
     /// Complexity: dev's realize. Throws: whatever dev's realize throws;
     /// `dev` is then unplugged again.
     void plug(virtio_shmem_device& dev) {
-        QOMEM_ASSERT(!realized(), "{} '{}': plug after realize: a PCI function's BARs and capabilities are fixed "
-                     "once the guest can see it",
-                     type().name, name());
+        QOMEM_ASSERT(
+            !realized(),
+            "{} '{}': plug after realize: a PCI function's BARs and capabilities are fixed "
+            "once the guest can see it",
+            type().name, name());
         bus_->plug(dev);
     }
 
@@ -147,18 +149,20 @@ private:
 // ---- implementation ---------------------------------------------------------------------
 
 inline virtio_pci::virtio_pci(options o) : options_(o) {
-    QOMEM_ASSERT(o.shm_bar + 1 < bar_count, "virtio-pci: shared memory BAR {} cannot hold a 64-bit BAR (0 to 4)",
-                 o.shm_bar);
+    QOMEM_ASSERT(o.shm_bar + 1 < bar_count,
+                 "virtio-pci: shared memory BAR {} cannot hold a 64-bit BAR (0 to 4)", o.shm_bar);
     auto b = make<virtio_bus>();
     add_child("virtio-bus", *b);
     bus_ = b.get();
 }
 
-inline std::vector<pci_capability> virtio_pci::capabilities(const std::vector<shmem_placement>& regions) const {
+inline std::vector<pci_capability>
+virtio_pci::capabilities(const std::vector<shmem_placement>& regions) const {
     std::vector<pci_capability> caps;
     for (const shmem_placement& p : regions) {
         // struct virtio_pci_cap64 after its first two bytes (cap_vndr, cap_next).
-        pci_capability c{pci_config::cap_id_vendor, std::vector<std::uint8_t>(virtio_pci_cap::cap64_length - 2)};
+        pci_capability c{pci_config::cap_id_vendor,
+                         std::vector<std::uint8_t>(virtio_pci_cap::cap64_length - 2)};
         const auto put = [&](std::uint32_t at, std::uint8_t v) { c.body[at - 2] = v; };
         const auto put32 = [&](std::uint32_t at, std::uint32_t v) {
             for (unsigned i = 0; i < 4; ++i) put(at + i, static_cast<std::uint8_t>(v >> (8 * i)));
@@ -178,27 +182,30 @@ inline std::vector<pci_capability> virtio_pci::capabilities(const std::vector<sh
 
 inline void virtio_pci::do_realize() {
     virtio_shmem_device* dev = bus_->device();
-    QOMEM_ASSERT(dev && dev->realized(), "{} '{}': realize needs a realized device plugged into its virtio bus",
+    QOMEM_ASSERT(dev && dev->realized(),
+                 "{} '{}': realize needs a realized device plugged into its virtio bus",
                  type().name, name());
     // Every check first: the regions come from the device or its back-end.
     const shmem_layout l = layout_shmem(*dev);
     if (!capabilities_fit(capabilities(l.regions)))
-        throw transport_error(fmt::format("{} '{}': {} '{}' has {} shared memory regions; the configuration "
-                                          "space holds {} capabilities of {} bytes",
-                                          type().name, name(), dev->type().name, dev->name(), l.regions.size(),
-                                          (pci_config::size - pci_config::first_capability) /
-                                              virtio_pci_cap::cap64_length,
-                                          virtio_pci_cap::cap64_length));
+        throw transport_error(fmt::format(
+            "{} '{}': {} '{}' has {} shared memory regions; the configuration "
+            "space holds {} capabilities of {} bytes",
+            type().name, name(), dev->type().name, dev->name(), l.regions.size(),
+            (pci_config::size - pci_config::first_capability) / virtio_pci_cap::cap64_length,
+            virtio_pci_cap::cap64_length));
     if (l.end > u128(1) << 63)
-        throw transport_error(fmt::format("{} '{}': the shared memory regions of {} '{}' total {:#x}{:016x} "
-                                          "bytes, more than a 64-bit BAR's 2^63",
-                                          type().name, name(), dev->type().name, dev->name(),
-                                          static_cast<std::uint64_t>(l.end >> 64), static_cast<std::uint64_t>(l.end)));
+        throw transport_error(fmt::format(
+            "{} '{}': the shared memory regions of {} '{}' total {:#x}{:016x} "
+            "bytes, more than a 64-bit BAR's 2^63",
+            type().name, name(), dev->type().name, dev->name(),
+            static_cast<std::uint64_t>(l.end >> 64), static_cast<std::uint64_t>(l.end)));
     pci_device::do_realize(); // the slot (asserted, no state changed on failure)
-    set_ids({vendor, static_cast<std::uint16_t>(device_id_base + dev->virtio_id()), 1, options_.class_code, vendor,
-             subsystem});
+    set_ids({vendor, static_cast<std::uint16_t>(device_id_base + dev->virtio_id()), 1,
+             options_.class_code, vendor, subsystem});
     if (!l.regions.empty()) {
-        const auto size = std::bit_ceil(static_cast<std::uint64_t>(std::max<u128>(l.end, detail::host_page_size())));
+        const auto size = std::bit_ceil(
+            static_cast<std::uint64_t>(std::max<u128>(l.end, detail::host_page_size())));
         bar_ = make_container(*this, "virtio-pci-shm", size).get(); // our child holds it
         place_shmem(*bar_, *dev, l);
         register_bar(options_.shm_bar, *bar_, pci_bar_type::mem64_prefetch);

@@ -52,7 +52,7 @@ public:
 class virtio_bus : public bus {
     QOMEM_OBJECT(virtio_bus, "virtio-bus", bus)
 public:
-    virtio_bus() noexcept = default;
+    virtio_bus() = default;
 
     /// The device plugged in, or null.
     virtio_shmem_device* device() const noexcept {
@@ -73,8 +73,10 @@ public:
     void plug(virtio_shmem_device& dev) {
         QOMEM_ASSERT(!device(), "{} '{}': already has a device ({} '{}')", type().name, name(),
                      device() ? device()->type().name : "", device() ? device()->name() : "");
-        QOMEM_ASSERT(!dev.parent_bus(), "{} '{}': already plugged into a bus", dev.type().name, dev.name());
-        ref_ptr<virtio_shmem_device> keep(&dev); // the bus's reference may be the last one on a throw
+        QOMEM_ASSERT(!dev.parent_bus(), "{} '{}': already plugged into a bus", dev.type().name,
+                     dev.name());
+        ref_ptr<virtio_shmem_device> keep(
+            &dev); // the bus's reference may be the last one on a throw
         dev.plug_into(*this);
         if (!dev.realized()) {
             try {
@@ -128,14 +130,14 @@ inline std::vector<shmem_placement> placed_shmem(const memory_region& window) {
         if (const auto* s = dynamic_cast_to<virtio_shmem>(r.owner()); s && &s->region() == &r)
             out.push_back({s->shmid(), r.addr(), s->size()});
     });
-    std::sort(out.begin(), out.end(), [](const shmem_placement& a, const shmem_placement& b) {
-        return a.shmid < b.shmid;
-    });
+    std::sort(out.begin(), out.end(),
+              [](const shmem_placement& a, const shmem_placement& b) { return a.shmid < b.shmid; });
     return out;
 }
 
 /// Region `shmid` in `window`, if it holds it (an id above 255 never matches).
-inline std::optional<shmem_placement> placed_shmem(const memory_region& window, std::uint64_t shmid) {
+inline std::optional<shmem_placement> placed_shmem(const memory_region& window,
+                                                   std::uint64_t shmid) {
     for (const shmem_placement& p : placed_shmem(window))
         if (p.shmid == shmid) return p;
     return std::nullopt;
@@ -148,23 +150,29 @@ inline std::optional<shmem_placement> placed_shmem(const memory_region& window, 
 /// Effects: `window` takes a memory_region_ref on each region (dropped when
 /// the region leaves it: remove_shmem, or the region's device unplugged).
 /// Complexity: O(regions × subregions) plus one commit. Throws: nothing else.
-inline void place_shmem(memory_region& window, const virtio_shmem_device& dev, const shmem_layout& layout) {
-    QOMEM_ASSERT(layout.end <= window.size(), "window '{}' ({:#x} bytes) is too small for a layout of {:#x} bytes",
+inline void place_shmem(memory_region& window, const virtio_shmem_device& dev,
+                        const shmem_layout& layout) {
+    QOMEM_ASSERT(layout.end <= window.size(),
+                 "window '{}' ({:#x} bytes) is too small for a layout of {:#x} bytes",
                  window.region_name(), static_cast<std::uint64_t>(window.size()),
                  static_cast<std::uint64_t>(layout.end));
     for (const shmem_placement& p : layout.regions) {
         const virtio_shmem* s = dev.shmem(p.shmid);
-        QOMEM_ASSERT(s && s->size() == p.size, "{} '{}': the layout names shared memory region {} ({:#x} bytes), "
+        QOMEM_ASSERT(s && s->size() == p.size,
+                     "{} '{}': the layout names shared memory region {} ({:#x} bytes), "
                      "which the device does not have",
                      dev.type().name, dev.name(), p.shmid, p.size);
         const memory_region* c = s->region().container();
-        QOMEM_ASSERT(!c, "{} '{}': shared memory region {} is already placed in '{}'; a device on a transport "
-                     "leaves placing its regions to the transport",
-                     dev.type().name, dev.name(), p.shmid, c ? c->region_name() : "");
+        QOMEM_ASSERT(
+            !c,
+            "{} '{}': shared memory region {} is already placed in '{}'; a device on a transport "
+            "leaves placing its regions to the transport",
+            dev.type().name, dev.name(), p.shmid, c ? c->region_name() : "");
     }
     std::optional<memory_transaction> tx;
     if (memory_system* sys = window.system()) tx.emplace(*sys);
-    for (const shmem_placement& p : layout.regions) window.add_subregion(p.offset, dev.shmem(p.shmid)->region());
+    for (const shmem_placement& p : layout.regions)
+        window.add_subregion(p.offset, dev.shmem(p.shmid)->region());
 }
 
 /// Takes every shared memory region out of `window`, in one transaction.

@@ -10,8 +10,8 @@
 #pragma once
 
 #include <bit>
-#include <cstdint>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -35,30 +35,64 @@ inline bool is_big_endian(endianness e, bool target_big) noexcept {
 
 inline std::uint64_t bswap_n(std::uint64_t v, unsigned size) noexcept {
     switch (size) {
-    case 2: return __builtin_bswap16(static_cast<std::uint16_t>(v));
-    case 4: return __builtin_bswap32(static_cast<std::uint32_t>(v));
-    case 8: return __builtin_bswap64(v);
-    default: return v;
+    case 2:
+        return __builtin_bswap16(static_cast<std::uint16_t>(v));
+    case 4:
+        return __builtin_bswap32(static_cast<std::uint32_t>(v));
+    case 8:
+        return __builtin_bswap64(v);
+    default:
+        return v;
     }
 }
 
 /// Loads `size` bytes in host order (QEMU's ldn_he_p).
 inline std::uint64_t load_host(const std::byte* p, unsigned size) noexcept {
     switch (size) {
-    case 1: { std::uint8_t v; std::memcpy(&v, p, 1); return v; }
-    case 2: { std::uint16_t v; std::memcpy(&v, p, 2); return v; }
-    case 4: { std::uint32_t v; std::memcpy(&v, p, 4); return v; }
-    default: { std::uint64_t v; std::memcpy(&v, p, 8); return v; }
+    case 1: {
+        std::uint8_t v;
+        std::memcpy(&v, p, 1);
+        return v;
+    }
+    case 2: {
+        std::uint16_t v;
+        std::memcpy(&v, p, 2);
+        return v;
+    }
+    case 4: {
+        std::uint32_t v;
+        std::memcpy(&v, p, 4);
+        return v;
+    }
+    default: {
+        std::uint64_t v;
+        std::memcpy(&v, p, 8);
+        return v;
+    }
     }
 }
 
 /// Stores `size` bytes in host order (QEMU's stn_he_p).
 inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
     switch (size) {
-    case 1: { auto x = static_cast<std::uint8_t>(v); std::memcpy(p, &x, 1); break; }
-    case 2: { auto x = static_cast<std::uint16_t>(v); std::memcpy(p, &x, 2); break; }
-    case 4: { auto x = static_cast<std::uint32_t>(v); std::memcpy(p, &x, 4); break; }
-    default: std::memcpy(p, &v, 8); break;
+    case 1: {
+        auto x = static_cast<std::uint8_t>(v);
+        std::memcpy(p, &x, 1);
+        break;
+    }
+    case 2: {
+        auto x = static_cast<std::uint16_t>(v);
+        std::memcpy(p, &x, 2);
+        break;
+    }
+    case 4: {
+        auto x = static_cast<std::uint32_t>(v);
+        std::memcpy(p, &x, 4);
+        break;
+    }
+    default:
+        std::memcpy(p, &v, 8);
+        break;
     }
 }
 
@@ -66,13 +100,24 @@ inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
 /// copied inline: a call with a length the compiler cannot see would
 /// otherwise go to the C library's memcpy on the hot paths of read and
 /// write.
-[[gnu::always_inline]] inline void copy_bytes(void* to, const void* from, std::size_t len) noexcept {
+[[gnu::always_inline]] inline void copy_bytes(void* to, const void* from,
+                                              std::size_t len) noexcept {
     switch (len) {
-    case 1: std::memcpy(to, from, 1); break;
-    case 2: std::memcpy(to, from, 2); break;
-    case 4: std::memcpy(to, from, 4); break;
-    case 8: std::memcpy(to, from, 8); break;
-    default: std::memcpy(to, from, len); break;
+    case 1:
+        std::memcpy(to, from, 1);
+        break;
+    case 2:
+        std::memcpy(to, from, 2);
+        break;
+    case 4:
+        std::memcpy(to, from, 4);
+        break;
+    case 8:
+        std::memcpy(to, from, 8);
+        break;
+    default:
+        std::memcpy(to, from, len);
+        break;
     }
 }
 
@@ -120,8 +165,8 @@ inline void log_invalid(const memory_region& mr, hwaddr offset, unsigned size, b
 /// Why the ops of `mr` refuse an access of `size` bytes at `offset`, in
 /// QEMU's memory_region_access_valid order; null when they accept it. A
 /// reservation (no ops) refuses everything.
-inline const char* mmio_refusal(const memory_region& mr, hwaddr offset, unsigned size, bool is_write,
-                                mem_attrs attrs) {
+inline const char* mmio_refusal(const memory_region& mr, hwaddr offset, unsigned size,
+                                bool is_write, mem_attrs attrs) {
     const region_ops* ops = mr.callbacks().ops;
     if (!ops) return "reservation";
     if (ops->accepts && !ops->accepts(mr.callbacks().opaque, offset, size, is_write, attrs))
@@ -155,9 +200,10 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         for (const object* d : engaged) {
             if (d == dev) {
                 if (mr.first_reentrancy_report())
-                    log_line(log_category::reentrancy,
-                             fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
-                                         mr.region_name(), offset));
+                    log_line(
+                        log_category::reentrancy,
+                        fmt::format("Blocked re-entrant IO on MemoryRegion: {} at addr: 0x{:X}",
+                                    mr.region_name(), offset));
                 return memtx_access_error;
             }
         }
@@ -178,14 +224,14 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
     const unsigned impl_min = ops->impl.min_access_size ? ops->impl.min_access_size : 1;
     const unsigned impl_max = ops->impl.max_access_size ? ops->impl.max_access_size : 4;
     const unsigned access = std::max(std::min(size, impl_max), impl_min);
-    const std::uint64_t mask = access >= 8 ? ~std::uint64_t(0) : (std::uint64_t(1) << (access * 8)) - 1;
+    const std::uint64_t mask =
+        access >= 8 ? ~std::uint64_t(0) : (std::uint64_t(1) << (access * 8)) - 1;
     memtx_result r = memtx_ok;
     std::uint64_t combined = 0;
     for (unsigned i = 0; i < size; i += access) {
         const int shift = big ? (int(size) - int(access) - int(i)) * 8 : int(i) * 8;
         if (is_write) {
-            const std::uint64_t part =
-                (shift >= 0 ? v >> shift : v << -shift) & mask;
+            const std::uint64_t part = (shift >= 0 ? v >> shift : v << -shift) & mask;
             r |= ops->write(opaque, offset + i, part, access, attrs);
         } else {
             std::uint64_t part = 0;
@@ -265,7 +311,8 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
     }
     memtx_result r = memtx_ok;
     while (len > 0) {
-        const unsigned l = one_access ? static_cast<unsigned>(len) : mmio_access_size(mr, offset, len);
+        const unsigned l =
+            one_access ? static_cast<unsigned>(len) : mmio_access_size(mr, offset, len);
         std::uint64_t v = is_write ? load_host(buf, l) : 0;
         r |= dispatch_mmio(mr, offset, &v, l, is_write, attrs, target_big);
         if (!is_write) store_host(buf, l, v);
@@ -315,12 +362,13 @@ inline memtx_result access_view(const flat_view& v, hwaddr addr, std::byte* buf,
 /// size (refused if the ops refuse it, never split by their rules); an
 /// access crossing ranges is made as the byte access (access_view) would.
 /// `bytes` holds the bytes in memory order.
-inline memtx_result access_view_sized(const flat_view& v, hwaddr addr, std::byte* bytes, unsigned size,
-                                      bool is_write, mem_attrs attrs, bool target_big) {
+inline memtx_result access_view_sized(const flat_view& v, hwaddr addr, std::byte* bytes,
+                                      unsigned size, bool is_write, mem_attrs attrs,
+                                      bool target_big) {
     const flat_range* fr = v.lookup(addr);
     if (fr && size - 1 <= fr->last() - addr)
-        return access_range(*fr, addr - fr->start + fr->offset_in_region, bytes, size, is_write, attrs,
-                            target_big, true);
+        return access_range(*fr, addr - fr->start + fr->offset_in_region, bytes, size, is_write,
+                            attrs, target_big, true);
     return access_view(v, addr, bytes, size, is_write, attrs, target_big);
 }
 

@@ -120,7 +120,8 @@ struct pt_subpage {
         // above it differ from its base's): a hole. The base's low bits
         // (the shift) go in the shift. Two shifts: shift + 9 is 66 at the top.
         if (((addr ^ e.aux) >> shift) >> pt_level_bits) return {};
-        e = reinterpret_cast<const pt_node*>(e.ref - pt_tag_node)->slot[(addr >> shift) & (pt_fanout - 1)];
+        e = reinterpret_cast<const pt_node*>(e.ref - pt_tag_node)
+                ->slot[(addr >> shift) & (pt_fanout - 1)];
     }
     return e;
 }
@@ -208,7 +209,9 @@ private:
                 static_cast<std::uintptr_t>(base) | n->shift};
     }
     static u128 node_base(const pt_entry& e) noexcept { return e.aux & ~std::uintptr_t(63); }
-    static unsigned node_shift(const pt_entry& e) noexcept { return static_cast<unsigned>(e.aux & 63); }
+    static unsigned node_shift(const pt_entry& e) noexcept {
+        return static_cast<unsigned>(e.aux & 63);
+    }
     static u128 span_end(u128 base, unsigned span) noexcept {
         const u128 end = base + (u128(1) << span);
         return end < u128_2_64 ? end : u128_2_64;
@@ -249,8 +252,8 @@ private:
     /// [slot_lo, slot_lo + 2^span): one walk down the tree, each slot
     /// visited once; `first` moves forward past ranges left behind.
     template <class It, class SlotOf>
-    static void fill(pt_entry& slot, u128 slot_lo, unsigned span, u128 lo, u128 hi, It& first, It last,
-                     SlotOf& slot_of) {
+    static void fill(pt_entry& slot, u128 slot_lo, unsigned span, u128 lo, u128 hi, It& first,
+                     It last, SlotOf& slot_of) {
         const u128 slot_hi = span_end(slot_lo, span);
         if (lo < slot_lo) lo = slot_lo;
         if (hi > slot_hi) hi = slot_hi;
@@ -286,7 +289,8 @@ private:
         for (std::size_t i = i0; i <= i1; ++i) {
             const bool was = !n.slot[i].is_hole();
             fill(n.slot[i], base + (u128(i) << s), s, lo, hi, first, last, slot_of);
-            n.used = static_cast<std::uint16_t>(n.used + (n.slot[i].is_hole() ? 0 : 1) - (was ? 1 : 0));
+            n.used =
+                static_cast<std::uint16_t>(n.used + (n.slot[i].is_hole() ? 0 : 1) - (was ? 1 : 0));
         }
         if (n.used == 0) {
             release(slot);
@@ -332,7 +336,8 @@ private:
             auto* n = new pt_node;
             n->shift = static_cast<std::uint8_t>(span - pt_level_bits);
             const u128 slot_hi = span_end(slot_lo, span);
-            const std::size_t count = static_cast<std::size_t>((slot_hi - slot_lo - 1) >> n->shift) + 1;
+            const std::size_t count =
+                static_cast<std::size_t>((slot_hi - slot_lo - 1) >> n->shift) + 1;
             for (std::size_t i = 0; i < count; ++i) n->slot[i] = slot; // ranges: nothing to retain
             n->used = static_cast<std::uint16_t>(count);
             slot = node_entry(n, slot_lo);
@@ -368,12 +373,14 @@ private:
         if (e.is_range()) {
             const auto* r = reinterpret_cast<const Range*>(e.ref & pt_pointer_mask);
             if (!is_member(r))
-                err = fmt::format("slot [{}, {}) points to a range that is not the view's", hex(lo), hex(hi));
+                err = fmt::format("slot [{}, {}) points to a range that is not the view's", hex(lo),
+                                  hex(hi));
             else if (u128(r->start) > lo || r->end() < hi)
                 err = fmt::format("slot [{}, {}) names the range [{}, {}), which does not cover it",
                                   hex(lo), hex(hi), hex(r->start), hex(r->end()));
             else if (!(slot_of(*r) == e))
-                err = fmt::format("slot [{}, {}) carries stale host or write bits", hex(lo), hex(hi));
+                err =
+                    fmt::format("slot [{}, {}) carries stale host or write bits", hex(lo), hex(hi));
             return;
         }
         if (e.is_subpage()) {
@@ -397,8 +404,8 @@ private:
         if (s != n.shift || s + pt_level_bits > span || (s - pt_page_bits) % pt_level_bits != 0 ||
             base < lo || span_end(base, s + pt_level_bits) > hi ||
             (base & ((u128(1) << (s + pt_level_bits)) - 1)) != 0) {
-            err = fmt::format("node of shift {} at {} does not nest in the slot [{}, {})", s, hex(base),
-                              hex(lo), hex(hi));
+            err = fmt::format("node of shift {} at {} does not nest in the slot [{}, {})", s,
+                              hex(base), hex(lo), hex(hi));
             return;
         }
         // The parts of the slot outside a node over skipped levels are holes.
@@ -409,7 +416,8 @@ private:
         for (std::size_t i = 0; i < pt_fanout && err.empty(); ++i) {
             const u128 slo = base + (u128(i) << s);
             if (slo >= nend) {
-                if (!n.slot[i].is_hole()) err = fmt::format("node at {} has a slot past 2^64", hex(base));
+                if (!n.slot[i].is_hole())
+                    err = fmt::format("node at {} has a slot past 2^64", hex(base));
                 break;
             }
             used += n.slot[i].is_hole() ? 0 : 1;
@@ -422,8 +430,8 @@ private:
     static void check_gap(u128 lo, u128 hi, Overlapping& overlapping, std::string& err) {
         if (!err.empty() || lo >= hi) return;
         if (const auto over = overlapping(lo, hi); !over.empty())
-            err = fmt::format("[{}, {}), skipped by a node, overlaps the range at {}", hex(lo), hex(hi),
-                              hex(over.front()->start));
+            err = fmt::format("[{}, {}), skipped by a node, overlaps the range at {}", hex(lo),
+                              hex(hi), hex(over.front()->start));
     }
     static std::size_t count_nodes(const pt_entry& e) noexcept {
         if (!e.is_node()) return 0;

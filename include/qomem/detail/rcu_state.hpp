@@ -417,8 +417,8 @@ inline void ensure_process_hooks() noexcept {
     state& s = global_state;
     ensure_process_hooks();
     s.probe(); // before the push: a writer that drains r sees the final mode
-    r.transient = this_thread_exited || !s.exit_key_ok ||
-                  ::pthread_setspecific(s.exit_key, &r) != 0;
+    r.transient =
+        this_thread_exited || !s.exit_key_ok || ::pthread_setspecific(s.exit_key, &r) != 0;
     r.registered = true;
     push_incoming(s, r);
 }

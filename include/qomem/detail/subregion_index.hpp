@@ -96,7 +96,8 @@ public:
         std::vector<Node*> found(huge_.begin(), huge_.end());
         if (hi > 0 && lo < i128(u128_2_64)) {
             const i128 from = lo - i128(max_small_);
-            auto it = from <= 0 ? by_addr_.begin() : by_addr_.lower_bound(static_cast<hwaddr>(from));
+            auto it =
+                from <= 0 ? by_addr_.begin() : by_addr_.lower_bound(static_cast<hwaddr>(from));
             for (; it != by_addr_.end() && i128(it->first) < hi; ++it)
                 if (i128(it->first) + i128(it->second->size()) > lo) found.push_back(it->second);
         }

@@ -80,8 +80,8 @@ struct view_diff {
     /// True when a listener has something to hear beyond plain nops.
     bool changes() const noexcept {
         return !dels.empty() || std::any_of(adds.begin(), adds.end(), [](const entry& a) {
-                   return !a.nop || a.log_changed();
-               });
+            return !a.nop || a.log_changed();
+        });
     }
 };
 
@@ -108,7 +108,8 @@ inline bool map_change_up(const memory_region* x, i128 lo, i128 hi, window_map& 
         if (a < b) it->second.emplace_back(u128(a), u128(b));
     }
     if (const memory_region* c = x->container())
-        if (!map_change_up(c, lo + i128(x->addr()), hi + i128(x->addr()), out, budget)) return false;
+        if (!map_change_up(c, lo + i128(x->addr()), hi + i128(x->addr()), out, budget))
+            return false;
     bool ok = true;
     x->for_each_alias_user([&](const memory_region& a) {
         if (ok)
@@ -119,7 +120,8 @@ inline bool map_change_up(const memory_region* x, i128 lo, i128 hi, window_map& 
 }
 
 /// Sorts `windows` and merges those that overlap or touch.
-inline std::vector<std::pair<u128, u128>> merge_windows(std::vector<std::pair<u128, u128>> windows) {
+inline std::vector<std::pair<u128, u128>>
+merge_windows(std::vector<std::pair<u128, u128>> windows) {
     std::sort(windows.begin(), windows.end());
     std::vector<std::pair<u128, u128>> merged;
     for (const auto& x : windows) {
@@ -141,9 +143,10 @@ inline ref_ptr<flat_view> update_view(const flat_view& base, const memory_region
         std::vector<flat_range> part = render_window(physmr, lo, hi);
         fresh.insert(fresh.end(), part.begin(), part.end());
     }
-    return base.splice(windows, fresh, [&](const std::vector<flat_range>& o, const std::vector<flat_range>& n) {
-        diff.add(o, n);
-    });
+    return base.splice(windows, fresh,
+                       [&](const std::vector<flat_range>& o, const std::vector<flat_range>& n) {
+                           diff.add(o, n);
+                       });
 }
 
 /// Asserts that `incremental` (from `base` through `windows`) equals a full
@@ -154,7 +157,8 @@ inline void verify_against_full_render(const flat_view& base, const flat_view& i
                                        const std::vector<std::pair<u128, u128>>& windows) {
     const ref_ptr<flat_view> want = render_flat_view(&physmr);
     const std::string table = incremental.check_page_table();
-    QOMEM_ASSERT(table.empty(), "incremental view of '{}': its page table does not match its ranges: {}",
+    QOMEM_ASSERT(table.empty(),
+                 "incremental view of '{}': its page table does not match its ranges: {}",
                  physmr.region_name(), table);
     if (want->ranges() == incremental.ranges()) return;
     auto dump = [](const flat_view& v) {

@@ -62,7 +62,8 @@ public:
 
     /// The largest payload worth receiving.
     std::size_t max_payload() const noexcept {
-        return std::max<std::size_t>(sizeof(mmap_payload), mem_access_header_size + options_.max_mem_access);
+        return std::max<std::size_t>(sizeof(mmap_payload),
+                                     mem_access_header_size + options_.max_mem_access);
     }
 
     /// Decodes and applies one message; returns the reply to send, if any.
@@ -92,25 +93,29 @@ public:
         std::uint64_t status = 0;
         if (auto* map = std::get_if<shmem_map_request>(&m.body)) {
             status = guarded([&] {
-                device().shmem_map(map->map.shmid, map->fd.get(), map->map.fd_offset, map->map.shm_offset,
-                                   map->map.len, static_cast<shmem_flags>(map->map.flags));
+                device().shmem_map(map->map.shmid, map->fd.get(), map->map.fd_offset,
+                                   map->map.shm_offset, map->map.len,
+                                   static_cast<shmem_flags>(map->map.flags));
             });
         } else if (auto* unmap = std::get_if<shmem_unmap_request>(&m.body)) {
-            status = guarded([&] { device().shmem_unmap(unmap->map.shmid, unmap->map.shm_offset, unmap->map.len); });
+            status = guarded([&] {
+                device().shmem_unmap(unmap->map.shmid, unmap->map.shm_offset, unmap->map.len);
+            });
         } else if (auto* rd = std::get_if<mem_read_request>(&m.body)) {
             std::vector<std::byte> data(rd->size);
             const memtx_result r = dma_->read(rd->guest_address, data.data(), data.size());
             if (r != memtx_ok) {
-                last_error_ = fmt::format("MEM_READ of {} bytes at 0x{:x} failed (result {})", rd->size,
-                                          rd->guest_address, static_cast<unsigned>(r));
+                last_error_ = fmt::format("MEM_READ of {} bytes at 0x{:x} failed (result {})",
+                                          rd->size, rd->guest_address, static_cast<unsigned>(r));
                 return encode_u64_reply(req, EFAULT);
             }
             return encode_mem_read_reply(rd->guest_address, data);
         } else if (auto* wr = std::get_if<mem_write_request>(&m.body)) {
             const memtx_result r = dma_->write(wr->guest_address, wr->data.data(), wr->data.size());
             if (r != memtx_ok) {
-                last_error_ = fmt::format("MEM_WRITE of {} bytes at 0x{:x} failed (result {})", wr->data.size(),
-                                          wr->guest_address, static_cast<unsigned>(r));
+                last_error_ =
+                    fmt::format("MEM_WRITE of {} bytes at 0x{:x} failed (result {})",
+                                wr->data.size(), wr->guest_address, static_cast<unsigned>(r));
                 status = EFAULT;
             }
         }
@@ -136,7 +141,8 @@ public:
 private:
     virtio_shmem_device& device() const {
         if (!dev_)
-            throw shmem_error(shmem_reason::unknown_shmid, "this front-end has no shared memory regions");
+            throw shmem_error(shmem_reason::unknown_shmid,
+                              "this front-end has no shared memory regions");
         return *dev_;
     }
 
@@ -148,12 +154,18 @@ private:
         } catch (const shmem_error& e) {
             last_error_ = e.what();
             switch (e.why()) {
-            case shmem_reason::unknown_shmid: return ENOENT;
-            case shmem_reason::bad_fd: return EBADF;
-            case shmem_reason::too_many_mappings: return ENOSPC;
-            case shmem_reason::overlap: return EEXIST;
-            case shmem_reason::mmap_failed: return ENOMEM;
-            default: return EINVAL;
+            case shmem_reason::unknown_shmid:
+                return ENOENT;
+            case shmem_reason::bad_fd:
+                return EBADF;
+            case shmem_reason::too_many_mappings:
+                return ENOSPC;
+            case shmem_reason::overlap:
+                return EEXIST;
+            case shmem_reason::mmap_failed:
+                return ENOMEM;
+            default:
+                return EINVAL;
             }
         } catch (const region_error& e) {
             last_error_ = e.what();

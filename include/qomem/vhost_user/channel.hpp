@@ -52,7 +52,8 @@ public:
     static std::pair<channel, channel> socketpair() {
         int sv[2];
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-            throw protocol_error(protocol_reason::io, fmt::format("socketpair failed: {}", std::strerror(errno)));
+            throw protocol_error(protocol_reason::io,
+                                 fmt::format("socketpair failed: {}", std::strerror(errno)));
         return {channel(unique_fd(sv[0])), channel(unique_fd(sv[1]))};
     }
 
@@ -67,13 +68,15 @@ public:
                                              sizeof(addr.sun_path) - 1));
         std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
         unique_fd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-        if (!s) throw protocol_error(protocol_reason::io, fmt::format("socket failed: {}", std::strerror(errno)));
+        if (!s)
+            throw protocol_error(protocol_reason::io,
+                                 fmt::format("socket failed: {}", std::strerror(errno)));
         int r;
         do r = ::connect(s.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
         while (r != 0 && errno == EINTR);
         if (r != 0)
-            throw protocol_error(protocol_reason::io,
-                                 fmt::format("connecting to '{}' failed: {}", path, std::strerror(errno)));
+            throw protocol_error(protocol_reason::io, fmt::format("connecting to '{}' failed: {}",
+                                                                  path, std::strerror(errno)));
         return channel(std::move(s));
     }
 
@@ -87,8 +90,9 @@ public:
     /// Throws: protocol_error (extra_fds above max_fds, io on a failed send).
     void send(std::span<const std::byte> bytes, std::span<const int> fds = {}) {
         if (fds.size() > max_fds)
-            throw protocol_error(protocol_reason::extra_fds,
-                                 fmt::format("cannot send {} fds (at most {})", fds.size(), max_fds));
+            throw protocol_error(
+                protocol_reason::extra_fds,
+                fmt::format("cannot send {} fds (at most {})", fds.size(), max_fds));
         std::size_t sent = 0;
         bool with_fds = !fds.empty();
         while (sent < bytes.size() || with_fds) {
@@ -109,7 +113,8 @@ public:
             const ssize_t n = ::sendmsg(sock_.get(), &msg, MSG_NOSIGNAL);
             if (n < 0) {
                 if (errno == EINTR) continue;
-                throw protocol_error(protocol_reason::io, fmt::format("sendmsg failed: {}", std::strerror(errno)));
+                throw protocol_error(protocol_reason::io,
+                                     fmt::format("sendmsg failed: {}", std::strerror(errno)));
             }
             sent += static_cast<std::size_t>(n);
             with_fds = false;
@@ -139,17 +144,21 @@ public:
         int r;
         do r = ::poll(&p, 1, static_cast<int>(timeout.count()));
         while (r < 0 && errno == EINTR);
-        if (r < 0) throw protocol_error(protocol_reason::io, fmt::format("poll failed: {}", std::strerror(errno)));
+        if (r < 0)
+            throw protocol_error(protocol_reason::io,
+                                 fmt::format("poll failed: {}", std::strerror(errno)));
         return r > 0;
     }
 
 private:
-    std::optional<raw_message> receive_until(std::size_t max_payload, std::optional<clock::time_point> deadline) {
+    std::optional<raw_message> receive_until(std::size_t max_payload,
+                                             std::optional<clock::time_point> deadline) {
         raw_message m;
         m.bytes.resize(header_size);
         std::size_t got = 0;
         while (got < header_size) {
-            const std::size_t n = recv_some(m.bytes.data() + got, header_size - got, m.fds, deadline);
+            const std::size_t n =
+                recv_some(m.bytes.data() + got, header_size - got, m.fds, deadline);
             if (n == 0) {
                 if (got == 0) return std::nullopt;
                 throw protocol_error(protocol_reason::truncated_header,
@@ -159,16 +168,18 @@ private:
         }
         const auto size = detail::get_le<std::uint32_t>(m.bytes.data() + 8);
         if (size > max_payload)
-            throw protocol_error(protocol_reason::oversized,
-                                 fmt::format("request {}: payload of {} bytes announced, at most {} accepted",
-                                             detail::get_le<std::uint32_t>(m.bytes.data()), size, max_payload));
+            throw protocol_error(
+                protocol_reason::oversized,
+                fmt::format("request {}: payload of {} bytes announced, at most {} accepted",
+                            detail::get_le<std::uint32_t>(m.bytes.data()), size, max_payload));
         m.bytes.resize(header_size + size);
         while (got < m.bytes.size()) {
-            const std::size_t n = recv_some(m.bytes.data() + got, m.bytes.size() - got, m.fds, deadline);
+            const std::size_t n =
+                recv_some(m.bytes.data() + got, m.bytes.size() - got, m.fds, deadline);
             if (n == 0)
                 throw protocol_error(protocol_reason::size_mismatch,
-                                     fmt::format("connection closed after {} of {} payload bytes", got - header_size,
-                                                 size));
+                                     fmt::format("connection closed after {} of {} payload bytes",
+                                                 got - header_size, size));
             got += n;
         }
         return m;
@@ -178,7 +189,8 @@ private:
                           std::optional<clock::time_point> deadline) {
         for (;;) {
             if (deadline) {
-                const auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - clock::now());
+                const auto left =
+                    std::chrono::ceil<std::chrono::milliseconds>(*deadline - clock::now());
                 if (left.count() <= 0 || !wait_readable(left))
                     throw protocol_error(protocol_reason::timeout,
                                          "the peer sent no complete message in time");
@@ -193,7 +205,8 @@ private:
             const ssize_t n = ::recvmsg(sock_.get(), &msg, MSG_CMSG_CLOEXEC);
             if (n < 0) {
                 if (errno == EINTR) continue;
-                throw protocol_error(protocol_reason::io, fmt::format("recvmsg failed: {}", std::strerror(errno)));
+                throw protocol_error(protocol_reason::io,
+                                     fmt::format("recvmsg failed: {}", std::strerror(errno)));
             }
             for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
                 if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
@@ -205,8 +218,9 @@ private:
                 }
             }
             if (msg.msg_flags & MSG_CTRUNC)
-                throw protocol_error(protocol_reason::extra_fds,
-                                     fmt::format("more than {} fds attached (all closed)", max_fds));
+                throw protocol_error(
+                    protocol_reason::extra_fds,
+                    fmt::format("more than {} fds attached (all closed)", max_fds));
             return static_cast<std::size_t>(n);
         }
     }

@@ -98,8 +98,8 @@ struct frontend_options {
 /// One entry of the back-end's memory table.
 struct mem_table_entry {
     mem_region_payload region;
-    int fd = -1;                        ///< attached when sent (the RAM's own fd)
-    const memory_region* mr = nullptr;  ///< the RAM region it shows
+    int fd = -1;                       ///< attached when sent (the RAM's own fd)
+    const memory_region* mr = nullptr; ///< the RAM region it shows
     friend bool operator==(const mem_table_entry&, const mem_table_entry&) = default;
 };
 
@@ -108,8 +108,9 @@ public:
     /// The protocol features this session knows how to use.
     static constexpr std::uint64_t supported_protocol_features =
         mask({protocol_feature::mq, protocol_feature::reply_ack, protocol_feature::backend_req,
-              protocol_feature::config, protocol_feature::backend_send_fd, protocol_feature::configure_mem_slots,
-              protocol_feature::shmem, protocol_feature::qomem_mem_access});
+              protocol_feature::config, protocol_feature::backend_send_fd,
+              protocol_feature::configure_mem_slots, protocol_feature::shmem,
+              protocol_feature::qomem_mem_access});
 
     /// Runs the handshake over `ch` and gives the back-end the memory table
     /// of `guest`'s RAM. `dev`, if given, is the device whose shared memory
@@ -233,7 +234,8 @@ private:
 
     void check_usable() const {
         if (!failure_.empty())
-            throw protocol_error(protocol_reason::closed, fmt::format("the session failed earlier: {}", failure_));
+            throw protocol_error(protocol_reason::closed,
+                                 fmt::format("the session failed earlier: {}", failure_));
     }
     [[noreturn]] void fail_with(protocol_reason r, const std::string& why) {
         fail(why);
@@ -311,17 +313,20 @@ inline frontend::frontend(channel ch, address_space& guest, frontend_options opt
     if (has(protocol_feature::backend_req)) {
         auto [ours, theirs] = channel::socketpair();
         const std::array<int, 1> fd{theirs.fd()};
-        send_acked(frontend_request::set_backend_req_fd,
-                   [](bool nr) { return encode_request(frontend_request::set_backend_req_fd, nr); }, fd);
+        send_acked(
+            frontend_request::set_backend_req_fd,
+            [](bool nr) { return encode_request(frontend_request::set_backend_req_fd, nr); }, fd);
         backend_ch_.emplace(std::move(ours));
-        handler_.emplace(dev_, guest,
-                         backend_channel_options{protocol_features_ & mask({protocol_feature::shmem,
-                                                                             protocol_feature::qomem_mem_access}),
-                                                 options_.max_mem_access});
+        handler_.emplace(
+            dev_, guest,
+            backend_channel_options{protocol_features_ & mask({protocol_feature::shmem,
+                                                               protocol_feature::qomem_mem_access}),
+                                    options_.max_mem_access});
     }
     send(frontend_request::set_owner, encode_request(frontend_request::set_owner));
     features_ = backend_features_ & (options_.features | protocol_bit);
-    send(frontend_request::set_features, encode_u64_request(frontend_request::set_features, features_));
+    send(frontend_request::set_features,
+         encode_u64_request(frontend_request::set_features, features_));
     guest.add_listener(*this); // replays the view: the first table
     registered_ = true;
     if (!failure_.empty()) {
@@ -344,29 +349,40 @@ inline bool frontend::allowed(frontend_request r) const noexcept {
     case frontend_request::set_vring_base:
     case frontend_request::get_vring_base:
     case frontend_request::set_vring_kick:
-    case frontend_request::set_vring_call: return true;
+    case frontend_request::set_vring_call:
+        return true;
     case frontend_request::get_protocol_features:
-    case frontend_request::set_protocol_features: return backend_features_ & protocol_bit;
-    case frontend_request::set_vring_enable: return features_ & protocol_bit;
-    case frontend_request::get_queue_num: return has(protocol_feature::mq);
-    case frontend_request::set_backend_req_fd: return has(protocol_feature::backend_req);
-    case frontend_request::get_config: return has(protocol_feature::config);
+    case frontend_request::set_protocol_features:
+        return backend_features_ & protocol_bit;
+    case frontend_request::set_vring_enable:
+        return features_ & protocol_bit;
+    case frontend_request::get_queue_num:
+        return has(protocol_feature::mq);
+    case frontend_request::set_backend_req_fd:
+        return has(protocol_feature::backend_req);
+    case frontend_request::get_config:
+        return has(protocol_feature::config);
     case frontend_request::get_max_mem_slots:
     case frontend_request::add_mem_reg:
-    case frontend_request::rem_mem_reg: return has(protocol_feature::configure_mem_slots);
-    case frontend_request::get_shmem_config: return has(protocol_feature::shmem);
-    case frontend_request::set_log_base: return has(protocol_feature::log_shmfd);
+    case frontend_request::rem_mem_reg:
+        return has(protocol_feature::configure_mem_slots);
+    case frontend_request::get_shmem_config:
+        return has(protocol_feature::shmem);
+    case frontend_request::set_log_base:
+        return has(protocol_feature::log_shmfd);
     }
     return false;
 }
 
-inline void frontend::send(frontend_request r, std::span<const std::byte> msg, std::span<const int> fds) {
+inline void frontend::send(frontend_request r, std::span<const std::byte> msg,
+                           std::span<const int> fds) {
     check_usable();
     if (!allowed(r))
-        throw protocol_error(protocol_reason::not_negotiated,
-                             fmt::format("{} needs a feature the back-end did not negotiate (protocol features "
-                                         "0x{:x}, device features 0x{:x}); nothing was sent",
-                                         vhost_user::name(r), protocol_features_, features_));
+        throw protocol_error(
+            protocol_reason::not_negotiated,
+            fmt::format("{} needs a feature the back-end did not negotiate (protocol features "
+                        "0x{:x}, device features 0x{:x}); nothing was sent",
+                        vhost_user::name(r), protocol_features_, features_));
     try {
         main_.send(msg, fds);
     } catch (const protocol_error& e) {
@@ -391,7 +407,8 @@ inline raw_message frontend::await_reply(frontend_request r, std::size_t max_pay
         }
         if (n <= 0)
             fail_with(protocol_reason::timeout,
-                      fmt::format("no reply to {} within {} ms", vhost_user::name(r), options_.timeout.count()));
+                      fmt::format("no reply to {} within {} ms", vhost_user::name(r),
+                                  options_.timeout.count()));
         if (p[1].revents) {
             serve_one_backend_request();
             if (!main_) check_usable();
@@ -399,16 +416,20 @@ inline raw_message frontend::await_reply(frontend_request r, std::size_t max_pay
         }
         std::optional<raw_message> m;
         try {
-            m = main_.receive(max_payload, std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()));
+            m = main_.receive(
+                max_payload, std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now()));
         } catch (const protocol_error& e) {
-            fail_with(e.why(), fmt::format("waiting for the reply to {}: {}", vhost_user::name(r), e.what()));
+            fail_with(e.why(), fmt::format("waiting for the reply to {}: {}", vhost_user::name(r),
+                                           e.what()));
         }
-        if (!m) fail_with(protocol_reason::closed, fmt::format("the back-end closed the connection instead of "
-                                                               "answering {}",
-                                                               vhost_user::name(r)));
+        if (!m)
+            fail_with(protocol_reason::closed,
+                      fmt::format("the back-end closed the connection instead of "
+                                  "answering {}",
+                                  vhost_user::name(r)));
         if (!m->fds.empty())
-            fail_with(protocol_reason::extra_fds,
-                      fmt::format("the reply to {} came with {} fd(s)", vhost_user::name(r), m->fds.size()));
+            fail_with(protocol_reason::extra_fds, fmt::format("the reply to {} came with {} fd(s)",
+                                                              vhost_user::name(r), m->fds.size()));
         try {
             (void)decode_reply(m->bytes, static_cast<std::uint32_t>(r));
         } catch (const protocol_error& e) {
@@ -441,13 +462,15 @@ void frontend::send_acked(frontend_request r, Make&& make, std::span<const int> 
         fail_with(e.why(), e.what());
     }
     if (status != 0)
-        fail_with(protocol_reason::rejected, fmt::format("the back-end answered {} with {}", vhost_user::name(r), status));
+        fail_with(protocol_reason::rejected,
+                  fmt::format("the back-end answered {} with {}", vhost_user::name(r), status));
 }
 
 inline bool frontend::serve_one_backend_request() {
     if (!backend_ch_) return false;
     try {
-        std::optional<raw_message> m = backend_ch_->receive(handler_->max_payload(), options_.timeout);
+        std::optional<raw_message> m =
+            backend_ch_->receive(handler_->max_payload(), options_.timeout);
         if (!m) { // the back-end closed its channel: it sends no more requests
             backend_ch_.reset();
             return false;
@@ -518,7 +541,8 @@ inline void frontend::commit() {
 
 inline void frontend::sync_table() {
     const auto seal = [&](int fd) {
-        if (options_.seal_ram) (void)::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK); // refused by non-memfds: fine
+        if (options_.seal_ram)
+            (void)::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK); // refused by non-memfds: fine
     };
     const auto in = [](const std::vector<slot>& v, const mem_table_entry& e) {
         return std::any_of(v.begin(), v.end(), [&](const slot& s) { return s.entry == e; });
@@ -529,7 +553,8 @@ inline void frontend::sync_table() {
     if (has(protocol_feature::configure_mem_slots)) {
         std::vector<mem_table_entry> removed, added;
         for (const slot& s : table_)
-            if (!std::any_of(want.begin(), want.end(), [&](const slot* w) { return w->entry == s.entry; }))
+            if (!std::any_of(want.begin(), want.end(),
+                             [&](const slot* w) { return w->entry == s.entry; }))
                 removed.push_back(s.entry);
         for (const slot* w : want)
             if (!in(table_, w->entry)) added.push_back(w->entry);
@@ -539,26 +564,34 @@ inline void frontend::sync_table() {
                       fmt::format("the memory table would have {} entries, the back-end takes {}",
                                   table_.size() - removed.size() + added.size(), max_slots_));
         for (const mem_table_entry& e : removed) {
-            send_acked(frontend_request::rem_mem_reg,
-                       [&](bool nr) { return encode_mem_reg(frontend_request::rem_mem_reg, e.region, nr); });
+            send_acked(frontend_request::rem_mem_reg, [&](bool nr) {
+                return encode_mem_reg(frontend_request::rem_mem_reg, e.region, nr);
+            });
             std::erase_if(table_, [&](const slot& s) { return s.entry == e; });
         }
         for (const mem_table_entry& e : added) {
             seal(e.fd);
             const std::array<int, 1> fd{e.fd};
-            send_acked(frontend_request::add_mem_reg,
-                       [&](bool nr) { return encode_mem_reg(frontend_request::add_mem_reg, e.region, nr); }, fd);
+            send_acked(
+                frontend_request::add_mem_reg,
+                [&](bool nr) {
+                    return encode_mem_reg(frontend_request::add_mem_reg, e.region, nr);
+                },
+                fd);
             table_.push_back(slot{e, region_ref(*const_cast<memory_region*>(e.mr))});
         }
     } else {
         if (want.size() == table_.size() &&
-            std::all_of(want.begin(), want.end(), [&](const slot* w) { return in(table_, w->entry); }))
+            std::all_of(want.begin(), want.end(),
+                        [&](const slot* w) { return in(table_, w->entry); }))
             return;
         if (want.size() > max_mem_table_regions)
-            fail_with(protocol_reason::rejected,
-                      fmt::format("the memory table would have {} entries; SET_MEM_TABLE carries at most {} "
-                                  "(the back-end did not negotiate CONFIGURE_MEM_SLOTS)",
-                                  want.size(), max_mem_table_regions));
+            fail_with(
+                protocol_reason::rejected,
+                fmt::format(
+                    "the memory table would have {} entries; SET_MEM_TABLE carries at most {} "
+                    "(the back-end did not negotiate CONFIGURE_MEM_SLOTS)",
+                    want.size(), max_mem_table_regions));
         std::vector<mem_region_payload> regions;
         std::vector<int> fds;
         for (const slot* w : want) {
@@ -566,11 +599,13 @@ inline void frontend::sync_table() {
             regions.push_back(w->entry.region);
             fds.push_back(w->entry.fd);
         }
-        send_acked(frontend_request::set_mem_table,
-                   [&](bool nr) { return encode_mem_table(regions, nr); }, fds);
+        send_acked(
+            frontend_request::set_mem_table, [&](bool nr) { return encode_mem_table(regions, nr); },
+            fds);
         std::vector<slot> next;
         next.reserve(want.size());
-        for (const slot* w : want) next.push_back(slot{w->entry, region_ref(*const_cast<memory_region*>(w->entry.mr))});
+        for (const slot* w : want)
+            next.push_back(slot{w->entry, region_ref(*const_cast<memory_region*>(w->entry.mr))});
         table_ = std::move(next);
     }
     barrier();
@@ -579,12 +614,14 @@ inline void frontend::sync_table() {
 inline std::uint64_t frontend::user_address(hwaddr gpa, std::uint64_t len, const char* what) const {
     for (const slot& s : table_) {
         const mem_region_payload& r = s.entry.region;
-        if (gpa >= r.guest_phys_addr && len <= r.memory_size && gpa - r.guest_phys_addr <= r.memory_size - len)
+        if (gpa >= r.guest_phys_addr && len <= r.memory_size &&
+            gpa - r.guest_phys_addr <= r.memory_size - len)
             return r.userspace_addr + (gpa - r.guest_phys_addr);
     }
-    throw protocol_error(protocol_reason::not_shared,
-                         fmt::format("{} at 0x{:x} (0x{:x} bytes) is not in RAM shared with the back-end", what,
-                                     gpa, len));
+    throw protocol_error(
+        protocol_reason::not_shared,
+        fmt::format("{} at 0x{:x} (0x{:x} bytes) is not in RAM shared with the back-end", what, gpa,
+                    len));
 }
 
 inline std::vector<std::byte> frontend::get_config(std::uint32_t offset, std::uint32_t size) {
@@ -593,9 +630,10 @@ inline std::vector<std::byte> frontend::get_config(std::uint32_t offset, std::ui
     const raw_message m = await_reply(r, config_header_size + size);
     const std::span<const std::byte> p = decode_reply(m.bytes, static_cast<std::uint32_t>(r));
     if (p.size() != config_header_size + size)
-        throw protocol_error(protocol_reason::rejected,
-                             fmt::format("GET_CONFIG of {} bytes at {}: the back-end answered {} payload bytes",
-                                         size, offset, p.size()));
+        throw protocol_error(
+            protocol_reason::rejected,
+            fmt::format("GET_CONFIG of {} bytes at {}: the back-end answered {} payload bytes",
+                        size, offset, p.size()));
     return std::vector<std::byte>(p.begin() + config_header_size, p.end());
 }
 
@@ -611,28 +649,33 @@ inline shmem_config_payload frontend::get_shmem_config() {
 }
 
 inline std::size_t frontend::declare_shmem_regions() {
-    QOMEM_ASSERT(dev_, "declare_shmem_regions: the session was made without a device to declare them on");
+    QOMEM_ASSERT(dev_,
+                 "declare_shmem_regions: the session was made without a device to declare them on");
     const shmem_config_payload c = get_shmem_config();
     const std::uint64_t page = qomem::detail::host_page_size();
     for (std::size_t id = 0; id < max_shmem_regions; ++id) {
         const std::uint64_t size = c.memory_sizes[id];
         if (size == 0) continue;
         if (size % page != 0)
-            throw shmem_error(shmem_reason::bad_size,
-                              fmt::format("the back-end's shared memory region {} has size {:#x}, not a multiple "
-                                          "of the page size {:#x}; no region was declared",
-                                          id, size, page));
+            throw shmem_error(
+                shmem_reason::bad_size,
+                fmt::format("the back-end's shared memory region {} has size {:#x}, not a multiple "
+                            "of the page size {:#x}; no region was declared",
+                            id, size, page));
         if (dev_->shmem(static_cast<std::uint8_t>(id)))
-            throw shmem_error(shmem_reason::duplicate_shmid,
-                              fmt::format("the back-end's shared memory region {} is already declared on {} '{}'; "
-                                          "no region was declared",
-                                          id, dev_->type().name, dev_->name()));
+            throw shmem_error(
+                shmem_reason::duplicate_shmid,
+                fmt::format(
+                    "the back-end's shared memory region {} is already declared on {} '{}'; "
+                    "no region was declared",
+                    id, dev_->type().name, dev_->name()));
     }
     std::vector<virtio_shmem*> made;
     try {
         for (std::size_t id = 0; id < max_shmem_regions; ++id)
             if (c.memory_sizes[id] != 0)
-                made.push_back(&dev_->declare_shmem(static_cast<std::uint8_t>(id), c.memory_sizes[id]));
+                made.push_back(
+                    &dev_->declare_shmem(static_cast<std::uint8_t>(id), c.memory_sizes[id]));
     } catch (...) {
         for (virtio_shmem* s : made) unparent(*s);
         throw;
@@ -642,18 +685,22 @@ inline std::size_t frontend::declare_shmem_regions() {
 
 inline void frontend::start_vring(unsigned index, const vring_layout& l) {
     check_usable();
-    QOMEM_ASSERT(!queue_num_ || index < *queue_num_, "virtqueue {} is beyond the back-end's {} queues", index,
-                 queue_num_.value_or(0));
+    QOMEM_ASSERT(!queue_num_ || index < *queue_num_,
+                 "virtqueue {} is beyond the back-end's {} queues", index, queue_num_.value_or(0));
     QOMEM_ASSERT(!vrings_.count(index), "virtqueue {} is already started", index);
-    const std::uint64_t desc = user_address(l.desc, 16 * std::uint64_t(l.size), "the descriptor table");
-    const std::uint64_t avail = user_address(l.avail, 6 + 2 * std::uint64_t(l.size), "the driver area");
-    const std::uint64_t used = user_address(l.used, 6 + 8 * std::uint64_t(l.size), "the device area");
+    const std::uint64_t desc =
+        user_address(l.desc, 16 * std::uint64_t(l.size), "the descriptor table");
+    const std::uint64_t avail =
+        user_address(l.avail, 6 + 2 * std::uint64_t(l.size), "the driver area");
+    const std::uint64_t used =
+        user_address(l.used, 6 + 8 * std::uint64_t(l.size), "the device area");
     vring v;
     v.size = l.size;
     v.kick.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     v.call.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!v.kick || !v.call)
-        throw protocol_error(protocol_reason::io, fmt::format("eventfd failed: {}", std::strerror(errno)));
+        throw protocol_error(protocol_reason::io,
+                             fmt::format("eventfd failed: {}", std::strerror(errno)));
     const auto i = static_cast<std::uint32_t>(index);
     send_acked(frontend_request::set_vring_num, [&](bool nr) {
         return encode_vring_state(frontend_request::set_vring_num, {i, l.size}, nr);
@@ -661,14 +708,17 @@ inline void frontend::start_vring(unsigned index, const vring_layout& l) {
     send_acked(frontend_request::set_vring_base, [&](bool nr) {
         return encode_vring_state(frontend_request::set_vring_base, {i, 0}, nr);
     });
-    send_acked(frontend_request::set_vring_addr,
-               [&](bool nr) { return encode_vring_addr({i, 0, desc, used, avail, 0}, nr); });
+    send_acked(frontend_request::set_vring_addr, [&](bool nr) {
+        return encode_vring_addr({i, 0, desc, used, avail, 0}, nr);
+    });
     const std::array<int, 1> call{v.call.get()};
-    send_acked(frontend_request::set_vring_call,
-               [&](bool nr) { return encode_u64_request(frontend_request::set_vring_call, i, nr); }, call);
+    send_acked(
+        frontend_request::set_vring_call,
+        [&](bool nr) { return encode_u64_request(frontend_request::set_vring_call, i, nr); }, call);
     const std::array<int, 1> kick{v.kick.get()};
-    send_acked(frontend_request::set_vring_kick,
-               [&](bool nr) { return encode_u64_request(frontend_request::set_vring_kick, i, nr); }, kick);
+    send_acked(
+        frontend_request::set_vring_kick,
+        [&](bool nr) { return encode_u64_request(frontend_request::set_vring_kick, i, nr); }, kick);
     if (allowed(frontend_request::set_vring_enable))
         send_acked(frontend_request::set_vring_enable, [&](bool nr) {
             return encode_vring_state(frontend_request::set_vring_enable, {i, 1}, nr);
@@ -684,8 +734,9 @@ inline std::uint32_t frontend::stop_vring(unsigned index) {
     const raw_message m = await_reply(r, sizeof(vring_state_payload));
     const std::span<const std::byte> p = decode_reply(m.bytes, static_cast<std::uint32_t>(r));
     if (p.size() != sizeof(vring_state_payload))
-        fail_with(protocol_reason::bad_payload,
-                  fmt::format("the reply to GET_VRING_BASE has {} payload bytes, expected 8", p.size()));
+        fail_with(
+            protocol_reason::bad_payload,
+            fmt::format("the reply to GET_VRING_BASE has {} payload bytes, expected 8", p.size()));
     vrings_.erase(index);
     return detail::get_le<std::uint32_t>(p.data() + 4);
 }
@@ -694,7 +745,8 @@ inline void frontend::kick(unsigned index) {
     const vring& v = started(index);
     const std::uint64_t one = 1;
     if (::write(v.kick.get(), &one, sizeof one) != sizeof one)
-        throw protocol_error(protocol_reason::io, fmt::format("kicking queue {}: {}", index, std::strerror(errno)));
+        throw protocol_error(protocol_reason::io,
+                             fmt::format("kicking queue {}: {}", index, std::strerror(errno)));
 }
 
 inline bool frontend::wait_call(unsigned index, std::chrono::milliseconds timeout) {
@@ -707,7 +759,8 @@ inline bool frontend::wait_call(unsigned index, std::chrono::milliseconds timeou
         if (::read(call, &count, sizeof count) == sizeof count) return true;
         const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock::now());
         if (left.count() <= 0) return false;
-        std::array<pollfd, 2> p{pollfd{call, POLLIN, 0}, pollfd{backend_ch_ ? backend_ch_->fd() : -1, POLLIN, 0}};
+        std::array<pollfd, 2> p{pollfd{call, POLLIN, 0},
+                                pollfd{backend_ch_ ? backend_ch_->fd() : -1, POLLIN, 0}};
         int n;
         do n = ::poll(p.data(), p.size(), static_cast<int>(left.count()));
         while (n < 0 && errno == EINTR);

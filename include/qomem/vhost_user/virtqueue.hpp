@@ -68,14 +68,17 @@ public:
         layout_ = {size, base, base + 16 * hwaddr(size), base + used_offset(size)};
         const std::vector<std::byte> zeros(static_cast<std::size_t>(bytes(size)));
         QOMEM_ASSERT(as.write(base, zeros.data(), zeros.size()) == memtx_ok,
-                     "virtqueue at 0x{:x} (0x{:x} bytes) is not in writable RAM", base, zeros.size());
+                     "virtqueue at 0x{:x} (0x{:x} bytes) is not in writable RAM", base,
+                     zeros.size());
         free_.reserve(size);
         for (std::uint16_t i = size; i-- > 0;) free_.push_back(i);
     }
 
     const vring_layout& layout() const noexcept { return layout_; }
     std::uint16_t size() const noexcept { return layout_.size; }
-    std::uint16_t free_descriptors() const noexcept { return static_cast<std::uint16_t>(free_.size()); }
+    std::uint16_t free_descriptors() const noexcept {
+        return static_cast<std::uint16_t>(free_.size());
+    }
 
     /// Puts `chain` in the descriptor table and makes it available to the
     /// device (the caller then kicks). Returns the chain's head.
@@ -94,8 +97,9 @@ public:
             const hwaddr d = layout_.desc + 16 * hwaddr(ids[i]);
             put<std::uint64_t>(d, chain[i].addr);
             put<std::uint32_t>(d + 8, chain[i].len);
-            put<std::uint16_t>(d + 12, static_cast<std::uint16_t>((more ? desc_f_next : 0) |
-                                                                   (chain[i].device_writable ? desc_f_write : 0)));
+            put<std::uint16_t>(
+                d + 12, static_cast<std::uint16_t>((more ? desc_f_next : 0) |
+                                                   (chain[i].device_writable ? desc_f_write : 0)));
             put<std::uint16_t>(d + 14, more ? ids[i + 1] : 0);
             next_[ids[i]] = more ? ids[i + 1] : 0;
         }
@@ -118,7 +122,8 @@ public:
         const auto id = get<std::uint32_t>(e);
         const auto len = get<std::uint32_t>(e + 4);
         QOMEM_ASSERT(id < layout_.size && chain_len_[id] != 0,
-                     "the device used descriptor {}, which is not the head of an available chain", id);
+                     "the device used descriptor {}, which is not the head of an available chain",
+                     id);
         ++last_used_;
         const auto head = static_cast<std::uint16_t>(id);
         std::uint16_t d = head;
@@ -138,15 +143,19 @@ private:
     template <class T>
     void put(hwaddr addr, T v) {
         std::byte b[sizeof(T)];
-        for (std::size_t i = 0; i < sizeof(T); ++i) b[i] = static_cast<std::byte>(std::uint64_t(v) >> (8 * i));
-        QOMEM_ASSERT(as_->write(addr, b, sizeof b) == memtx_ok, "virtqueue write at 0x{:x} failed", addr);
+        for (std::size_t i = 0; i < sizeof(T); ++i)
+            b[i] = static_cast<std::byte>(std::uint64_t(v) >> (8 * i));
+        QOMEM_ASSERT(as_->write(addr, b, sizeof b) == memtx_ok, "virtqueue write at 0x{:x} failed",
+                     addr);
     }
     template <class T>
     T get(hwaddr addr) {
         std::byte b[sizeof(T)];
-        QOMEM_ASSERT(as_->read(addr, b, sizeof b) == memtx_ok, "virtqueue read at 0x{:x} failed", addr);
+        QOMEM_ASSERT(as_->read(addr, b, sizeof b) == memtx_ok, "virtqueue read at 0x{:x} failed",
+                     addr);
         std::uint64_t v = 0;
-        for (std::size_t i = 0; i < sizeof(T); ++i) v |= std::uint64_t(std::to_integer<std::uint8_t>(b[i])) << (8 * i);
+        for (std::size_t i = 0; i < sizeof(T); ++i)
+            v |= std::uint64_t(std::to_integer<std::uint8_t>(b[i])) << (8 * i);
         return static_cast<T>(v);
     }
 

@@ -108,27 +108,48 @@ enum class frontend_request : std::uint32_t {
 /// The request's name in the specification, without VHOST_USER_.
 constexpr std::string_view name(frontend_request r) noexcept {
     switch (r) {
-    case frontend_request::get_features: return "GET_FEATURES";
-    case frontend_request::set_features: return "SET_FEATURES";
-    case frontend_request::set_owner: return "SET_OWNER";
-    case frontend_request::set_mem_table: return "SET_MEM_TABLE";
-    case frontend_request::set_log_base: return "SET_LOG_BASE";
-    case frontend_request::set_vring_num: return "SET_VRING_NUM";
-    case frontend_request::set_vring_addr: return "SET_VRING_ADDR";
-    case frontend_request::set_vring_base: return "SET_VRING_BASE";
-    case frontend_request::get_vring_base: return "GET_VRING_BASE";
-    case frontend_request::set_vring_kick: return "SET_VRING_KICK";
-    case frontend_request::set_vring_call: return "SET_VRING_CALL";
-    case frontend_request::get_protocol_features: return "GET_PROTOCOL_FEATURES";
-    case frontend_request::set_protocol_features: return "SET_PROTOCOL_FEATURES";
-    case frontend_request::get_queue_num: return "GET_QUEUE_NUM";
-    case frontend_request::set_vring_enable: return "SET_VRING_ENABLE";
-    case frontend_request::set_backend_req_fd: return "SET_BACKEND_REQ_FD";
-    case frontend_request::get_config: return "GET_CONFIG";
-    case frontend_request::get_max_mem_slots: return "GET_MAX_MEM_SLOTS";
-    case frontend_request::add_mem_reg: return "ADD_MEM_REG";
-    case frontend_request::rem_mem_reg: return "REM_MEM_REG";
-    case frontend_request::get_shmem_config: return "GET_SHMEM_CONFIG";
+    case frontend_request::get_features:
+        return "GET_FEATURES";
+    case frontend_request::set_features:
+        return "SET_FEATURES";
+    case frontend_request::set_owner:
+        return "SET_OWNER";
+    case frontend_request::set_mem_table:
+        return "SET_MEM_TABLE";
+    case frontend_request::set_log_base:
+        return "SET_LOG_BASE";
+    case frontend_request::set_vring_num:
+        return "SET_VRING_NUM";
+    case frontend_request::set_vring_addr:
+        return "SET_VRING_ADDR";
+    case frontend_request::set_vring_base:
+        return "SET_VRING_BASE";
+    case frontend_request::get_vring_base:
+        return "GET_VRING_BASE";
+    case frontend_request::set_vring_kick:
+        return "SET_VRING_KICK";
+    case frontend_request::set_vring_call:
+        return "SET_VRING_CALL";
+    case frontend_request::get_protocol_features:
+        return "GET_PROTOCOL_FEATURES";
+    case frontend_request::set_protocol_features:
+        return "SET_PROTOCOL_FEATURES";
+    case frontend_request::get_queue_num:
+        return "GET_QUEUE_NUM";
+    case frontend_request::set_vring_enable:
+        return "SET_VRING_ENABLE";
+    case frontend_request::set_backend_req_fd:
+        return "SET_BACKEND_REQ_FD";
+    case frontend_request::get_config:
+        return "GET_CONFIG";
+    case frontend_request::get_max_mem_slots:
+        return "GET_MAX_MEM_SLOTS";
+    case frontend_request::add_mem_reg:
+        return "ADD_MEM_REG";
+    case frontend_request::rem_mem_reg:
+        return "REM_MEM_REG";
+    case frontend_request::get_shmem_config:
+        return "GET_SHMEM_CONFIG";
     }
     return "unknown request";
 }
@@ -208,8 +229,9 @@ static_assert(sizeof(mmap_payload) == 40 && offsetof(mmap_payload, fd_offset) ==
               "VhostUserMMap must have no padding holes");
 
 /// A VhostUserMMap with zero padding.
-constexpr mmap_payload make_mmap_payload(std::uint8_t shmid, std::uint64_t fd_offset, std::uint64_t shm_offset,
-                                         std::uint64_t len, shmem_flags flags) noexcept {
+constexpr mmap_payload make_mmap_payload(std::uint8_t shmid, std::uint64_t fd_offset,
+                                         std::uint64_t shm_offset, std::uint64_t len,
+                                         shmem_flags flags) noexcept {
     return mmap_payload{shmid, {}, fd_offset, shm_offset, len, static_cast<std::uint64_t>(flags)};
 }
 
@@ -223,11 +245,13 @@ struct shmem_config_payload {
     std::uint64_t memory_sizes[max_shmem_regions]; ///< 0: no region with that shmid
     /// The regions, counted as upstream's front-end counts them.
     std::size_t count() const noexcept {
-        return static_cast<std::size_t>(std::count_if(std::begin(memory_sizes), std::end(memory_sizes),
+        return static_cast<std::size_t>(std::count_if(std::begin(memory_sizes),
+                                                      std::end(memory_sizes),
                                                       [](std::uint64_t s) { return s != 0; }));
     }
 };
-static_assert(sizeof(shmem_config_payload) == 2056 && offsetof(shmem_config_payload, memory_sizes) == 8,
+static_assert(sizeof(shmem_config_payload) == 2056 &&
+                  offsetof(shmem_config_payload, memory_sizes) == 8,
               "the shmem config reply must have no padding holes");
 
 /// One memory region of the back-end's table (SET_MEM_TABLE entries, and
@@ -344,7 +368,8 @@ struct backend_message {
 /// What a back-end channel accepts: the requests its protocol features
 /// allow, and the largest MEM_READ / MEM_WRITE.
 struct backend_channel_options {
-    std::uint64_t protocol_features = mask({protocol_feature::shmem, protocol_feature::qomem_mem_access});
+    std::uint64_t protocol_features =
+        mask({protocol_feature::shmem, protocol_feature::qomem_mem_access});
     std::uint32_t max_mem_access = 4096;
 };
 
@@ -401,8 +426,10 @@ constexpr std::uint32_t flags_for(bool need_reply) noexcept {
 // ---- encoding: back-end requests and their replies --------------------------------------------
 
 /// SHMEM_MAP (9) or SHMEM_UNMAP (10) carrying `m`.
-inline std::vector<std::byte> encode_mmap(backend_request req, const mmap_payload& m, bool need_reply) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
+inline std::vector<std::byte> encode_mmap(backend_request req, const mmap_payload& m,
+                                          bool need_reply) {
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
     out.push_back(static_cast<std::byte>(m.shmid));
     for (std::uint8_t b : m.padding) out.push_back(static_cast<std::byte>(b));
     detail::put_le(out, m.fd_offset);
@@ -421,16 +448,19 @@ inline std::vector<std::byte> encode_shmem_unmap(const mmap_payload& m, bool nee
 /// The layout MEM_WRITE and the MEM_READ reply share: {u64 guest_address;
 /// u32 size; u8 data[size]}.
 inline std::vector<std::byte> encode_mem_data(backend_request req, std::uint32_t flags,
-                                              std::uint64_t guest_address, std::span<const std::byte> data) {
+                                              std::uint64_t guest_address,
+                                              std::span<const std::byte> data) {
     std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(req), flags);
     detail::put_le(out, guest_address);
     detail::put_le(out, static_cast<std::uint32_t>(data.size()));
     out.insert(out.end(), data.begin(), data.end());
     return detail::finish(std::move(out));
 }
-inline std::vector<std::byte> encode_mem_write(std::uint64_t guest_address, std::span<const std::byte> data,
+inline std::vector<std::byte> encode_mem_write(std::uint64_t guest_address,
+                                               std::span<const std::byte> data,
                                                bool need_reply = false) {
-    return encode_mem_data(backend_request::mem_write, detail::flags_for(need_reply), guest_address, data);
+    return encode_mem_data(backend_request::mem_write, detail::flags_for(need_reply), guest_address,
+                           data);
 }
 /// The reply to MEM_READ carrying the data read.
 inline std::vector<std::byte> encode_mem_read_reply(std::uint64_t guest_address,
@@ -439,8 +469,8 @@ inline std::vector<std::byte> encode_mem_read_reply(std::uint64_t guest_address,
 }
 inline std::vector<std::byte> encode_mem_read(std::uint64_t guest_address, std::uint32_t size,
                                               bool need_reply = true) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(backend_request::mem_read),
-                                               detail::flags_for(need_reply));
+    std::vector<std::byte> out = detail::start(
+        static_cast<std::uint32_t>(backend_request::mem_read), detail::flags_for(need_reply));
     detail::put_le(out, guest_address);
     detail::put_le(out, size);
     return detail::finish(std::move(out));
@@ -458,26 +488,31 @@ inline std::vector<std::byte> encode_u64_reply(std::uint32_t req, std::uint64_t 
 
 /// A front-end request with no payload (GET_FEATURES, SET_OWNER, ...).
 inline std::vector<std::byte> encode_request(frontend_request req, bool need_reply = false) {
-    return detail::finish(detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply)));
+    return detail::finish(
+        detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply)));
 }
 /// A front-end request carrying a u64 (SET_FEATURES, SET_VRING_KICK, ...).
 inline std::vector<std::byte> encode_u64_request(frontend_request req, std::uint64_t value,
                                                  bool need_reply = false) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
     detail::put_le(out, value);
     return detail::finish(std::move(out));
 }
 /// A vring state request (SET_VRING_NUM / BASE / ENABLE, GET_VRING_BASE).
 inline std::vector<std::byte> encode_vring_state(frontend_request req, vring_state_payload s,
                                                  bool need_reply = false) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
     detail::put_le(out, s.index);
     detail::put_le(out, s.num);
     return detail::finish(std::move(out));
 }
-inline std::vector<std::byte> encode_vring_addr(const vring_addr_payload& a, bool need_reply = false) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(frontend_request::set_vring_addr),
-                                               detail::flags_for(need_reply));
+inline std::vector<std::byte> encode_vring_addr(const vring_addr_payload& a,
+                                                bool need_reply = false) {
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(frontend_request::set_vring_addr),
+                      detail::flags_for(need_reply));
     detail::put_le(out, a.index);
     detail::put_le(out, a.flags);
     detail::put_le(out, a.desc);
@@ -490,8 +525,8 @@ inline std::vector<std::byte> encode_vring_addr(const vring_addr_payload& a, boo
 /// region attached in the same order (QEMU sends only the used entries).
 inline std::vector<std::byte> encode_mem_table(std::span<const mem_region_payload> regions,
                                                bool need_reply = false) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(frontend_request::set_mem_table),
-                                               detail::flags_for(need_reply));
+    std::vector<std::byte> out = detail::start(
+        static_cast<std::uint32_t>(frontend_request::set_mem_table), detail::flags_for(need_reply));
     detail::put_le(out, static_cast<std::uint32_t>(regions.size()));
     detail::put_le(out, std::uint32_t{0});
     for (const mem_region_payload& r : regions) detail::put_region(out, r);
@@ -501,14 +536,16 @@ inline std::vector<std::byte> encode_mem_table(std::span<const mem_region_payloa
 /// recommends none since 2022): {u64 padding; region}.
 inline std::vector<std::byte> encode_mem_reg(frontend_request req, const mem_region_payload& r,
                                              bool need_reply = false) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(req), detail::flags_for(need_reply));
     detail::put_le(out, std::uint64_t{0});
     detail::put_region(out, r);
     return detail::finish(std::move(out));
 }
 /// GET_CONFIG asking for `size` bytes from `offset` of the configuration space.
 inline std::vector<std::byte> encode_get_config(std::uint32_t offset, std::uint32_t size) {
-    std::vector<std::byte> out = detail::start(static_cast<std::uint32_t>(frontend_request::get_config), version);
+    std::vector<std::byte> out =
+        detail::start(static_cast<std::uint32_t>(frontend_request::get_config), version);
     detail::put_le(out, offset);
     detail::put_le(out, size);
     detail::put_le(out, std::uint32_t{0});
@@ -519,8 +556,8 @@ inline std::vector<std::byte> encode_get_shmem_config() {
     return encode_request(frontend_request::get_shmem_config);
 }
 inline std::vector<std::byte> encode_shmem_config_reply(const shmem_config_payload& c) {
-    std::vector<std::byte> out =
-        detail::start(static_cast<std::uint32_t>(frontend_request::get_shmem_config), version | flag_reply);
+    std::vector<std::byte> out = detail::start(
+        static_cast<std::uint32_t>(frontend_request::get_shmem_config), version | flag_reply);
     detail::put_le(out, c.nregions);
     detail::put_le(out, c.padding);
     for (std::uint64_t s : c.memory_sizes) detail::put_le(out, s);
@@ -534,21 +571,24 @@ inline std::vector<std::byte> encode_shmem_config_reply(const shmem_config_paylo
 inline msg_header decode_header(std::span<const std::byte> bytes) {
     using reason = protocol_reason;
     if (bytes.size() < header_size)
-        throw protocol_error(reason::truncated_header,
-                             fmt::format("truncated header: {} bytes, need {}", bytes.size(), header_size));
-    msg_header h{detail::get_le<std::uint32_t>(bytes.data()), detail::get_le<std::uint32_t>(bytes.data() + 4),
+        throw protocol_error(
+            reason::truncated_header,
+            fmt::format("truncated header: {} bytes, need {}", bytes.size(), header_size));
+    msg_header h{detail::get_le<std::uint32_t>(bytes.data()),
+                 detail::get_le<std::uint32_t>(bytes.data() + 4),
                  detail::get_le<std::uint32_t>(bytes.data() + 8)};
     if ((h.flags & version_mask) != version)
         throw protocol_error(reason::bad_version,
-                             fmt::format("request {}: version {} in flags 0x{:x}, expected {}", h.request,
-                                         h.flags & version_mask, h.flags, version));
+                             fmt::format("request {}: version {} in flags 0x{:x}, expected {}",
+                                         h.request, h.flags & version_mask, h.flags, version));
     if (h.flags & ~(version_mask | flag_reply | flag_need_reply))
-        throw protocol_error(reason::bad_flags,
-                             fmt::format("request {}: unknown bits in flags 0x{:x}", h.request, h.flags));
+        throw protocol_error(
+            reason::bad_flags,
+            fmt::format("request {}: unknown bits in flags 0x{:x}", h.request, h.flags));
     if (h.size != bytes.size() - header_size)
         throw protocol_error(reason::size_mismatch,
-                             fmt::format("request {}: header says {} payload bytes, {} received", h.request,
-                                         h.size, bytes.size() - header_size));
+                             fmt::format("request {}: header says {} payload bytes, {} received",
+                                         h.request, h.size, bytes.size() - header_size));
     return h;
 }
 
@@ -556,39 +596,45 @@ inline msg_header decode_header(std::span<const std::byte> bytes) {
 /// message is refused, and any the message does not use). Requests whose
 /// protocol feature `o` does not list are refused (not_negotiated).
 /// Throws: protocol_error naming the values.
-inline backend_message decode_backend_message(std::span<const std::byte> bytes, std::vector<unique_fd> fds,
+inline backend_message decode_backend_message(std::span<const std::byte> bytes,
+                                              std::vector<unique_fd> fds,
                                               const backend_channel_options& o = {}) {
     using reason = protocol_reason;
     const msg_header h = decode_header(bytes);
     const std::byte* p = bytes.data() + header_size;
     if (h.flags & flag_reply)
-        throw protocol_error(reason::bad_flags,
-                             fmt::format("request {}: the reply flag is set on a request (flags 0x{:x})",
-                                         h.request, h.flags));
+        throw protocol_error(
+            reason::bad_flags,
+            fmt::format("request {}: the reply flag is set on a request (flags 0x{:x})", h.request,
+                        h.flags));
     auto expect_fds = [&](std::size_t n) {
         if (fds.size() < n)
-            throw protocol_error(reason::missing_fd,
-                                 fmt::format("request {}: {} fd(s) attached, need {}", h.request, fds.size(), n));
+            throw protocol_error(
+                reason::missing_fd,
+                fmt::format("request {}: {} fd(s) attached, need {}", h.request, fds.size(), n));
         if (fds.size() > n)
-            throw protocol_error(reason::extra_fds, fmt::format("request {}: {} fd(s) attached, need {} (all closed)",
-                                                                h.request, fds.size(), n));
+            throw protocol_error(reason::extra_fds,
+                                 fmt::format("request {}: {} fd(s) attached, need {} (all closed)",
+                                             h.request, fds.size(), n));
     };
     auto expect_size = [&](std::size_t n) {
         if (h.size != n)
-            throw protocol_error(reason::bad_payload,
-                                 fmt::format("request {}: payload of {} bytes, expected {}", h.request, h.size, n));
+            throw protocol_error(
+                reason::bad_payload,
+                fmt::format("request {}: payload of {} bytes, expected {}", h.request, h.size, n));
     };
     auto expect_feature = [&](protocol_feature f, std::string_view what) {
         if (!(o.protocol_features & mask(f)))
-            throw protocol_error(reason::not_negotiated,
-                                 fmt::format("request {} ({}) without its protocol feature (bit {}) negotiated",
-                                             h.request, what, static_cast<unsigned>(f)));
+            throw protocol_error(
+                reason::not_negotiated,
+                fmt::format("request {} ({}) without its protocol feature (bit {}) negotiated",
+                            h.request, what, static_cast<unsigned>(f)));
     };
     auto mem_size = [&](std::string_view what) {
         const auto size = detail::get_le<std::uint32_t>(p + 8);
         if (size == 0 || size > o.max_mem_access)
-            throw protocol_error(reason::oversized,
-                                 fmt::format("{} of {} bytes (allowed 1 to {})", what, size, o.max_mem_access));
+            throw protocol_error(reason::oversized, fmt::format("{} of {} bytes (allowed 1 to {})",
+                                                                what, size, o.max_mem_access));
         return size;
     };
     backend_message m{h, shmem_unmap_request{}};
@@ -616,20 +662,22 @@ inline backend_message decode_backend_message(std::span<const std::byte> bytes, 
     case backend_request::mem_write: {
         expect_feature(protocol_feature::qomem_mem_access, "MEM_WRITE");
         if (h.size < mem_access_header_size)
-            throw protocol_error(reason::bad_payload, fmt::format("MEM_WRITE payload of {} bytes, need at least {}",
-                                                                  h.size, mem_access_header_size));
+            throw protocol_error(reason::bad_payload,
+                                 fmt::format("MEM_WRITE payload of {} bytes, need at least {}",
+                                             h.size, mem_access_header_size));
         expect_fds(0);
         const std::uint32_t size = mem_size("MEM_WRITE");
         expect_size(mem_access_header_size + size);
-        m.body = mem_write_request{detail::get_le<std::uint64_t>(p),
-                                   std::vector<std::byte>(p + mem_access_header_size,
-                                                          p + mem_access_header_size + size)};
+        m.body = mem_write_request{
+            detail::get_le<std::uint64_t>(p),
+            std::vector<std::byte>(p + mem_access_header_size, p + mem_access_header_size + size)};
         break;
     }
     default:
-        throw protocol_error(reason::unknown_request,
-                             fmt::format("unknown back-end request {} (flags 0x{:x}, {} payload bytes)", h.request,
-                                         h.flags, h.size));
+        throw protocol_error(
+            reason::unknown_request,
+            fmt::format("unknown back-end request {} (flags 0x{:x}, {} payload bytes)", h.request,
+                        h.flags, h.size));
     }
     return m;
 }
@@ -637,12 +685,14 @@ inline backend_message decode_backend_message(std::span<const std::byte> bytes, 
 /// Checks that `bytes` is the back-end's reply to `req` and returns its
 /// payload. Throws: protocol_error (a malformed header, not a reply, a reply
 /// to another request).
-inline std::span<const std::byte> decode_reply(std::span<const std::byte> bytes, std::uint32_t req) {
+inline std::span<const std::byte> decode_reply(std::span<const std::byte> bytes,
+                                               std::uint32_t req) {
     const msg_header h = decode_header(bytes);
     if (!(h.flags & flag_reply) || h.request != req)
-        throw protocol_error(protocol_reason::bad_payload,
-                             fmt::format("expected the reply to request {}, got request {} with flags 0x{:x}", req,
-                                         h.request, h.flags));
+        throw protocol_error(
+            protocol_reason::bad_payload,
+            fmt::format("expected the reply to request {}, got request {} with flags 0x{:x}", req,
+                        h.request, h.flags));
     return bytes.subspan(header_size);
 }
 
@@ -650,8 +700,9 @@ inline std::span<const std::byte> decode_reply(std::span<const std::byte> bytes,
 inline std::uint64_t decode_u64_reply(std::span<const std::byte> bytes, std::uint32_t req) {
     const std::span<const std::byte> p = decode_reply(bytes, req);
     if (p.size() != 8)
-        throw protocol_error(protocol_reason::bad_payload,
-                             fmt::format("reply to request {}: {} payload bytes, expected a u64", req, p.size()));
+        throw protocol_error(
+            protocol_reason::bad_payload,
+            fmt::format("reply to request {}: {} payload bytes, expected a u64", req, p.size()));
     return detail::get_le<std::uint64_t>(p.data());
 }
 
@@ -662,8 +713,8 @@ inline shmem_config_payload decode_shmem_config_reply(std::span<const std::byte>
     const std::span<const std::byte> p = decode_reply(bytes, req);
     if (p.size() != sizeof(shmem_config_payload))
         throw protocol_error(protocol_reason::bad_payload,
-                             fmt::format("GET_SHMEM_CONFIG reply of {} bytes, expected {}", p.size(),
-                                         sizeof(shmem_config_payload)));
+                             fmt::format("GET_SHMEM_CONFIG reply of {} bytes, expected {}",
+                                         p.size(), sizeof(shmem_config_payload)));
     shmem_config_payload c{};
     c.nregions = detail::get_le<std::uint32_t>(p.data());
     c.padding = detail::get_le<std::uint32_t>(p.data() + 4);
@@ -671,8 +722,8 @@ inline shmem_config_payload decode_shmem_config_reply(std::span<const std::byte>
         c.memory_sizes[i] = detail::get_le<std::uint64_t>(p.data() + 8 + 8 * i);
     if (c.nregions > max_shmem_regions)
         throw protocol_error(protocol_reason::bad_payload,
-                             fmt::format("GET_SHMEM_CONFIG reply with {} regions (at most {})", c.nregions,
-                                         max_shmem_regions));
+                             fmt::format("GET_SHMEM_CONFIG reply with {} regions (at most {})",
+                                         c.nregions, max_shmem_regions));
     return c;
 }
 
