@@ -28,6 +28,7 @@ demo: deps build
 	build/examples/dma_machine
 	build/examples/virtiofs_dax
 	build/examples/virtiofs_read
+	build/examples/riscv_machine
 
 # The build includes all_verify_interface_header_sets: every header compiles on its own.
 test: deps build

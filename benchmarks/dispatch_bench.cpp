@@ -9,16 +9,24 @@
 //
 //   dispatch/read_random/{qomem,baseline_vector,unicorn}/N     N = 16, 1000
 //   dispatch/read_repeated/{qomem,baseline_vector,unicorn}/N   one address, over and over
+//   dispatch/read_alternating/qomem/N                          two addresses in two regions,
+//       in turn (an interpreter's code and data through the plain API: with one
+//       most-recently-used entry per view they evicted each other)
+//   dispatch/write_random/{qomem,baseline_vector}/N            8-byte writes, random addresses
+//   dispatch/read_random_shared/qomem/N                        N = 16, 100000: the same
+//       random reads, every region RAM over one of 16 shared 4 KiB host buffers, so both
+//       read the same 64 KiB of host memory and the row compares the dispatch alone
 //   dispatch/dma_map_unmap/{qomem,baseline_vector}/N           as.map(4 KiB) + as.unmap
-//   dispatch/read_2threads/{writer,no_writer}                  2 readers, 16 regions; a
-//       writer thread toggling an unrelated region's set_enabled every 100 us, or none
+//   dispatch/read_threads/no_writer/threads:{1,2}              1 or 2 readers, 16 regions
+//   dispatch/read_threads/writer/threads:2                     2 readers and a writer thread
+//       toggling an unrelated region's set_enabled every 100 us; reports the commit
+//       latency (p50, p99) the writer saw with the readers running
 //
 // qomem's regions are owned by a device, so DMA takes real (atomic)
 // references; the vector baseline's DMA takes an atomic pair on a per-region
 // count. Targets (issue 6): see benchmarks/report.py.
 //
-// Nothing here is large enough to need shrinking for CI's smoke run
-// (QOMEM_BENCH_SMOKE=1): --benchmark_min_time alone keeps it short.
+// QOMEM_BENCH_SMOKE=1 (CI) shrinks the 100,000-region machine to 2,000.
 #include <sys/prctl.h>
 
 #include <algorithm>
@@ -27,13 +35,16 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <typeinfo>
 #include <vector>
 
@@ -131,7 +142,50 @@ struct qomem_machine : ram_machine {
         benchmark::DoNotOptimize(as->read(a, &v, 8));
         return v;
     }
+    qomem::memtx_result write(hwaddr a, std::uint64_t v) { return as->write(a, &v, 8); }
     qomem::memory_region* toggle = nullptr;
+};
+
+/// The layout with every region RAM over one of 16 shared host buffers
+/// (region i over buffer i % 16, filled as region i % 16 would be).
+struct shared_machine {
+    static constexpr std::size_t buffers = 16;
+    shared_machine(std::size_t n, bool) : host(new std::byte[buffers * region_size]) {
+        for (std::size_t b = 0; b < buffers; ++b) fill_region(host.get() + b * region_size, b);
+        {
+            qomem::memory_transaction tx(*memory);
+            for (std::size_t i = 0; i < n; ++i) {
+                auto r = qomem::make_ram_from_ptr(*dev, fmt::format("ram{}", i), region_size,
+                                                  host.get() + (i % buffers) * region_size);
+                sys->add_subregion(region_start(i), *r);
+            }
+        }
+        as.emplace(*memory, *sys, "memory");
+    }
+    ~shared_machine() {
+        as.reset();
+        sys.reset();
+        dev.reset();
+        memory->synchronize();
+    }
+    shared_machine(const shared_machine&) = delete;
+    shared_machine& operator=(const shared_machine&) = delete;
+    std::uint64_t read(hwaddr a) {
+        std::uint64_t v = 0;
+        benchmark::DoNotOptimize(as->read(a, &v, 8));
+        return v;
+    }
+    /// What the word at `a` holds: its region's buffer's index, not its own.
+    static std::uint64_t expected(hwaddr a) {
+        const hwaddr rel = a - region_base;
+        return (std::uint64_t(rel / region_stride % buffers) << 32) | (rel % region_stride);
+    }
+
+    std::unique_ptr<std::byte[]> host; // outlives the regions (declared first)
+    qomem::ref_ptr<qomem::memory_system> memory = qomem::memory_system::make();
+    qomem::ref_ptr<qomem::device> dev = qomem::make<qomem::device>();
+    qomem::ref_ptr<qomem::memory_region> sys = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+    std::optional<qomem::address_space> as;
 };
 
 /// The baseline an emulator author writes by hand: a sorted vector of
@@ -162,6 +216,12 @@ struct vector_machine {
         const std::size_t i = find(a, 8);
         if (i != npos) std::memcpy(&v, hosts[i] + (a - starts[i]), 8);
         return v;
+    }
+    bool write(hwaddr a, std::uint64_t v) {
+        const std::size_t i = find(a, 8);
+        if (i == npos) return false;
+        std::memcpy(hosts[i] + (a - starts[i]), &v, 8);
+        return true;
     }
 
     static constexpr std::size_t npos = ~std::size_t(0);
@@ -206,12 +266,20 @@ T* acquire(benchmark::State& state, std::size_t n) {
     }
 }
 
+template <class M>
+std::uint64_t expected_of(hwaddr a) {
+    if constexpr (std::is_same_v<M, shared_machine>)
+        return shared_machine::expected(a);
+    else
+        return expected_word(a);
+}
+
 /// Every implementation must read what the layout says, or its timing
 /// means nothing.
 template <class M>
 bool verified(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
     for (std::size_t i = 0; i < std::min<std::size_t>(addrs.size(), 256); ++i)
-        if (m.read(addrs[i]) != expected_word(addrs[i])) {
+        if (m.read(addrs[i]) != expected_of<M>(addrs[i])) {
             state.SkipWithError(fmt::format("wrong value read at {:#x}", addrs[i]).c_str());
             return false;
         }
@@ -220,11 +288,12 @@ bool verified(benchmark::State& state, M& m, const std::vector<hwaddr>& addrs) {
 
 // ---- reads -------------------------------------------------------------------------
 
-enum class pattern { random, repeated };
+enum class pattern { random, repeated, alternating };
 
 std::vector<hwaddr> addresses_for(pattern p, std::size_t n) {
     std::vector<hwaddr> a = random_words(n, 42);
     if (p == pattern::repeated) a.resize(1);
+    if (p == pattern::alternating) a = {region_start(0) + 0x40, region_start(n - 1) + 0x80};
     return a;
 }
 
@@ -247,6 +316,28 @@ void read_bench(benchmark::State& state, pattern p) {
     const auto n = static_cast<std::size_t>(state.range(0));
     const std::vector<hwaddr> addrs = addresses_for(p, n);
     if (M* m = acquire<M>(state, n)) read_loop(state, *m, addrs);
+}
+
+/// 8-byte writes at random addresses (address_space::write, or the sorted
+/// vector's search + memcpy); each writes back the word the layout says is
+/// there, so the reads stay verified.
+template <class M>
+void write_random(benchmark::State& state) {
+    const auto n = static_cast<std::size_t>(state.range(0));
+    const std::vector<hwaddr> addrs = addresses_for(pattern::random, n);
+    std::vector<std::uint64_t> values(addrs.size());
+    for (std::size_t i = 0; i < addrs.size(); ++i) values[i] = expected_word(addrs[i]);
+    M* m = acquire<M>(state, n);
+    if (!m || !verified(state, *m, addrs)) return;
+    std::size_t i = 0;
+    for (auto _ : state) {
+        const std::size_t k = i & (address_count - 1);
+        benchmark::DoNotOptimize(m->write(addrs[k], values[k]));
+        ++i;
+    }
+    if (!verified(state, *m, addrs)) return;
+    state.SetItemsProcessed(state.iterations());
+    state.counters["regions"] = static_cast<double>(n);
 }
 
 // ---- DMA -----------------------------------------------------------------------------
@@ -297,13 +388,14 @@ void dma_vector(benchmark::State& state) {
     state.counters["regions"] = static_cast<double>(n);
 }
 
-// ---- two readers, with and without a writer ------------------------------------------
+// ---- reader threads, with and without a writer ----------------------------------------
 
 constexpr std::size_t threaded_regions = 16;
 constexpr auto writer_period = std::chrono::microseconds(100);
 
 /// Commits a topology change every `writer_period` (set_enabled of a region
-/// no reader touches), sleeping in between, until destroyed.
+/// no reader touches), sleeping in between, until destroyed; records how
+/// long each commit took.
 class topology_writer {
 public:
     explicit topology_writer(qomem::memory_region& r) : thread_([this, &r] { run(r); }) {}
@@ -314,6 +406,18 @@ public:
     topology_writer(const topology_writer&) = delete;
     topology_writer& operator=(const topology_writer&) = delete;
     std::uint64_t commits() const noexcept { return commits_.load(std::memory_order_relaxed); }
+    /// The commit latencies recorded from index `from` on, sorted.
+    std::vector<double> latencies_since(std::size_t from) {
+        std::lock_guard lock(mutex_);
+        std::vector<double> out(latencies_.begin() + static_cast<std::ptrdiff_t>(std::min(from, latencies_.size())),
+                                latencies_.end());
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+    std::size_t recorded() {
+        std::lock_guard lock(mutex_);
+        return latencies_.size();
+    }
 
 private:
     void run(qomem::memory_region& r) {
@@ -326,7 +430,13 @@ private:
             if (const auto now = clock::now(); next < now) next = now; // late: no burst
             std::this_thread::sleep_until(next);
             on = !on;
+            const auto t0 = clock::now();
             r.set_enabled(on);
+            const double ns = std::chrono::duration<double, std::nano>(clock::now() - t0).count();
+            {
+                std::lock_guard lock(mutex_);
+                latencies_.push_back(ns);
+            }
             commits_.fetch_add(1, std::memory_order_relaxed);
         }
         if (!on) r.set_enabled(true);
@@ -334,6 +444,8 @@ private:
 
     std::atomic<bool> stop_{false};
     std::atomic<std::uint64_t> commits_{0};
+    std::mutex mutex_;
+    std::vector<double> latencies_;
     std::thread thread_; // last: starts once the counters exist
 };
 
@@ -351,10 +463,11 @@ void setup_with_writer(const benchmark::State& s) { threaded_setup(s, true); }
 void setup_without_writer(const benchmark::State& s) { threaded_setup(s, false); }
 void threaded_teardown(const benchmark::State&) { g_writer.reset(); }
 
-void read_2threads(benchmark::State& state) {
+void read_threads(benchmark::State& state) {
     qomem_machine& m = *g_threaded;
     const std::vector<hwaddr>& addrs = g_thread_addrs[state.thread_index() & 1];
     const std::uint64_t commits_before = g_writer ? g_writer->commits() : 0;
+    const std::size_t recorded_before = g_writer ? g_writer->recorded() : 0;
     const auto t0 = std::chrono::steady_clock::now();
     std::size_t i = 0;
     for (auto _ : state) {
@@ -362,10 +475,15 @@ void read_2threads(benchmark::State& state) {
         ++i;
     }
     state.SetItemsProcessed(state.iterations());
-    if (state.thread_index() == 0) {
+    if (state.thread_index() == 0 && g_writer) {
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const std::uint64_t commits = g_writer ? g_writer->commits() - commits_before : 0;
+        const std::uint64_t commits = g_writer->commits() - commits_before;
         state.counters["writer_commits_per_s"] = secs > 0 ? static_cast<double>(commits) / secs : 0;
+        const std::vector<double> lat = g_writer->latencies_since(recorded_before);
+        if (!lat.empty()) {
+            state.counters["commit_p50_ns"] = lat[lat.size() / 2];
+            state.counters["commit_p99_ns"] = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)];
+        }
     }
 }
 
@@ -382,6 +500,10 @@ int main(int argc, char** argv) {
             ->Arg(n);
         RegisterBenchmark("dispatch/read_repeated/qomem", read_bench<qomem_machine>, pattern::repeated)
             ->Arg(n);
+        RegisterBenchmark("dispatch/read_alternating/qomem", read_bench<qomem_machine>,
+                          pattern::alternating)
+            ->Arg(n);
+        RegisterBenchmark("dispatch/write_random/qomem", write_random<qomem_machine>)->Arg(n);
         RegisterBenchmark("dispatch/dma_map_unmap/qomem", dma_qomem)->Arg(n);
         RegisterBenchmark("dispatch/read_random/baseline_vector", read_bench<vector_machine>,
                           pattern::random)
@@ -389,6 +511,7 @@ int main(int argc, char** argv) {
         RegisterBenchmark("dispatch/read_repeated/baseline_vector", read_bench<vector_machine>,
                           pattern::repeated)
             ->Arg(n);
+        RegisterBenchmark("dispatch/write_random/baseline_vector", write_random<vector_machine>)->Arg(n);
         RegisterBenchmark("dispatch/dma_map_unmap/baseline_vector", dma_vector)->Arg(n);
         RegisterBenchmark("dispatch/read_random/unicorn", read_bench<unicorn_machine>, pattern::random)
             ->Arg(n);
@@ -396,9 +519,13 @@ int main(int argc, char** argv) {
                           pattern::repeated)
             ->Arg(n);
     }
-    RegisterBenchmark("dispatch/read_2threads/no_writer", read_2threads)
-        ->Setup(setup_without_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
-    RegisterBenchmark("dispatch/read_2threads/writer", read_2threads)
+    const bool smoke = std::getenv("QOMEM_BENCH_SMOKE") != nullptr;
+    for (const std::int64_t n : {std::int64_t{16}, std::int64_t{smoke ? 2000 : 100000}})
+        RegisterBenchmark("dispatch/read_random_shared/qomem", read_bench<shared_machine>, pattern::random)
+            ->Arg(n);
+    RegisterBenchmark("dispatch/read_threads/no_writer", read_threads)
+        ->Setup(setup_without_writer)->Teardown(threaded_teardown)->Threads(1)->Threads(2)->UseRealTime();
+    RegisterBenchmark("dispatch/read_threads/writer", read_threads)
         ->Setup(setup_with_writer)->Teardown(threaded_teardown)->Threads(2)->UseRealTime();
 
     benchmark::RunSpecifiedBenchmarks();

@@ -33,6 +33,7 @@
 #include <qomem/memory_region.hpp>
 #include <qomem/object.hpp>
 #include <qomem/rcu.hpp>
+#include <qomem/tlb.hpp>
 
 using qomem::hwaddr;
 using namespace std::chrono_literals;
@@ -379,7 +380,8 @@ enum observed : unsigned {
 };
 
 struct reader_stats {
-    std::atomic<std::uint64_t> reads{0}, maps{0}, bounced{0}, refused{0}, finds{0}, dma_writes{0};
+    std::atomic<std::uint64_t> reads{0}, maps{0}, bounced{0}, refused{0}, finds{0}, dma_writes{0},
+        tlb_accesses{0}, tlb_fills{0};
     std::atomic<unsigned> observed{0};
 };
 
@@ -503,13 +505,17 @@ private:
     std::optional<qomem::address_space> as_;
 };
 
-/// One reader thread: reads, finds and maps at random probe pages, and DMA
-/// writes its own scratch page, checking everything it sees.
+/// One reader thread: reads, finds and maps at random probe pages, loads and
+/// fetches them through its own CPU TLB, and DMA writes (and TLB stores to)
+/// its own scratch page, checking everything it sees.
 class stress_reader {
 public:
     stress_reader(stress_machine& m, unsigned id, reader_stats& stats, failure_log& failures)
         : as_(m.as()), id_(id), stats_(stats), failures_(failures),
-          rng_(0x9e3779b97f4a7c15ULL * (id + 1)) {}
+          rng_(0x9e3779b97f4a7c15ULL * (id + 1)), tlb_(m.as()) {}
+    ~stress_reader() { stats_.tlb_fills.fetch_add(tlb_.fills(), std::memory_order_relaxed); }
+    stress_reader(const stress_reader&) = delete;
+    stress_reader& operator=(const stress_reader&) = delete;
 
     void run(const std::atomic<bool>& stop, std::latch& started) {
         bool first = true;
@@ -534,6 +540,9 @@ private:
         case 3: map_probe(); break;
         case 4: find_probe(); break;
         case 5: dma_scratch(); break;
+        case 6:
+        case 7: tlb_probe(); break;
+        case 8: tlb_scratch(); break;
         default: read_probe(); break;
         }
     }
@@ -681,11 +690,59 @@ private:
                              value, buf_[0]));
     }
 
+    /// A vCPU's loads and fetches through its TLB, in one read section: a
+    /// value is uniform (one page, one region) and legitimate, and a hole
+    /// answers a decode error and zeros.
+    void tlb_probe() {
+        qomem::rcu::read_guard section;
+        for (int k = 0; k < 16; ++k) {
+            const hwaddr page = layout::probes[rng_.below(layout::probes.size())];
+            const hwaddr addr = page + rng_.below(layout::page / 8) * 8;
+            std::uint64_t v = 0;
+            qomem::memtx_result r;
+            if (k % 4 == 3) {
+                std::uint32_t insn = 0;
+                r = tlb_.fetch<std::uint32_t, qomem::endianness::little>(addr, insn);
+                v = insn * 0x100000001ULL;
+            } else {
+                r = tlb_.ldq_le(addr, v);
+            }
+            stats_.tlb_accesses.fetch_add(1, std::memory_order_relaxed);
+            const auto byte = static_cast<std::uint8_t>(v);
+            if (v != byte * 0x0101010101010101ULL || !layout::legit(page, byte) ||
+                r != (byte == 0 ? qomem::memtx_decode_error : qomem::memtx_ok)) {
+                fail(fmt::format("tlb {} at {:#x}: {:#018x}, result {}", k % 4 == 3 ? "fetch" : "load",
+                                 addr, v, static_cast<unsigned>(r)));
+                return;
+            }
+            if (page == layout::hot) observe(byte ? saw_hot_present : saw_hot_absent);
+        }
+    }
+
+    /// Stores through the TLB to this reader's scratch page (dirty-logged:
+    /// never a direct store), and reads them back through the address space.
+    void tlb_scratch() {
+        const hwaddr addr = layout::scratch + id_ * layout::page + rng_.below(layout::page / 8) * 8;
+        const std::uint64_t value = rng_.next();
+        {
+            qomem::rcu::read_guard section;
+            if (tlb_.stq_le(addr, value) != qomem::memtx_ok) fail(fmt::format("tlb store at {:#x}", addr));
+            std::uint64_t back = 0;
+            if (tlb_.ldq_le(addr, back) != qomem::memtx_ok || back != value)
+                fail(fmt::format("tlb load at {:#x}: {:#x}, stored {:#x}", addr, back, value));
+        }
+        std::uint64_t seen = 0;
+        if (as_.ldq_le(addr, seen) != qomem::memtx_ok || seen != value)
+            fail(fmt::format("scratch at {:#x}: {:#x} after a TLB store of {:#x}", addr, seen, value));
+        stats_.tlb_accesses.fetch_add(2, std::memory_order_relaxed);
+    }
+
     qomem::address_space& as_;
     unsigned id_;
     reader_stats& stats_;
     failure_log& failures_;
     rng rng_;
+    qomem::cpu_tlb tlb_;
     std::array<std::uint8_t, 2 * layout::page> buf_{};
     qomem::dma_mapping held_;
     std::vector<std::uint8_t> held_copy_;
@@ -695,7 +752,7 @@ private:
 
 } // namespace
 
-TEST_CASE("concurrency: reader threads reading, finding and DMA-mapping through an address space "
+TEST_CASE("concurrency: reader threads reading, finding, DMA-mapping and loading through CPU TLBs "
           "see only legitimate, untorn data while the writer changes the topology thousands of "
           "times, and nothing is left alive afterwards",
           "[concurrency][address_space][rcu]") {
@@ -752,11 +809,11 @@ TEST_CASE("concurrency: reader threads reading, finding and DMA-mapping through 
     } // the machine goes: address space, root region, tree
 
     INFO(fmt::format("{} topology changes in {} ms; reads {}, maps {} ({} bounced, {} refused), "
-                     "finds {}, DMA writes {}, dirty scratch seen {} times",
+                     "finds {}, DMA writes {}, dirty scratch seen {} times, TLB accesses {} ({} fills)",
                      changes, std::chrono::duration_cast<std::chrono::milliseconds>(took).count(),
                      stats.reads.load(), stats.maps.load(), stats.bounced.load(),
                      stats.refused.load(), stats.finds.load(), stats.dma_writes.load(),
-                     dirty_seen));
+                     dirty_seen, stats.tlb_accesses.load(), stats.tlb_fills.load()));
     INFO("reader failures:\n" << failures.describe());
     CHECK(failures.count() == 0);
     CHECK(changes >= 300);
@@ -771,6 +828,8 @@ TEST_CASE("concurrency: reader threads reading, finding and DMA-mapping through 
     CHECK((seen & saw_hot_absent) != 0);
     CHECK(stats.maps.load() > stats.refused.load());
     CHECK(dirty_seen > 0);
+    // The TLBs were refilled after commits (every commit empties them).
+    CHECK(stats.tlb_fills.load() > 100);
 
     qomem::memory_synchronize(); // readers' last references are finalized here
     INFO("live objects: " << [] {
@@ -855,6 +914,88 @@ TEST_CASE("concurrency: a device unplugged by the writer while a reader thread h
     }
     CHECK_FALSE(finalized_while_mapped.load());
     CHECK(intact_after_unplug.load());
+    qomem::memory_synchronize();
+    REQUIRE(qomem::live_object_count() == 0);
+}
+
+TEST_CASE("concurrency: a vCPU thread loading a device's RAM and MMIO through its TLB sees the "
+          "device unplugged by the writer at its next access: its loads fail cleanly with a "
+          "decode error, and the device is finalized once the vCPU left its read section",
+          "[concurrency][tlb][lifetime]") {
+    REQUIRE(qomem::live_object_count() == 0);
+    watched_card::watch watch;
+    std::atomic<std::uint64_t> loads_before{0}, loads_after{0};
+    std::atomic<int> bad{0};
+    {
+        auto root = qomem::container::make_root();
+        qomem::machine& machine = qomem::add_machine(*root);
+        auto system = qomem::make_container(nullptr, "system", qomem::u128_2_64);
+        std::optional<qomem::address_space> as;
+        as.emplace(machine.memory(), *system, "memory");
+        auto card = qomem::make<watched_card>(&watch);
+        machine.peripheral().add_child("card", *card);
+        constant_regs regs; // outlives the card's regions: declared before the card goes
+        auto ram = qomem::make_ram(*card, "card-ram", 0x1000);
+        std::memset(ram->host_ptr(), 0x3c, 0x1000);
+        auto io = qomem::make_io(*card, "card-io", 0x1000, regs);
+        system->add_subregion(0x8000, *ram);
+        system->add_subregion(0x9000, *io);
+        watched_card* dev = card.get();
+        qomem::memory_region* ram_mr = ram.get();
+        qomem::memory_region* io_mr = io.get();
+        card.reset();
+        ram.reset();
+        io.reset();
+
+        std::atomic<bool> gone_seen{false};
+        joining_thread vcpu([&] {
+            qomem::cpu_tlb tlb(*as);
+            // Each load is checked on its own: the commit may fall between
+            // the RAM load and the MMIO load of one pair. Once one load has
+            // seen the device gone, every later load does (the next access
+            // after an invalidation reads the new view).
+            auto check = [&](qomem::memtx_result r, std::uint64_t v, std::uint64_t present) {
+                if (r == qomem::memtx_ok && v == present && !gone_seen.load(std::memory_order_relaxed)) {
+                    loads_before.fetch_add(1, std::memory_order_relaxed);
+                } else if (r == qomem::memtx_decode_error && v == 0) {
+                    loads_after.fetch_add(1, std::memory_order_relaxed);
+                    gone_seen.store(true);
+                } else {
+                    bad.fetch_add(1); // present again after gone, or garbage
+                }
+            };
+            for (int slice = 0; slice < 100000 && !gone_seen.load(); ++slice) {
+                qomem::rcu::read_guard section;
+                for (int i = 0; i < 64; ++i) {
+                    std::uint64_t a = 1, b = 1;
+                    const qomem::memtx_result ra = tlb.ldq_le(0x8000 + 8 * (i % 512), a);
+                    check(ra, a, 0x3c3c3c3c3c3c3c3cULL);
+                    const qomem::memtx_result rb = tlb.ldq_le(0x9000, b);
+                    check(rb, b, 0x5a5a5a5a5a5a5a5aULL);
+                }
+            }
+        });
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while (loads_before.load() < 1000 && !gone_seen.load() && std::chrono::steady_clock::now() < deadline)
+            std::this_thread::yield();
+        {
+            std::lock_guard writer(machine.memory());
+            qomem::memory_transaction tx(machine.memory());
+            system->del_subregion(*ram_mr);
+            system->del_subregion(*io_mr);
+            qomem::unparent(*dev);
+        }
+        vcpu.join();
+        CHECK(gone_seen.load());
+        machine.memory().synchronize();
+        CHECK(watch.finalized.load());
+        as.reset();
+        system.reset();
+        root.reset();
+    }
+    CHECK(bad.load() == 0);
+    CHECK(loads_before.load() >= 1000);
+    CHECK(loads_after.load() > 0);
     qomem::memory_synchronize();
     REQUIRE(qomem::live_object_count() == 0);
 }

@@ -23,12 +23,12 @@
 #include <fmt/format.h>
 
 #include <qomem/address_space.hpp>
-#include <qomem/detail/dispatch.hpp>
 #include <qomem/device.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/object.hpp>
+#include <qomem/region_dispatch.hpp>
 
 #include "test_support.hpp"
 
@@ -286,13 +286,14 @@ TEST_CASE("an access below valid.min_access_size is refused with a decode error,
     CHECK(ops.calls == strings{"r 0x0/4"});
 }
 
-TEST_CASE("a direct dispatch refuses an access above valid.max_access_size, or unaligned "
-          "when valid.unaligned is false, with a decode error, and checked as accepts, then "
-          "alignment, then size",
+TEST_CASE("memory_region_dispatch_read/write refuse an access above valid.max_access_size, or "
+          "unaligned when valid.unaligned is false, with a decode error, and checked as accepts, "
+          "then alignment, then size",
           "[dispatch][mmio][valid]") {
-    // Through an address space an access is first cut by memory_access_size
-    // (never above valid.max, never unaligned unless impl.unaligned), so these
-    // refusals are only reachable by a direct dispatch, as in QEMU.
+    // Through an address space a byte access is first cut by
+    // memory_access_size (never above valid.max, never unaligned unless
+    // impl.unaligned), so these refusals are reached by a direct dispatch of
+    // one value, as in QEMU.
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
     regs<access_limits{.min_access_size = 1, .max_access_size = 4}> ops;
@@ -303,17 +304,17 @@ TEST_CASE("a direct dispatch refuses an access above valid.max_access_size, or u
 
     std::uint64_t v = 0xcccc;
     SECTION("an access above valid.max_access_size") {
-        CHECK(qomem::detail::dispatch_mmio(*io, 0x0, &v, 8, false, {}) ==
+        CHECK(qomem::memory_region_dispatch_read(*io, 0x0, v, {8, endianness::little}, {}) ==
               qomem::memtx_decode_error);
         CHECK(v == 0);
-        CHECK(qomem::detail::dispatch_mmio(*io, 0x0, &v, 8, true, {}) ==
+        CHECK(qomem::memory_region_dispatch_write(*io, 0x0, v, {8, endianness::little}, {}) ==
               qomem::memtx_decode_error);
     }
     SECTION("an unaligned access when valid.unaligned is false") {
-        CHECK(qomem::detail::dispatch_mmio(*io, 0x2, &v, 4, false, {}) ==
+        CHECK(qomem::memory_region_dispatch_read(*io, 0x2, v, {4, endianness::little}, {}) ==
               qomem::memtx_decode_error);
         CHECK(v == 0);
-        CHECK(qomem::detail::dispatch_mmio(*io, 0x2, &v, 4, true, {}) ==
+        CHECK(qomem::memory_region_dispatch_write(*io, 0x2, v, {4, endianness::little}, {}) ==
               qomem::memtx_decode_error);
     }
     SECTION("the order of the checks, told by the logged reason") {
@@ -323,10 +324,10 @@ TEST_CASE("a direct dispatch refuses an access above valid.max_access_size, or u
         mem_attrs req7;
         req7.requester_id = 7;
         // Refused by accepts and unaligned: accepts speaks first.
-        CHECK(qomem::detail::dispatch_mmio(*p, 0x9, &v, 2, true, req7) ==
+        CHECK(qomem::memory_region_dispatch_write(*p, 0x9, v, {2, endianness::little}, req7) ==
               qomem::memtx_decode_error);
         // Unaligned and too big: alignment speaks first.
-        CHECK(qomem::detail::dispatch_mmio(*io, 0x2, &v, 8, false, {}) ==
+        CHECK(qomem::memory_region_dispatch_read(*io, 0x2, v, {8, endianness::little}, {}) ==
               qomem::memtx_decode_error);
         CHECK(log.lines() ==
               strings{"Invalid write at addr 0x9, size 2, region 'picky', reason: rejected",
@@ -334,7 +335,7 @@ TEST_CASE("a direct dispatch refuses an access above valid.max_access_size, or u
         CHECK(picky.calls.empty());
     }
     CHECK(ops.calls.empty());
-    CHECK(qomem::detail::dispatch_mmio(*io, 0x4, &v, 4, false, {}) == qomem::memtx_ok);
+    CHECK(qomem::memory_region_dispatch_read(*io, 0x4, v, {4, endianness::little}, {}) == qomem::memtx_ok);
     CHECK(v == 0x55667788);
 }
 

@@ -18,8 +18,9 @@
 // The library's views (render_flat_view of the root, and the view of an
 // address space rooted there) are compared with the model at every boundary
 // address — each region's start and end, wherever it is seen, and each flat
-// range's, with their neighbours — and checked for sorted, non-overlapping,
-// fully merged ranges.
+// range's, with their neighbours — through the page table (lookup) and the
+// binary search alike, and checked for sorted, non-overlapping, fully merged
+// ranges and for a page table that names exactly those ranges.
 //
 // Each run uses the seeds QOMEM_DIFF_SEED (default below), +1, +2, ... for
 // QOMEM_DIFF_TREES trees; a failure names the seed of its tree:
@@ -430,6 +431,9 @@ public:
     std::string compare(const qomem::flat_view& v, int root, const char* what) {
         if (auto e = check_invariants(v); !e.empty())
             return fmt::format("{}: {}\nlibrary view:\n{}", what, e, describe_view(v));
+        // The page table names exactly the view's ranges, page by page.
+        if (auto e = v.check_page_table(); !e.empty())
+            return fmt::format("{}: page table: {}\nlibrary view:\n{}", what, e, describe_view(v));
         std::vector<hwaddr> cand;
         int budget = 20000;
         m_.boundaries(root, 0, 0, i128(qomem::u128_2_64), cand, budget);
@@ -449,6 +453,8 @@ public:
             m_.via_alias = false;
             const std::optional<hit> want = m_.lookup(root, 0, a, false, false);
             std::optional<hit> got;
+            if (v.lookup(a) != v.lookup_by_search(a))
+                return fmt::format("{}: at {:#x} the page table and the binary search disagree", what, a);
             if (const qomem::flat_range* r = v.lookup(a)) {
                 const auto it = index_.find(r->mr);
                 if (it == index_.end())

@@ -157,6 +157,16 @@ private:
             if (!(want->ranges() == got->ranges()))
                 return fmt::format("{}: view of '{}' ({} ranges) differs from a full render ({} ranges)", when,
                                    as->name(), got->ranges().size(), want->ranges().size());
+            if (auto e = got->check_page_table(); !e.empty())
+                return fmt::format("{}: page table of '{}': {}", when, as->name(), e);
+            // Every page start, end and middle of every range, and the holes
+            // between: the page table answers what the binary search does.
+            for (const qomem::flat_range& r : got->ranges())
+                for (hwaddr a : {r.start, r.last(), r.start + (r.last() - r.start) / 2, r.start - 1,
+                                 r.last() + 1})
+                    if (got->lookup(a) != got->lookup_by_search(a))
+                        return fmt::format("{}: '{}' at {:#x}: the page table and the search disagree", when,
+                                           as->name(), a);
         }
         if (auto e = mirror_.compare(*as_->view()); !e.empty()) return when + ": listener mirror: " + e;
         return {};

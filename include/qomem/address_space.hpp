@@ -39,13 +39,16 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <boost/intrusive_ptr.hpp>
 
+#include <qomem/accessors.hpp>
 #include <qomem/assert.hpp>
 #include <qomem/detail/dispatch.hpp>
+#include <qomem/detail/page_table.hpp>
 #include <qomem/dma.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/memory_listener.hpp>
@@ -83,7 +86,7 @@ private:
     region_ref hold_;
 };
 
-class address_space {
+class address_space : public typed_accessors<address_space> {
 public:
     /// Creates an address space of `sys` rooted at `root`, and renders its
     /// view (at the outermost commit when a transaction is open).
@@ -100,8 +103,9 @@ public:
     /// Unregisters, drops the reference to the root and retires the flat
     /// view (freed, with the region references it holds, once no reader uses
     /// it). Requires (asserted): no listener registered, no bounce mapping
-    /// live (a direct mapping of RAM may outlive the address space: it holds
-    /// its region, and its unmap touches nothing else).
+    /// live, no CPU TLB bound (a direct mapping of RAM, and a region cache,
+    /// may outlive the address space: they hold their region, and touch
+    /// nothing else).
     ~address_space();
 
     address_space(const address_space&) = delete;
@@ -132,32 +136,45 @@ public:
     }
 
     // ---- access (any thread, lock-free) ----------------------------------
+    //
+    // Every access opens its own RCU read section, loads the current view
+    // and finds its range through the view's page table (O(1)); a read or
+    // write that stays inside one page of RAM is a memcpy inline, everything
+    // else goes out of line to the dispatch (detail/dispatch.hpp). Nothing
+    // shared is written by a read: readers on many threads do not slow each
+    // other down.
 
     /// Reads or writes `len` bytes at `addr`: split at flat-range boundaries;
     /// RAM by memcpy (guest writes to ROM are ignored unless attrs.debug);
     /// MMIO through the region's ops with its access rules; holes read as
     /// zero. Returns the OR of every piece's result (memtx_ok = 0).
     memtx_result rw(hwaddr addr, void* buf, std::size_t len, bool is_write, mem_attrs attrs = {}) {
-        rcu::read_guard g;
-        return detail::access_view(*current(), addr, static_cast<std::byte*>(buf), len, is_write,
-                                   attrs);
+        return is_write ? write(addr, buf, len, attrs) : read(addr, buf, len, attrs);
     }
-    /// Kept short: everything but a read within one RAM range goes out of line.
     memtx_result read(hwaddr addr, void* buf, std::size_t len, mem_attrs attrs = {}) {
         rcu::read_guard g;
         const flat_view& v = *current();
-        // The common case: all of it in one directly readable RAM range
-        // (64-bit arithmetic only).
-        if (const flat_range* fr = v.lookup_cached(addr);
-            fr && fr->host_base && len != 0 && len - 1 <= fr->last() - addr && !attrs.memory)
-            [[likely]] {
-            std::memcpy(buf, fr->host_at(addr), len);
+        const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
+        // Inside one page of directly readable memory (64-bit arithmetic only).
+        if (e.aux != 0 && len <= detail::pt_page_size - (addr & (detail::pt_page_size - 1)) &&
+            !attrs.memory) [[likely]] {
+            detail::copy_bytes(buf, reinterpret_cast<const std::byte*>(e.aux + addr), len);
             return memtx_ok;
         }
-        return read_slow(v, addr, buf, len, attrs);
+        return access_slow(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
     }
     memtx_result write(hwaddr addr, const void* buf, std::size_t len, mem_attrs attrs = {}) {
-        return rw(addr, const_cast<void*>(buf), len, true, attrs);
+        rcu::read_guard g;
+        const flat_view& v = *current();
+        const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
+        // Inside one page of RAM that guest writes store to.
+        if ((e.ref & (detail::pt_tag_mask | detail::pt_writable)) == detail::pt_writable &&
+            len <= detail::pt_page_size - (addr & (detail::pt_page_size - 1))) [[likely]] {
+            detail::copy_bytes(reinterpret_cast<std::byte*>(e.aux + addr), buf, len);
+            return memtx_ok;
+        }
+        return access_slow(v, addr, static_cast<std::byte*>(const_cast<void*>(buf)), len, true,
+                           attrs);
     }
     /// Writes even to ROM (QEMU's address_space_write_rom), for loaders.
     memtx_result write_rom(hwaddr addr, const void* buf, std::size_t len) {
@@ -165,6 +182,76 @@ public:
         a.debug = true;
         return write(addr, buf, len, a);
     }
+    /// Writes `len` bytes of value `c` from `addr` (QEMU's address_space_set),
+    /// with write()'s rules, in pieces of at most 512 bytes for MMIO.
+    memtx_result set(hwaddr addr, std::uint8_t c, hwaddr len, mem_attrs attrs = {});
+
+    // ---- typed accessors -----------------------------------------------------
+    //
+    // ldub, lduw_le, ..., stq_be (accessors.hpp), on `load` and `store`.
+
+    /// Loads one value of `T` (1, 2, 4 or 8 bytes) at `addr`, its bytes read
+    /// in byte order `Order` (native: the target's). RAM by a load; MMIO as
+    /// one access of sizeof(T) bytes, refused as a whole when the ops refuse
+    /// that size (QEMU's address_space_ldl and friends); an access that
+    /// crosses ranges as read() would. On an error `value` holds what read()
+    /// would have read (zeros from holes and refused accesses).
+    template <class T, endianness Order = endianness::native>
+    memtx_result load(hwaddr addr, T& value, mem_attrs attrs = {}) {
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "load: an unsigned integer of 1 to 8 bytes");
+        rcu::read_guard g;
+        const flat_view& v = *current();
+        const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
+        if (e.aux != 0 && (addr & (detail::pt_page_size - 1)) <= detail::pt_page_size - sizeof(T) &&
+            !attrs.memory) [[likely]] {
+            value = static_cast<T>(detail::load_ordered(
+                reinterpret_cast<const std::byte*>(e.aux + addr), sizeof(T), big<Order>()));
+            return memtx_ok;
+        }
+        std::byte bytes[sizeof(T)];
+        const memtx_result r = detail::access_view_sized(v, addr, bytes, sizeof(T), false, attrs,
+                                                         sys_->target_big_endian());
+        value = static_cast<T>(detail::load_ordered(bytes, sizeof(T), big<Order>()));
+        return r;
+    }
+    /// Stores one value of `T` at `addr` in byte order `Order`, as load().
+    template <class T, endianness Order = endianness::native>
+    memtx_result store(hwaddr addr, T value, mem_attrs attrs = {}) {
+        static_assert(std::is_unsigned_v<T> && sizeof(T) <= 8,
+                      "store: an unsigned integer of 1 to 8 bytes");
+        std::byte bytes[sizeof(T)];
+        detail::store_ordered(bytes, sizeof(T), value, big<Order>());
+        rcu::read_guard g;
+        const flat_view& v = *current();
+        const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
+        if ((e.ref & (detail::pt_tag_mask | detail::pt_writable)) == detail::pt_writable &&
+            (addr & (detail::pt_page_size - 1)) <= detail::pt_page_size - sizeof(T)) [[likely]] {
+            std::memcpy(reinterpret_cast<std::byte*>(e.aux + addr), bytes, sizeof(T));
+            return memtx_ok;
+        }
+        return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs,
+                                         sys_->target_big_endian());
+    }
+
+    // ---- translation and checks ----------------------------------------------
+
+    /// QEMU's address_space_translate: the range at `addr`, as a section
+    /// from `addr` to the end of its range (offset_within_region is the
+    /// translated address, "xlat"), holding a reference to its region; and
+    /// in `len` (in: the length wanted) what an access at `addr` may use
+    /// there: clipped to the section when the access would be direct
+    /// (memcpy), left as asked for MMIO, whose registers decode wide
+    /// accesses by their address alone (QEMU's rule). A hole gives an empty
+    /// section and `len` clipped to the hole.
+    found_section translate(hwaddr addr, hwaddr& len, bool is_write, mem_attrs attrs = {}) const;
+
+    /// True if an access of `len` bytes at `addr` would be accepted
+    /// everywhere (QEMU's address_space_access_valid): no hole, nothing past
+    /// 2^64, no MMIO refusing one of the pieces read() or write() would make
+    /// (their accepts hooks are asked), no MMIO when attrs.memory. A guest
+    /// write to ROM is valid (qomem ignores it with memtx_ok).
+    bool access_valid(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs = {}) const;
 
     // ---- DMA (any thread) --------------------------------------------------
 
@@ -232,9 +319,90 @@ public:
 private:
     friend class dma_mapping;
 
-    [[gnu::noinline]] static memtx_result read_slow(const flat_view& v, hwaddr addr, void* buf,
-                                                    std::size_t len, mem_attrs attrs) {
-        return detail::access_view(v, addr, static_cast<std::byte*>(buf), len, false, attrs);
+    friend class cpu_tlb;
+
+    /// `c` is invalidated at every publish of this space's view, from now on
+    /// (until removed). Any thread.
+    void add_reader_cache(detail::reader_cache& c) {
+        std::lock_guard g(slot_.caches_mutex);
+        slot_.caches.push_back(c);
+    }
+    void remove_reader_cache(detail::reader_cache& c) noexcept {
+        std::lock_guard g(slot_.caches_mutex);
+        slot_.caches.erase(slot_.caches.iterator_to(c));
+    }
+    std::size_t reader_caches() {
+        std::lock_guard g(slot_.caches_mutex);
+        return slot_.caches.size();
+    }
+
+    [[gnu::noinline]] memtx_result access_slow(const flat_view& v, hwaddr addr, std::byte* buf,
+                                               std::size_t len, bool is_write,
+                                               mem_attrs attrs) const {
+        return detail::access_view(v, addr, buf, len, is_write, attrs, sys_->target_big_endian());
+    }
+    template <endianness Order>
+    bool big() const noexcept {
+        if constexpr (Order == endianness::native)
+            return sys_->target_big_endian();
+        else
+            return Order == endianness::big;
+    }
+    /// map() beyond its inline case: several ranges, MMIO (a bounce
+    /// buffer), attributes; fills `m`, or leaves it empty.
+    [[gnu::noinline]] void map_slow(dma_mapping& m, const flat_view& v, hwaddr addr, hwaddr len,
+                                    bool is_write, mem_attrs attrs) {
+        const flat_range* fr = v.lookup(addr);
+        if (!fr) return;
+        memory_region& mr = *fr->mr;
+        const hwaddr xlat = addr - fr->start + fr->offset_in_region;
+        const bool direct = is_write ? fr->writes_direct(attrs) : fr->reads_direct();
+        if (!direct && attrs.memory) return; // only RAM may answer
+        m.addr_ = addr;
+        m.attrs_ = attrs;
+        m.is_write_ = is_write;
+        if (direct) {
+            std::byte* host = detail::range_host(*fr);
+            if (!host) return;
+            // Extend across following ranges of the same region that continue it.
+            u128 done = std::min<u128>(len, fr->end() - addr);
+            while (done < len && u128(addr) + done < u128_2_64) {
+                const flat_range* next = v.lookup(static_cast<hwaddr>(addr + done));
+                if (!next || next->mr != &mr || next->offset_in_region != xlat + done ||
+                    (is_write ? !next->writes_direct(attrs) : !next->reads_direct()))
+                    break;
+                done += std::min<u128>(len - done, next->end() - next->start);
+            }
+            mr.dma_hold();
+            m.ptr_ = host + xlat;
+            m.len_ = static_cast<hwaddr>(done);
+            m.mr_ = &mr;
+            m.offset_ = xlat;
+            return;
+        }
+        // Bounce: take what is left of the budget, up to `len` and to the end
+        // of this range (QEMU clips it there too).
+        len = static_cast<hwaddr>(std::min<u128>(len, fr->end() - addr));
+        std::size_t used = bounce_used_.load(std::memory_order_relaxed);
+        std::size_t take;
+        for (;;) {
+            const std::size_t max = max_bounce_.load(std::memory_order_relaxed);
+            const std::size_t left = used < max ? max - used : 0;
+            take = static_cast<std::size_t>(std::min<u128>(len, left));
+            if (take == 0) return;
+            if (bounce_used_.compare_exchange_weak(used, used + take, std::memory_order_acq_rel))
+                break;
+        }
+        // From here the mapping is whole at every step: if the pre-read throws,
+        // its destructor gives back the buffer, the budget and the region.
+        m.ptr_ = static_cast<std::byte*>(::operator new(take));
+        m.len_ = take;
+        m.bounce_ = true;
+        m.as_ = this;
+        bounce_mappings_.fetch_add(1, std::memory_order_relaxed);
+        mr.dma_hold();
+        m.mr_ = &mr;
+        if (!is_write) access_slow(v, addr, m.ptr_, take, false, attrs);
     }
     void notify_map_clients();
     void end_bounce(dma_mapping& m, hwaddr access_len);
@@ -274,6 +442,9 @@ inline address_space::~address_space() {
     QOMEM_ASSERT(bounce_mappings_.load() == 0,
                  "address space '{}' destroyed with {} live bounce mapping(s)", name_,
                  bounce_mappings_.load());
+    QOMEM_ASSERT(reader_caches() == 0,
+                 "address space '{}' destroyed with {} CPU TLB(s) bound to it", name_,
+                 reader_caches());
     sys_->remove_space(slot_);
 }
 
@@ -286,56 +457,25 @@ inline dma_mapping address_space::map(hwaddr addr, hwaddr len, bool is_write, me
     if (len == 0) return m;
     rcu::read_guard g;
     const flat_view& v = *current();
-    const flat_range* fr = v.lookup_cached(addr);
-    if (!fr) return m;
-    memory_region& mr = *fr->mr;
-    const hwaddr xlat = addr - fr->start + fr->offset_in_region;
-    const bool direct = is_write ? fr->writes_direct(attrs) : fr->reads_direct();
-    if (!direct && attrs.memory) return m; // only RAM may answer
-    m.addr_ = addr;
-    m.attrs_ = attrs;
-    m.is_write_ = is_write;
-    if (direct) {
-        std::byte* host = detail::range_host(*fr);
-        if (!host) return m;
-        // Extend across following ranges of the same region that continue it.
-        u128 done = std::min<u128>(len, fr->end() - addr);
-        while (done < len && u128(addr) + done < u128_2_64) {
-            const flat_range* next = v.lookup(static_cast<hwaddr>(addr + done));
-            if (!next || next->mr != &mr || next->offset_in_region != xlat + done ||
-                (is_write ? !next->writes_direct(attrs) : !next->reads_direct()))
-                break;
-            done += std::min<u128>(len - done, next->end() - next->start);
+    const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
+    // The common case, inline: RAM accessed directly, all of it in one range.
+    if (is_write ? (e.ref & (detail::pt_tag_mask | detail::pt_writable)) == detail::pt_writable
+                 : e.aux != 0 && !attrs.memory) {
+        const auto* fr = reinterpret_cast<const flat_range*>(e.ref & detail::pt_pointer_mask);
+        if (len - 1 <= fr->last() - addr) { // 64-bit: fr holds addr
+            memory_region& mr = *fr->mr;
+            mr.dma_hold();
+            m.ptr_ = reinterpret_cast<std::byte*>(e.aux + addr);
+            m.len_ = len;
+            m.mr_ = &mr;
+            m.offset_ = addr - fr->start + fr->offset_in_region;
+            m.addr_ = addr;
+            m.attrs_ = attrs;
+            m.is_write_ = is_write;
+            return m;
         }
-        mr.dma_hold();
-        m.ptr_ = host + xlat;
-        m.len_ = static_cast<hwaddr>(done);
-        m.mr_ = &mr;
-        m.offset_ = xlat;
-        return m;
     }
-    // Bounce: take what is left of the budget, up to `len` and to the end
-    // of this range (QEMU clips it there too).
-    len = static_cast<hwaddr>(std::min<u128>(len, fr->end() - addr));
-    std::size_t used = bounce_used_.load(std::memory_order_relaxed);
-    std::size_t take;
-    for (;;) {
-        const std::size_t max = max_bounce_.load(std::memory_order_relaxed);
-        const std::size_t left = used < max ? max - used : 0;
-        take = static_cast<std::size_t>(std::min<u128>(len, left));
-        if (take == 0) return m;
-        if (bounce_used_.compare_exchange_weak(used, used + take, std::memory_order_acq_rel)) break;
-    }
-    // From here the mapping is whole at every step: if the pre-read throws,
-    // its destructor gives back the buffer, the budget and the region.
-    m.ptr_ = static_cast<std::byte*>(::operator new(take));
-    m.len_ = take;
-    m.bounce_ = true;
-    m.as_ = this;
-    bounce_mappings_.fetch_add(1, std::memory_order_relaxed);
-    mr.dma_hold();
-    m.mr_ = &mr;
-    if (!is_write) detail::access_view(v, addr, m.ptr_, take, false, attrs);
+    map_slow(m, v, addr, len, is_write, attrs);
     return m;
 }
 
@@ -376,7 +516,7 @@ inline void address_space::end_bounce(dma_mapping& m, hwaddr access_len) {
     } r{this, std::exchange(m.ptr_, nullptr), static_cast<std::size_t>(std::exchange(m.len_, 0)),
         std::exchange(m.mr_, nullptr)};
     m.as_ = nullptr;
-    if (m.is_write_ && access_len) rw(m.addr_, r.ptr, access_len, true, m.attrs_);
+    if (m.is_write_ && access_len) write(m.addr_, r.ptr, access_len, m.attrs_);
     notify_map_clients();
 }
 
@@ -437,6 +577,91 @@ inline found_section address_space::find(hwaddr addr, u128 size) const {
     s.offset_within_region = r.offset_in_region + (start - r.start);
     s.size = std::min(end, r.end()) - start;
     return found_section(s);
+}
+
+inline memtx_result address_space::set(hwaddr addr, std::uint8_t c, hwaddr len, mem_attrs attrs) {
+    std::byte chunk[512];
+    std::memset(chunk, c, sizeof chunk);
+    memtx_result r = memtx_ok;
+    u128 cursor = addr;
+    const u128 end = u128(addr) + len;
+    while (cursor < end) {
+        if (cursor >= u128_2_64) return r | memtx_decode_error; // past the end of the space
+        const auto a = static_cast<hwaddr>(cursor);
+        // RAM pages are set with memset; anything else in writes of a chunk.
+        {
+            rcu::read_guard g;
+            const flat_view& v = *current();
+            const flat_range* fr = v.lookup(a);
+            // (Not a file that may shrink: write() copies it under a guard.)
+            if (fr && fr->writes_direct(attrs) && (!attrs.memory || fr->mr->is_ram()) &&
+                !fr->mr->backing_may_shrink()) {
+                if (std::byte* host = detail::range_host(*fr)) {
+                    const u128 n = std::min(end, fr->end()) - cursor;
+                    const hwaddr off = a - fr->start + fr->offset_in_region;
+                    std::memset(host + off, c, static_cast<std::size_t>(n));
+                    fr->mr->mark_dirty(off, static_cast<hwaddr>(n));
+                    cursor += n;
+                    continue;
+                }
+            }
+        }
+        const auto n = static_cast<std::size_t>(std::min<u128>(end - cursor, sizeof chunk));
+        r |= write(a, chunk, n, attrs);
+        cursor += n;
+    }
+    return r;
+}
+
+inline found_section address_space::translate(hwaddr addr, hwaddr& len, bool is_write,
+                                              mem_attrs attrs) const {
+    rcu::read_guard g;
+    const flat_view& v = *current();
+    const flat_range* fr = v.lookup(addr);
+    if (!fr) {
+        const flat_range* next = v.next_after(addr);
+        const u128 hole = (next ? u128(next->start) : u128_2_64) - addr;
+        if (hole < len) len = static_cast<hwaddr>(hole);
+        return {};
+    }
+    memory_section s = detail::section_of(*fr);
+    s.offset_within_address_space = addr;
+    s.offset_within_region = fr->offset_in_region + (addr - fr->start);
+    s.size = fr->end() - addr;
+    const bool direct = !(attrs.memory && !fr->mr->is_ram()) &&
+                        (is_write ? fr->writes_direct(attrs) : fr->reads_direct());
+    if (direct && s.size < len) len = static_cast<hwaddr>(s.size);
+    return found_section(s);
+}
+
+inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write,
+                                        mem_attrs attrs) const {
+    const u128 end = u128(addr) + len;
+    if (end > u128_2_64) return false;
+    rcu::read_guard g;
+    const flat_view& v = *current();
+    for (u128 cursor = addr; cursor < end;) {
+        const auto a = static_cast<hwaddr>(cursor);
+        const flat_range* fr = v.lookup(a);
+        if (!fr) return false;
+        const u128 n = std::min(end, fr->end()) - cursor;
+        const memory_region& mr = *fr->mr;
+        if (attrs.memory && !mr.is_ram()) return false;
+        const bool direct = is_write ? fr->writes_direct(attrs) : fr->reads_direct();
+        if (direct || mr.is_ram_device()) {
+            if (!(direct ? detail::range_host(*fr) : mr.host_ptr_if_mapped())) return false;
+        } else if (!(is_write && mr.is_plain_ram())) { // a ROM ignores writes: valid
+            hwaddr off = a - fr->start + fr->offset_in_region;
+            for (u128 left = n; left > 0;) {
+                const unsigned l = detail::mmio_access_size(mr, off, left);
+                if (detail::mmio_refusal(mr, off, l, is_write, attrs)) return false;
+                off += l;
+                left -= l;
+            }
+        }
+        cursor += n;
+    }
+    return true;
 }
 
 inline found_section memory_region_find(memory_region& mr, hwaddr addr, u128 size) {

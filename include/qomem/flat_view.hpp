@@ -15,6 +15,12 @@
 // at most 64, shared between the old and the new view, so a commit costs
 // O(changed ranges + number of chunks), not O(ranges).
 //
+// Dispatch is O(1): each view carries a page table (detail/page_table.hpp) that
+// names the range of every 4 KiB page, shared node for node with the view it
+// was spliced from, so a commit rewrites only the pages around what it
+// changed. `lookup` reads no shared mutable state: any number of threads read
+// one view without writing to it.
+//
 // A flat view holds a reference (memory_region_ref) to its root and, through
 // its chunks, to the region of every range, so the regions it points into
 // stay valid as long as the view does.
@@ -26,12 +32,15 @@
 #include <cstdint>
 #include <iterator>
 #include <map>
+#include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 #include <boost/intrusive_ptr.hpp>
 #include <boost/smart_ptr/intrusive_ref_counter.hpp>
 
+#include <qomem/detail/page_table.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
 #include <qomem/types.hpp>
@@ -119,7 +128,22 @@ struct flat_range {
     }
 };
 
+static_assert(alignof(flat_range) >= 16, "page-table slots tag range pointers in 4 low bits");
+
 namespace detail {
+
+/// The page-table slot of a range: the range, whether guest writes may
+/// store to host memory without the dispatch (writable RAM that logs for no
+/// dirty-log client when rendered: a logged range's writes go through the
+/// dispatch, which marks them), and the host address of guest address 0 for
+/// direct reads (0 for a backing that may shrink: its copies are guarded).
+inline pt_entry range_slot(const flat_range& r) noexcept {
+    std::uintptr_t ref = reinterpret_cast<std::uintptr_t>(&r) | pt_tag_range;
+    if (r.host_base && r.writes_direct(mem_attrs{}) && r.dirty_log_mask == 0) ref |= pt_writable;
+    return {ref, r.host_base};
+}
+
+struct view_access;
 
 /// An immutable run of at most `chunk_max` ranges, shared between views.
 class range_chunk : public boost::intrusive_ref_counter<range_chunk, boost::thread_safe_counter> {
@@ -268,6 +292,8 @@ public:
         : root_(root), root_addr_(root ? root->addr() : 0) {
         detail::append_chunks(chunks_, std::move(ranges));
         index();
+        table_.rewrite(0, u128_2_64, this->ranges().begin(), this->ranges().end(),
+                       detail::range_slot);
         if (root_) memory_region_ref(*root_);
     }
     ~flat_view() {
@@ -285,8 +311,14 @@ public:
     /// a moved root needs a full render).
     hwaddr root_addr() const noexcept { return root_addr_; }
 
-    /// The range containing `addr`, or null. O(log n).
-    const flat_range* lookup(hwaddr addr) const noexcept {
+    /// The range containing `addr`, or null. O(1): a walk of the page table
+    /// (at most six levels, in practice one to three), then a search among
+    /// the ranges of one page when several share it. Writes nothing.
+    const flat_range* lookup(hwaddr addr) const noexcept { return table_.lookup(addr); }
+
+    /// lookup() by a binary search of the ranges instead of the page table
+    /// (O(log n)); the tests compare the two.
+    const flat_range* lookup_by_search(hwaddr addr) const noexcept {
         const std::size_t c = detail::upper_index(chunk_starts_.data(), chunk_starts_.size(), addr);
         if (c == 0) return nullptr;
         const detail::range_chunk& ch = *chunks_[c - 1];
@@ -295,16 +327,13 @@ public:
         return r.contains(addr) ? &r : nullptr;
     }
 
-    /// lookup() with a most-recently-used entry in front (QEMU's
-    /// mru_section), shared by the threads reading this view.
-    const flat_range* lookup_cached(hwaddr addr) const noexcept {
-        const flat_range* m = mru_.load(std::memory_order_relaxed);
-        if (m && m->contains(addr)) [[likely]]
-            return m;
-        const flat_range* r = lookup(addr);
-        if (r) mru_.store(r, std::memory_order_relaxed);
-        return r;
-    }
+    /// How many page-table nodes this view holds (shared ones included).
+    std::size_t page_table_nodes() const noexcept { return table_.node_count(); }
+
+    /// Checks the page table against the ranges (every slot names one of
+    /// this view's ranges, exactly the ones there): "" when it is right,
+    /// else the first difference. O(slots x log n): for tests.
+    std::string check_page_table() const;
 
     /// The first range starting above `addr` (for skipping a hole), or null.
     const flat_range* next_after(hwaddr addr) const noexcept {
@@ -329,10 +358,30 @@ public:
                               const std::vector<flat_range>& fresh, OnChange&& on_change) const;
 
 private:
-    flat_view(memory_region* root, hwaddr root_addr, std::vector<detail::chunk_ptr> chunks)
-        : root_(root), root_addr_(root_addr), chunks_(std::move(chunks)) {
+    friend struct detail::view_access;
+
+    /// A spliced view: `chunks`, and a page table sharing `table`'s nodes,
+    /// which the caller then rewrites where the chunks changed.
+    flat_view(memory_region* root, hwaddr root_addr, std::vector<detail::chunk_ptr> chunks,
+              const detail::page_table<flat_range>& table)
+        : root_(root), root_addr_(root_addr), chunks_(std::move(chunks)), table_(table) {
         index();
         if (root_) memory_region_ref(*root_);
+    }
+    /// Rewrites the page table over [lo, hi) from this view's ranges.
+    void rewrite_table(u128 lo, u128 hi) {
+        constexpr u128 page = detail::pt_page_size;
+        lo &= ~(page - 1);
+        hi = (hi + page - 1) & ~(page - 1);
+        if (hi > u128_2_64) hi = u128_2_64;
+        if (lo >= hi) return;
+        table_.rewrite(lo, hi, iterator_at(first_ending_after(static_cast<hwaddr>(lo))),
+                       ranges().end(), detail::range_slot);
+    }
+    range_list::iterator iterator_at(std::size_t i) const noexcept {
+        if (i >= size_) return ranges().end();
+        const std::size_t c = chunk_of(i);
+        return range_list::iterator(this, c, i - prefix_[c]);
     }
     void index() {
         chunk_starts_.clear();
@@ -357,14 +406,25 @@ private:
                1;
     }
 
-    mutable std::atomic<const flat_range*> mru_{nullptr};
     memory_region* root_;
     hwaddr root_addr_; // the root's address when rendered: rendering adds it
     std::vector<detail::chunk_ptr> chunks_;
     std::vector<hwaddr> chunk_starts_;
     std::vector<std::size_t> prefix_; // ranges before each chunk
     std::size_t size_ = 0;
+    /// Points into chunks_ only (see splice): destroyed before them.
+    detail::page_table<flat_range> table_;
 };
+
+namespace detail {
+
+/// What the access paths (address_space, cpu_tlb, region caches) read of a
+/// view beyond its public interface: the page table's root slot.
+struct view_access {
+    static const pt_entry& table_root(const flat_view& v) noexcept { return v.table_.root(); }
+};
+
+} // namespace detail
 
 template <class OnChange>
 ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& windows,
@@ -372,6 +432,11 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
                                      OnChange&& on_change) const {
     std::vector<detail::chunk_ptr> out;
     out.reserve(chunks_.size() + 4);
+    // The stretches of the address space whose chunks are rebuilt: their
+    // pages are rewritten in the new page table (every page pointing into a
+    // rebuilt chunk lies in one, so the new table points only into the new
+    // view's chunks).
+    std::vector<std::pair<u128, u128>> rewritten;
     std::size_t next_chunk = 0; // first chunk of this view not yet copied or rebuilt
     std::size_t wi = 0, fi = 0;
     while (wi < windows.size()) {
@@ -449,12 +514,35 @@ ref_ptr<flat_view> flat_view::splice(const std::vector<std::pair<u128, u128>>& w
             detail::push_merged(new_span, take_fresh ? fresh[fi++] : outside[oi++]);
         }
         on_change(old_span, new_span);
+        u128 lo = windows[wi].first, hi = last_hi;
+        for (const std::vector<flat_range>* span : {&old_span, &new_span})
+            if (!span->empty()) {
+                lo = std::min<u128>(lo, span->front().start);
+                hi = std::max(hi, span->back().end());
+            }
+        rewritten.emplace_back(lo, hi);
         detail::append_chunks(out, std::move(new_span));
         if (size_ > 0) next_chunk = c1 + 1;
         wi = wend;
     }
     for (; next_chunk < chunks_.size(); ++next_chunk) out.push_back(chunks_[next_chunk]);
-    return ref_ptr<flat_view>(new flat_view(root_, root_addr_, std::move(out)));
+    ref_ptr<flat_view> next(new flat_view(root_, root_addr_, std::move(out), table_));
+    for (const auto& [lo, hi] : rewritten) next->rewrite_table(lo, hi);
+    return next;
+}
+
+inline std::string flat_view::check_page_table() const {
+    std::unordered_set<const flat_range*> mine;
+    for (const flat_range& r : ranges()) mine.insert(&r);
+    auto overlapping = [&](u128 lo, u128 hi) {
+        std::vector<const flat_range*> out;
+        for (auto it = iterator_at(first_ending_after(static_cast<hwaddr>(lo)));
+             it != ranges().end() && u128(it->start) < hi; ++it)
+            out.push_back(&*it);
+        return out;
+    };
+    return table_.check([&](const flat_range* r) { return mine.count(r) != 0; }, overlapping,
+                        detail::range_slot);
 }
 
 } // namespace qomem

@@ -92,8 +92,18 @@ struct access_limits {
     bool unaligned = false;
 };
 
-/// The byte order of a device's registers. `native` is the host's order.
+/// A byte order: of a device's registers (MemoryRegionOps::endian), or of a
+/// value a typed access reads or writes. `native` is the target's order (the
+/// memory system's target_endianness(), QEMU's DEVICE_NATIVE_ENDIAN and
+/// MO_TE), not the host's.
 enum class endianness : std::uint8_t { native, little, big };
+
+/// One access of a value (QEMU's MemOp): `size` bytes (1, 2, 4 or 8) read or
+/// written as an integer in byte order `order`.
+struct memop {
+    unsigned size = 4;
+    endianness order = endianness::native;
+};
 
 namespace detail {
 

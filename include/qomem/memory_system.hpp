@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -74,6 +75,26 @@ namespace qomem {
 
 namespace detail {
 
+/// A cache on the readers' side (a CPU TLB) that must drop what it holds
+/// whenever the view of its address space is replaced (every commit that
+/// changes it, dirty logging switched included: the view records it). The
+/// writer calls invalidate() after publishing the new view and before
+/// retiring the old one, on its own thread, while the cache's owner may be
+/// using it: invalidate must only make the owner's next access miss (one
+/// atomic store the owner's accesses read anyway).
+class reader_cache {
+public:
+    virtual void invalidate() noexcept = 0;
+
+    /// Links the cache into its address space's slot (view_slot::caches).
+    boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::normal_link>>
+        cache_hook;
+
+protected:
+    reader_cache() = default;
+    ~reader_cache() = default;
+};
+
 /// What the engine keeps of one address space: its root, its current view
 /// (published for readers) and its listeners. A member of address_space.
 struct view_slot {
@@ -86,6 +107,14 @@ struct view_slot {
     /// an RCU read section (see memory_system::publish).
     std::atomic<flat_view*> current{nullptr};
     memory_listener::list_type listeners;
+    /// The CPU TLBs over this address space, invalidated at each publish.
+    /// Registered and removed on their own threads (hence the mutex; the
+    /// writer holds it only to walk the list).
+    std::mutex caches_mutex;
+    boost::intrusive::list<reader_cache, boost::intrusive::member_hook<
+                                             reader_cache, decltype(reader_cache::cache_hook),
+                                             &reader_cache::cache_hook>>
+        caches;
 };
 
 using slot_list = boost::intrusive::list<
@@ -98,10 +127,13 @@ class memory_system final : private detail::topology_log {
 public:
     /// A new, independent memory system (held by the returned handle).
     /// Counted by live_objects() as a "memory-system" while it lives.
-    static ref_ptr<memory_system> make() {
+    /// `target` is the guest's byte order: what `endianness::native` means
+    /// for the devices of this system (QEMU's DEVICE_NATIVE_ENDIAN).
+    static ref_ptr<memory_system> make(std::endian target = std::endian::native) {
         auto* s = new memory_system;
         detail::live_registry::get().add("memory-system");
         s->counted_live_ = true;
+        s->target_big_ = target == std::endian::big;
         return ref_ptr<memory_system>(s);
     }
 
@@ -118,6 +150,23 @@ public:
 
     memory_system(const memory_system&) = delete;
     memory_system& operator=(const memory_system&) = delete;
+
+    // ---- the target ------------------------------------------------------
+
+    /// The guest's byte order (the host's unless made or set otherwise).
+    std::endian target_endianness() const noexcept {
+        return target_big_ ? std::endian::big : std::endian::little;
+    }
+    /// Sets the guest's byte order. Requires (asserted): no address space
+    /// of this system exists yet (accesses in flight read it).
+    void set_target_endianness(std::endian target) {
+        QOMEM_ASSERT(slots_.empty(),
+                     "memory system {}: the target byte order is set before its first "
+                     "address space ({} exist)",
+                     static_cast<const void*>(this), slots_.size());
+        target_big_ = target == std::endian::big;
+    }
+    bool target_big_endian() const noexcept { return target_big_; }
 
     // ---- the writer role (Lockable; recursive) ----------------------------
 
@@ -305,8 +354,9 @@ private:
     /// commit to all.
     void tell_and_publish(std::vector<slot_update>& updates);
     static void tell_slot(const slot_update& u);
-    /// Publishes `v` as the slot's view (taking a reference) and retires the
-    /// old one (its reference dropped after a grace period).
+    /// Publishes `v` as the slot's view (taking a reference), invalidates
+    /// the slot's reader caches (CPU TLBs) and retires the old view (its
+    /// reference dropped after a grace period).
     static void publish(detail::view_slot& slot, flat_view* v);
     void drain_deferred();
     /// The view every address space with no flat-view root shares.
@@ -322,6 +372,7 @@ private:
                            boost::intrusive::constant_time_size<false>>
         members_;
     bool counted_live_ = false; // in live_objects() (every system but the default one)
+    bool target_big_ = std::endian::native == std::endian::big;
 
     // The writer role.
     std::mutex writer_mutex_;
@@ -931,6 +982,14 @@ inline void memory_system::publish(detail::view_slot& slot, flat_view* v) {
     // or newer, and keeps `old` until the others have left (rcu.hpp,
     // "Orderings" (A) and (B)).
     flat_view* old = slot.current.exchange(v, std::memory_order_seq_cst);
+    // After the exchange, before the retire: a TLB that has not yet seen
+    // its invalidation is used only inside a read section that began
+    // before the old view was retired (tlb.hpp argues it), so what its
+    // entries point to outlives them.
+    {
+        std::lock_guard g(slot.caches_mutex);
+        for (detail::reader_cache& c : slot.caches) c.invalidate();
+    }
     if (old) rcu::retire(old, [](void* p) { intrusive_ptr_release(static_cast<flat_view*>(p)); });
 }
 

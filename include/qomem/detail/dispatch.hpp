@@ -1,9 +1,16 @@
 // qomem/detail/dispatch.hpp — an access through a flat view: split at range
 // boundaries; RAM by memcpy, MMIO through the region's ops with QEMU's access
 // rules and the re-entrancy guard; holes answer a decode error.
+//
+// Byte order. An MMIO value travels as the bytes the device puts on the bus:
+// its register value in the device's byte order, where `endianness::native`
+// is the target's (the memory system's target endianness; QEMU's
+// DEVICE_NATIVE_ENDIAN). Byte buffers hold those bytes; a typed access
+// (ldl_le, ...) reads them in the order it names.
 #pragma once
 
 #include <bit>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -20,8 +27,10 @@ namespace qomem::detail {
 
 inline constexpr bool host_is_big_endian = std::endian::native == std::endian::big;
 
-inline bool device_is_big_endian(endianness e) noexcept {
-    return e == endianness::big || (e == endianness::native && host_is_big_endian);
+/// True when values in order `e` are big-endian on a target of the given
+/// order (`native` is the target's).
+inline bool is_big_endian(endianness e, bool target_big) noexcept {
+    return e == endianness::big || (e == endianness::native && target_big);
 }
 
 inline std::uint64_t bswap_n(std::uint64_t v, unsigned size) noexcept {
@@ -87,6 +96,41 @@ inline void store_host(std::byte* p, unsigned size, std::uint64_t v) noexcept {
     }
 }
 
+/// memcpy of `len` bytes, with the sizes of single values (1, 2, 4, 8)
+/// copied inline: a call with a length the compiler cannot see would
+/// otherwise go to the C library's memcpy on the hot paths of read and
+/// write.
+[[gnu::always_inline]] inline void copy_bytes(void* to, const void* from,
+                                              std::size_t len) noexcept {
+    switch (len) {
+    case 1:
+        std::memcpy(to, from, 1);
+        break;
+    case 2:
+        std::memcpy(to, from, 2);
+        break;
+    case 4:
+        std::memcpy(to, from, 4);
+        break;
+    case 8:
+        std::memcpy(to, from, 8);
+        break;
+    default:
+        std::memcpy(to, from, len);
+        break;
+    }
+}
+
+/// The value of the `size` bytes at `p` read in byte order big/little.
+inline std::uint64_t load_ordered(const std::byte* p, unsigned size, bool big) noexcept {
+    const std::uint64_t v = load_host(p, size);
+    return big == host_is_big_endian ? v : bswap_n(v, size);
+}
+/// Stores `v` as `size` bytes at `p` in byte order big/little.
+inline void store_ordered(std::byte* p, unsigned size, std::uint64_t v, bool big) noexcept {
+    store_host(p, size, big == host_is_big_endian ? v : bswap_n(v, size));
+}
+
 /// The devices whose MMIO this thread is inside (re-entrancy guard). QEMU
 /// keeps one flag per device under its big lock; qomem keeps the set per
 /// thread, so two vCPUs using one device are not mistaken for re-entry.
@@ -118,28 +162,34 @@ inline void log_invalid(const memory_region& mr, hwaddr offset, unsigned size, b
                              is_write ? "write" : "read", offset, size, mr.region_name(), why));
 }
 
+/// Why the ops of `mr` refuse an access of `size` bytes at `offset`, in
+/// QEMU's memory_region_access_valid order; null when they accept it. A
+/// reservation (no ops) refuses everything.
+inline const char* mmio_refusal(const memory_region& mr, hwaddr offset, unsigned size,
+                                bool is_write, mem_attrs attrs) {
+    const region_ops* ops = mr.callbacks().ops;
+    if (!ops) return "reservation";
+    if (ops->accepts && !ops->accepts(mr.callbacks().opaque, offset, size, is_write, attrs))
+        return "rejected";
+    if (!ops->valid.unaligned && (offset & (size - 1))) return "unaligned";
+    if (ops->valid.max_access_size != 0 &&
+        (size < (ops->valid.min_access_size ? ops->valid.min_access_size : 1) ||
+         size > ops->valid.max_access_size))
+        return "invalid size";
+    return nullptr;
+}
+
 /// One MMIO access of `size` (1, 2, 4 or 8) bytes at `offset` in `mr`;
-/// `*value` holds host-order data (QEMU's memory_region_dispatch_read/write).
+/// `*value` holds the bus bytes loaded in host order (QEMU's
+/// memory_region_dispatch_read/write with host-endian data).
 inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::uint64_t* value,
-                                  unsigned size, bool is_write, mem_attrs attrs) {
+                                  unsigned size, bool is_write, mem_attrs attrs, bool target_big) {
     const region_ops* ops = mr.callbacks().ops;
     void* const opaque = mr.callbacks().opaque;
     if (!is_write) *value = 0;
-    if (!ops) { // a reservation: claims its range, answers nothing
-        log_invalid(mr, offset, size, is_write, "reservation");
-        return memtx_decode_error;
-    }
-    // QEMU's memory_region_access_valid, in its order.
-    const char* refused = nullptr;
-    if (ops->accepts && !ops->accepts(opaque, offset, size, is_write, attrs))
-        refused = "rejected";
-    else if (!ops->valid.unaligned && (offset & (size - 1)))
-        refused = "unaligned";
-    else if (ops->valid.max_access_size != 0 &&
-             (size < (ops->valid.min_access_size ? ops->valid.min_access_size : 1) ||
-              size > ops->valid.max_access_size))
-        refused = "invalid size";
-    if (refused) {
+    // A reservation claims its range and answers nothing; other ops have
+    // QEMU's access rules.
+    if (const char* refused = mmio_refusal(mr, offset, size, is_write, attrs)) {
         log_invalid(mr, offset, size, is_write, refused);
         return memtx_decode_error;
     }
@@ -166,7 +216,7 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         }
     } guard{dev ? &engaged : nullptr};
 
-    const bool big = device_is_big_endian(ops->endian);
+    const bool big = is_big_endian(ops->endian, target_big);
     std::uint64_t v = is_write ? *value : 0;
     if (is_write && big != host_is_big_endian) v = bswap_n(v, size);
 
@@ -199,9 +249,14 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
 }
 
 /// Reads or writes `len` bytes at `offset` of the region behind flat range
-/// `fr` (the caller clipped `len` to the range).
+/// `fr` (the caller clipped `len` to the range). MMIO is cut into the
+/// largest accesses its rules allow (QEMU's memory_access_size), unless
+/// `one_access`: then the whole of `len` (1, 2, 4 or 8 bytes) is one access,
+/// refused if the rules refuse it (QEMU's typed accessors and
+/// memory_region_dispatch_read/write).
 inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte* buf, u128 len,
-                                 bool is_write, mem_attrs attrs) {
+                                 bool is_write, mem_attrs attrs, bool target_big,
+                                 bool one_access = false) {
     const memory_region& mr = *fr.mr;
     if (attrs.memory && !mr.is_ram()) { // RAM devices are RAM here, as in QEMU
         if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
@@ -256,9 +311,10 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
     }
     memtx_result r = memtx_ok;
     while (len > 0) {
-        const unsigned l = mmio_access_size(mr, offset, len);
+        const unsigned l =
+            one_access ? static_cast<unsigned>(len) : mmio_access_size(mr, offset, len);
         std::uint64_t v = is_write ? load_host(buf, l) : 0;
-        r |= dispatch_mmio(mr, offset, &v, l, is_write, attrs);
+        r |= dispatch_mmio(mr, offset, &v, l, is_write, attrs, target_big);
         if (!is_write) store_host(buf, l, v);
         buf += l;
         offset += l;
@@ -270,7 +326,7 @@ inline memtx_result access_range(const flat_range& fr, hwaddr offset, std::byte*
 /// The whole of QEMU's address_space_rw over one flat view: split at range
 /// boundaries; holes read as zero and report a decode error.
 inline memtx_result access_view(const flat_view& v, hwaddr addr, std::byte* buf, u128 len,
-                                bool is_write, mem_attrs attrs) {
+                                bool is_write, mem_attrs attrs, bool target_big) {
     memtx_result r = memtx_ok;
     u128 cursor = addr;
     while (len > 0) {
@@ -279,7 +335,7 @@ inline memtx_result access_view(const flat_view& v, hwaddr addr, std::byte* buf,
             return r | memtx_decode_error;
         }
         const auto a = static_cast<hwaddr>(cursor);
-        const flat_range* fr = v.lookup_cached(a);
+        const flat_range* fr = v.lookup(a);
         if (!fr) {
             const flat_range* next = v.next_after(a);
             const u128 hole_end = next ? u128(next->start) : u128_2_64;
@@ -292,12 +348,28 @@ inline memtx_result access_view(const flat_view& v, hwaddr addr, std::byte* buf,
             continue;
         }
         const u128 n = std::min(len, fr->end() - cursor);
-        r |= access_range(*fr, a - fr->start + fr->offset_in_region, buf, n, is_write, attrs);
+        r |= access_range(*fr, a - fr->start + fr->offset_in_region, buf, n, is_write, attrs,
+                          target_big);
         buf += static_cast<std::size_t>(n);
         cursor += n;
         len -= n;
     }
     return r;
+}
+
+/// One access of `size` bytes (1, 2, 4 or 8) at `addr` of `v`, as QEMU's
+/// typed accessors make it: inside one range, MMIO is one access of that
+/// size (refused if the ops refuse it, never split by their rules); an
+/// access crossing ranges is made as the byte access (access_view) would.
+/// `bytes` holds the bytes in memory order.
+inline memtx_result access_view_sized(const flat_view& v, hwaddr addr, std::byte* bytes,
+                                      unsigned size, bool is_write, mem_attrs attrs,
+                                      bool target_big) {
+    const flat_range* fr = v.lookup(addr);
+    if (fr && size - 1 <= fr->last() - addr)
+        return access_range(*fr, addr - fr->start + fr->offset_in_region, bytes, size, is_write,
+                            attrs, target_big, true);
+    return access_view(v, addr, bytes, size, is_write, attrs, target_big);
 }
 
 } // namespace qomem::detail

@@ -150,11 +150,16 @@ inline ref_ptr<flat_view> update_view(const flat_view& base, const memory_region
 }
 
 /// Asserts that `incremental` (from `base` through `windows`) equals a full
-/// render of `physmr`: the check memory_system::set_verify_incremental turns on.
+/// render of `physmr`, and that its page table names exactly its ranges:
+/// the check memory_system::set_verify_incremental turns on.
 inline void verify_against_full_render(const flat_view& base, const flat_view& incremental,
                                        memory_region& physmr,
                                        const std::vector<std::pair<u128, u128>>& windows) {
     const ref_ptr<flat_view> want = render_flat_view(&physmr);
+    const std::string table = incremental.check_page_table();
+    QOMEM_ASSERT(table.empty(),
+                 "incremental view of '{}': its page table does not match its ranges: {}",
+                 physmr.region_name(), table);
     if (want->ranges() == incremental.ranges()) return;
     auto dump = [](const flat_view& v) {
         std::string out;
