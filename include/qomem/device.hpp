@@ -146,13 +146,13 @@ public:
 
 protected:
     /// Announces DEVICE_DELETED if the device was realized and unrealized.
-    ~device() override;
+    inline ~device() override;
     /// The device's own realize step; may throw to refuse.
     virtual void do_realize() {}
     /// The device's own unrealize step.
     virtual void do_unrealize() noexcept {}
     /// QEMU's device_unparent; see the header overview. Overriders call it.
-    void on_unparent() override;
+    inline void on_unparent() override;
 
 private:
     friend class bus;

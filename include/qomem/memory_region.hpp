@@ -495,13 +495,13 @@ public:
     void set_size(u128 size);
 
 protected:
-    ~memory_region() override;
-    void on_unparent() override;
-    after_free_action after_free() noexcept override;
-    void check_finalizable() const override;
-    void last_reference_dropped() override;
+    inline ~memory_region() override;
+    inline void on_unparent() override;
+    inline after_free_action after_free() noexcept override;
+    inline void check_finalizable() const override;
+    inline void last_reference_dropped() override;
 
-    void owner_destroyed_unfinalized(const object& owner) noexcept override;
+    inline void owner_destroyed_unfinalized(const object& owner) noexcept override;
 
 public:
     bool follows_owner_out_of_tree() const noexcept override { return owner_ != nullptr; }
@@ -510,7 +510,7 @@ public:
     /// aliases): by a container or alias of something else, an address space,
     /// a flat view, a DMA mapping, or a ref_ptr kept anywhere (the owner's
     /// own included: see the README on cycles).
-    bool held_beyond_owner(const object& owner) const noexcept override;
+    inline bool held_beyond_owner(const object& owner) const noexcept override;
 
 private:
     friend void memory_region_ref(memory_region& mr);

@@ -171,13 +171,13 @@ public:
     // ---- the writer role (Lockable; recursive) ----------------------------
 
     /// Takes the writer role, waiting while another thread holds it.
-    void lock() override;
+    inline void lock() override;
     /// Takes it if it is free (or already this thread's); never waits.
     bool try_lock();
     /// Gives it back once per lock()/successful try_lock(). Giving it back
     /// for the last time finalizes the regions other threads handed over
     /// (which may commit). Requires (asserted): held by this thread.
-    void unlock() override;
+    inline void unlock() override;
     /// True when this thread holds the writer role.
     bool held_by_this_thread() const noexcept {
         return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
@@ -297,14 +297,14 @@ private:
     // topology_log
     memory_system& system() noexcept override { return *this; }
     bool held_here() const noexcept override { return held_by_this_thread(); }
-    void begin() override;
-    void end() override;
-    void changed(const memory_region& in, i128 lo, i128 hi) override;
-    void changed_everything() override;
-    void shown_until_commit(memory_region& mr) override;
-    bool retire_after_commit(memory_region& mr) override;
-    void forget(const memory_region& mr) noexcept override;
-    void finalize_on_writer(memory_region& mr) override;
+    inline void begin() override;
+    inline void end() override;
+    inline void changed(const memory_region& in, i128 lo, i128 hi) override;
+    inline void changed_everything() override;
+    inline void shown_until_commit(memory_region& mr) override;
+    inline bool retire_after_commit(memory_region& mr) override;
+    inline void forget(const memory_region& mr) noexcept override;
+    inline void finalize_on_writer(memory_region& mr) override;
     void region_bound(memory_region& mr) noexcept override {
         refs_.fetch_add(1, std::memory_order_relaxed);
         regions_.fetch_add(1, std::memory_order_relaxed);
@@ -320,7 +320,7 @@ private:
         intrusive_ptr_release(this);
     }
     void sync_dirty_log(const memory_region& mr) override { sync_dirty(&mr, false); }
-    void clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) override;
+    inline void clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) override;
     void after_dirty_log_sync() override { global_after_dirty_log_sync(); }
 
     /// The address space of `slot` joins (leaves) this system. Writer only.

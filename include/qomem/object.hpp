@@ -370,7 +370,7 @@ protected:
     object() noexcept = default;
     /// Finalizer of the base type: by the time it runs every property has been
     /// released and the object has no parent (both checked in finalize()).
-    virtual ~object();
+    inline virtual ~object();
 
     /// The unparent hook (QEMU's ObjectClass::unparent): runs when this object
     /// is removed from its parent, before the parent's reference is dropped,

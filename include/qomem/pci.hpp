@@ -229,17 +229,17 @@ protected:
     /// PCIDeviceClass::config_read / config_write); the defaults read the
     /// image and apply the writable masks, then remap BARs. Called with the
     /// writer role held and arguments checked.
-    virtual std::uint32_t do_config_read(std::uint32_t addr, unsigned len);
-    virtual void do_config_write(std::uint32_t addr, std::uint32_t value, unsigned len);
+    inline virtual std::uint32_t do_config_read(std::uint32_t addr, unsigned len);
+    inline virtual void do_config_write(std::uint32_t addr, std::uint32_t value, unsigned len);
 
     /// Realize: requires (asserted) a pci_bus parent bus and a devfn free on
     /// it (the first free slot, function 0, when none was set). Subclasses
     /// that override it call it.
-    void do_realize() override;
+    inline void do_realize() override;
     /// Unrealize: unmaps every BAR, forgets the registrations (dropping their
     /// references, which may finalize their regions), clears the BARs and the
     /// command register. Subclasses that override it call it.
-    void do_unrealize() noexcept override;
+    inline void do_unrealize() noexcept override;
 
 private:
     struct bar {

@@ -148,9 +148,9 @@ public:
     std::byte* host() const noexcept { return view_; }
 
 protected:
-    ~shmem_mapping() override;
-    void on_unparent() override;
-    after_free_action after_free() noexcept override;
+    inline ~shmem_mapping() override;
+    inline void on_unparent() override;
+    inline after_free_action after_free() noexcept override;
 
 private:
     friend class virtio_shmem;
@@ -225,9 +225,9 @@ public:
     void unmap_all();
 
 protected:
-    ~virtio_shmem() override;
-    void on_unparent() override;
-    after_free_action after_free() noexcept override;
+    inline ~virtio_shmem() override;
+    inline void on_unparent() override;
+    inline after_free_action after_free() noexcept override;
 
 public:
     bool follows_owner_out_of_tree() const noexcept override { return true; }

@@ -124,10 +124,10 @@ protected:
     /// Throws: transport_error when the capabilities would not fit (more
     /// than 8 regions) or the regions total more than 2^63 bytes; nothing
     /// changes and the transport stays unrealized.
-    void do_realize() override;
+    inline void do_realize() override;
     /// Takes the regions out of the BAR, unmaps and unregisters it (pci_device),
     /// unparents it, and clears the capabilities.
-    void do_unrealize() noexcept override;
+    inline void do_unrealize() noexcept override;
     /// The capabilities are refreshed from the BAR's contents first.
     std::uint32_t do_config_read(std::uint32_t addr, unsigned len) override {
         set_capabilities(capabilities(placed()));

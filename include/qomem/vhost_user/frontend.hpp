@@ -228,9 +228,9 @@ private:
     };
 
     // memory_listener
-    void region_add(const memory_section& s) override;
-    void region_del(const memory_section& s) override;
-    void commit() override;
+    inline void region_add(const memory_section& s) override;
+    inline void region_del(const memory_section& s) override;
+    inline void commit() override;
 
     void check_usable() const {
         if (!failure_.empty())
