@@ -68,7 +68,8 @@ recapture: deps build
 # TSan does not model that path's std::atomic_thread_fence.
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
-	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan
+	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan \
+	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF
 	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test
 	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.'
 
