@@ -246,10 +246,25 @@ private:
         // Back to our own tables before loading the view: an invalidation
         // after this exchange leaves the next access a miss again, and one
         // before it is seen here, with the view it published.
+        bool flushed = false;
         if (tables_.load(std::memory_order_relaxed) != &own_ &&
-            tables_.exchange(&own_, std::memory_order_seq_cst) != &own_)
+            tables_.exchange(&own_, std::memory_order_seq_cst) != &own_) {
             flush();
-        return *as_->current();
+            flushed = true;
+        }
+        // The writer publishes a view before it invalidates: a miss (every
+        // MMIO access is one) may read the new view while the invalidation
+        // has not landed. Entries from an older view are dropped then, so
+        // once one access of this TLB has seen a view, no later access uses
+        // an entry of an older one. (A view freed and its address reused is
+        // not confused with a newer one: its retire followed the writer's
+        // invalidation, which the exchange above has seen.)
+        const flat_view* v = as_->current();
+        if (v != seen_view_) {
+            if (!flushed && seen_view_ != nullptr) flush();
+            seen_view_ = v;
+        }
+        return *v;
     }
     /// Fills the data or code entry of `addr`'s page from slot `e`.
     void fill(hwaddr addr, const detail::pt_entry& e, bool code) noexcept {
@@ -295,6 +310,7 @@ private:
 
     std::atomic<const tables*> tables_{&invalid_tables};
     tables own_;
+    const flat_view* seen_view_ = nullptr; // the view the entries came from (owner only)
     address_space* as_;
     mem_attrs attrs_;
     bool target_big_;
