@@ -21,6 +21,7 @@
 #include <qomem/fixture.hpp>
 #include <qomem/hmp_text.hpp>
 #include <qomem/mtree.hpp>
+#include <qomem/testing.hpp>
 
 using namespace qomem;
 
@@ -29,12 +30,6 @@ namespace {
 [[noreturn]] void finding(const char* what, const std::string& detail) {
     std::fprintf(stderr, "finding: %s\n%s\n", what, detail.c_str());
     std::abort();
-}
-
-std::string describe_live() {
-    std::string s;
-    for (const auto& [type, count] : live_objects()) s += type + " x" + std::to_string(count) + "\n";
-    return s;
 }
 
 std::string print(const fixture_machine& m, bool flat) {
@@ -46,12 +41,12 @@ void run(std::string_view text) {
     try {
         m = fixture_machine::parse(text, "fuzz.json");
     } catch (const fixture_error&) {
-        if (live_object_count() != 0) finding("a refused fixture left objects alive", describe_live());
+        if (live_object_count() != 0) finding("a refused fixture left objects alive", testing::describe_live_objects());
         return;
     } catch (const std::bad_alloc&) {
         return; // a fixture asking for more RAM than there is
     }
-    const std::string json = fixture_spec::read(text, "fuzz.json").to_json();
+    const std::string json = m->spec().to_json();
     const std::string again = fixture_spec::read(json, "written").to_json();
     if (json != again) finding("to_json does not round-trip", json + "\n---\n" + again);
     {
@@ -80,6 +75,6 @@ void run(std::string_view text) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     run(std::string_view(reinterpret_cast<const char*>(data), size));
-    if (live_object_count() != 0) finding("objects left alive after the machines went", describe_live());
+    if (live_object_count() != 0) finding("objects left alive after the machines went", testing::describe_live_objects());
     return 0;
 }

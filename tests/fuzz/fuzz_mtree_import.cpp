@@ -21,6 +21,7 @@
 #include <qomem/hmp_import.hpp>
 #include <qomem/hmp_text.hpp>
 #include <qomem/mtree.hpp>
+#include <qomem/testing.hpp>
 
 using namespace qomem;
 
@@ -29,12 +30,6 @@ namespace {
 [[noreturn]] void finding(const char* what, const std::string& detail) {
     std::fprintf(stderr, "finding: %s\n%s\n", what, detail.c_str());
     std::abort();
-}
-
-std::string describe_live() {
-    std::string s;
-    for (const auto& [type, count] : live_objects()) s += type + " x" + std::to_string(count) + "\n";
-    return s;
 }
 
 void run(std::string_view input) {
@@ -58,7 +53,7 @@ void run(std::string_view input) {
     } catch (const std::bad_alloc&) {
         return;
     }
-    if (live_object_count() != 0) finding("import_mtree left objects alive", describe_live());
+    if (live_object_count() != 0) finding("import_mtree left objects alive", testing::describe_live_objects());
     if (r.evaluations > 64) finding("the search went past max_evaluations", std::to_string(r.evaluations));
     if (!r.reproduces) return;
     const std::string json = r.spec.to_json();
@@ -80,6 +75,6 @@ void run(std::string_view input) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     run(std::string_view(reinterpret_cast<const char*>(data), size));
-    if (live_object_count() != 0) finding("objects left alive after the import", describe_live());
+    if (live_object_count() != 0) finding("objects left alive after the import", testing::describe_live_objects());
     return 0;
 }
