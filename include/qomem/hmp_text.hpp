@@ -152,6 +152,54 @@ inline std::vector<std::string_view> split_lines(std::string_view text) {
     throw hmp_error(fmt::format("{}:{}: {}: \"{}\"", source, line_no, what, line));
 }
 
+/// The offset of the first byte of `s` that is not well-formed UTF-8 (no
+/// overlong forms, surrogates or code points past U+10FFFF), or npos.
+inline std::size_t invalid_utf8_at(std::string_view s) noexcept {
+    std::size_t i = 0;
+    while (i < s.size()) {
+        const auto b = static_cast<unsigned char>(s[i]);
+        std::size_t n = 0;
+        unsigned char lo = 0x80, hi = 0xbf; // the second byte's range
+        if (b < 0x80) {
+            ++i;
+            continue;
+        }
+        if (b >= 0xc2 && b <= 0xdf)
+            n = 1;
+        else if (b >= 0xe0 && b <= 0xef) {
+            n = 2;
+            if (b == 0xe0) lo = 0xa0;
+            if (b == 0xed) hi = 0x9f;
+        } else if (b >= 0xf0 && b <= 0xf4) {
+            n = 3;
+            if (b == 0xf0) lo = 0x90;
+            if (b == 0xf4) hi = 0x8f;
+        } else {
+            return i;
+        }
+        if (n >= s.size() - i) return i; // truncated
+        for (std::size_t k = 1; k <= n; ++k) {
+            const auto c = static_cast<unsigned char>(s[i + k]);
+            if (k == 1 ? (c < lo || c > hi) : (c < 0x80 || c > 0xbf)) return i;
+        }
+        i += n + 1;
+    }
+    return std::string_view::npos;
+}
+
+/// The lines of `text` (split_lines), refusing text that is not UTF-8 as
+/// QEMU prints it: a region name is written to the fixture's JSON, which
+/// holds only UTF-8. Throws: hmp_error naming the source, the line and the
+/// byte (the line is quoted up to that byte).
+inline std::vector<std::string_view> read_lines(std::string_view text, std::string_view source) {
+    auto lines = split_lines(text);
+    for (std::size_t i = 0; i < lines.size(); ++i)
+        if (const std::size_t at = invalid_utf8_at(lines[i]); at != std::string_view::npos)
+            fail(source, i + 1, lines[i].substr(0, at),
+                 fmt::format("not UTF-8 at byte {} of the line", at + 1));
+    return lines;
+}
+
 inline bool parse_hex16(std::string_view s, hwaddr& out) {
     if (s.size() != 16) return false;
     hwaddr v = 0;
@@ -281,7 +329,7 @@ inline mtree_tree read_mtree_tree(std::string_view text, std::string source,
     mtree_tree t;
     t.source = std::move(source);
     t.with_owners = with_owners;
-    const auto lines = detail::split_lines(text);
+    const auto lines = detail::read_lines(text, t.source);
     bool in_headers = false;
     std::vector<int> stack; // open lines by level
     for (std::size_t i = 0; i < lines.size(); ++i) {
@@ -391,7 +439,7 @@ inline mtree_flat read_mtree_flat(std::string_view text, std::string source,
                                   bool with_owners = false) {
     mtree_flat f;
     f.source = std::move(source);
-    const auto lines = detail::split_lines(text);
+    const auto lines = detail::read_lines(text, f.source);
     for (std::size_t i = 0; i < lines.size(); ++i) {
         const std::size_t no = i + 1;
         std::string_view line = lines[i];
@@ -504,7 +552,7 @@ inline qom_tree_text read_qom_tree(std::string_view text, std::string source) {
     qom_tree_text q;
     q.source = std::move(source);
     std::vector<std::string> stack;
-    const auto lines = detail::split_lines(text);
+    const auto lines = detail::read_lines(text, q.source);
     for (std::size_t i = 0; i < lines.size(); ++i) {
         std::string_view line = lines[i];
         if (line.empty()) continue;
