@@ -175,8 +175,7 @@ TEST_CASE("a non-coalesced access to a region flagged flush_coalesced drains the
     b.sys->del_subregion(*other);
 }
 
-TEST_CASE("a full ring is drained by the write that finds it full, never grown",
-          "[coalesced]") {
+TEST_CASE("a full ring is drained by the write that finds it full, never grown", "[coalesced]") {
     qomem_test::leak_check leaks;
     qomem_test::throwing_assertions asserts;
     qomem_test::board b;
@@ -186,7 +185,7 @@ TEST_CASE("a full ring is drained by the write that finds it full, never grown",
     qomem::address_space as(*b.sys, "memory");
     qomem::memory_system& sys = *b.sys->system();
     fb->set_coalescing();
-    constexpr std::size_t cap = qomem::detail::coalesced_ring::capacity;
+    constexpr std::size_t cap = qomem::memory_system::coalesced_capacity;
     for (std::size_t i = 0; i < cap; ++i)
         CHECK(as.stl_le(4 * (i % 0x400), static_cast<std::uint32_t>(i)) == qomem::memtx_ok);
     CHECK(sys.coalesced_pending() == cap);
@@ -241,7 +240,8 @@ TEST_CASE("writes from several threads are queued and each thread's writes are m
         const auto& got = ops.seen[static_cast<hwaddr>(4 * t)];
         REQUIRE(got.size() == per_writer);
         bool in_order = true;
-        for (int i = 0; i < per_writer; ++i) in_order &= got[static_cast<std::size_t>(i)] == std::uint64_t(i);
+        for (int i = 0; i < per_writer; ++i)
+            in_order &= got[static_cast<std::size_t>(i)] == std::uint64_t(i);
         CHECK(in_order);
     }
     b.sys->del_subregion(*fb);
@@ -283,8 +283,8 @@ TEST_CASE("listeners hear coalesced_io_add and coalesced_io_del for the parts of
     fb->clear_coalescing();
     CHECK(ops.calls == strings{"w 0x10/4=0x1"});
     CHECK_FALSE(fb->flush_coalesced());
-    CHECK(l.take() == strings{"begin", "co- 1000-10ff fb 1010+20", "co- 1000-10ff fb 1080+10",
-                              "commit"});
+    CHECK(l.take() ==
+          strings{"begin", "co- 1000-10ff fb 1010+20", "co- 1000-10ff fb 1080+10", "commit"});
     CHECK(as.stl_le(0x1010, 2) == qomem::memtx_ok); // no longer coalesced
     CHECK(ops.calls.size() == 2);
 
@@ -295,9 +295,11 @@ TEST_CASE("listeners hear coalesced_io_add and coalesced_io_del for the parts of
     // unregistered is told it gone before its range.
     co_recorder late;
     as.add_listener(late);
-    CHECK(late.take() == strings{"begin", "add 1000-10ff fb", "co+ 1000-10ff fb 1000+100", "commit"});
+    CHECK(late.take() ==
+          strings{"begin", "add 1000-10ff fb", "co+ 1000-10ff fb 1000+100", "commit"});
     as.remove_listener(late);
-    CHECK(late.take() == strings{"begin", "co- 1000-10ff fb 1000+100", "del 1000-10ff fb", "commit"});
+    CHECK(late.take() ==
+          strings{"begin", "co- 1000-10ff fb 1000+100", "del 1000-10ff fb", "commit"});
 
     b.sys->del_subregion(*fb);
     CHECK(l.take() == strings{"begin", "co- 1000-10ff fb 1000+100", "del 1000-10ff fb", "commit"});

@@ -309,7 +309,8 @@ TEST_CASE("ioeventfds are kept in QEMU's order: offset, size, match_data, data, 
         got.push_back(fmt::format("{:x}/{} {} {} {}", e.offset, e.size, e.match_data, e.data,
                                   e.fd == f1.get() ? "f1" : "f2"));
     const std::string second = f1.get() < f2.get() ? "f2" : "f1";
-    CHECK(got == strings{"10/2 false 0 f1", "10/2 true 3 " + std::string(f1.get() < f2.get() ? "f1" : "f2"),
+    CHECK(got == strings{"10/2 false 0 f1",
+                         "10/2 true 3 " + std::string(f1.get() < f2.get() ? "f1" : "f2"),
                          "10/2 true 3 " + second, "10/2 true 5 f1", "10/4 true 5 f1",
                          "20/4 true 5 f1"});
 }

@@ -19,7 +19,9 @@
 // prepare_mmio_access: a read, or a write outside the coalesced ranges),
 // by clear_coalescing / clear_flush_coalesced, and by a write that finds
 // the ring full (it drains it, then queues itself: never grown without
-// bound). A region freed while writes to it are queued loses them.
+// bound). A region freed while writes to it are queued loses them. A
+// region that belongs to no memory system has no ring: its writes are made
+// at once.
 //
 // Threads. Accesses to regions without coalesced ranges and without
 // flush_coalesced never touch the ring (one atomic load of the region's
@@ -124,7 +126,7 @@ public:
     }
 
 private:
-    std::mutex mutex_; // guards slots_, head_, count_
+    std::mutex mutex_;               // guards slots_, head_, count_
     std::unique_ptr<entry[]> slots_; // allocated on first use
     std::size_t head_ = 0, count_ = 0;
     std::atomic<std::size_t> outstanding_{0};

@@ -38,8 +38,8 @@ namespace qomem {
 /// library writes to it and never closes it; it must stay open until the
 /// ioeventfd is deleted (or the region is freed).
 struct ioeventfd {
-    hwaddr offset = 0;    ///< in the region
-    unsigned size = 0;    ///< 0 (any size), 1, 2, 4 or 8
+    hwaddr offset = 0; ///< in the region
+    unsigned size = 0; ///< 0 (any size), 1, 2, 4 or 8
     bool match_data = false;
     std::uint64_t data = 0; ///< compared only when match_data
     int fd = -1;

@@ -1634,16 +1634,16 @@ inline void memory_region::add_eventfd(hwaddr offset, unsigned size, bool match_
                                        std::uint64_t data, int fd) {
     detail::writer_hold w(log_);
     QOMEM_ASSERT(size == 0 || size == 1 || size == 2 || size == 4 || size == 8,
-                 "add_eventfd on '{}': size {} is not 0, 1, 2, 4 or 8 (offset {:#x}, fd {})",
-                 name_, size, offset, fd);
+                 "add_eventfd on '{}': size {} is not 0, 1, 2, 4 or 8 (offset {:#x}, fd {})", name_,
+                 size, offset, fd);
     QOMEM_ASSERT(u128(offset) + std::max(size, 1u) <= size_,
                  "add_eventfd on '{}': [{:#x}, +{}) is past the region's end ({} bytes; fd {})",
                  name_, offset, size, detail::hex(size_), fd);
     QOMEM_ASSERT(size != 0 || !match_data,
                  "add_eventfd on '{}': size 0 (any size) at {:#x} cannot match data {:#x} (fd {})",
                  name_, offset, data, fd);
-    QOMEM_ASSERT(fd >= 0, "add_eventfd on '{}': fd {} at {:#x} is not a file descriptor", name_,
-                 fd, offset);
+    QOMEM_ASSERT(fd >= 0, "add_eventfd on '{}': fd {} at {:#x} is not a file descriptor", name_, fd,
+                 offset);
     const ioeventfd e{offset, size, match_data, match_data ? data : 0, fd};
     const detail::region_io* cur = io_.ptr.load(std::memory_order_relaxed);
     QOMEM_ASSERT(!cur || std::find(cur->eventfds.begin(), cur->eventfds.end(), e) ==

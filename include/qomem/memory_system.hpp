@@ -39,6 +39,16 @@
 // old view keep it until they leave their read section. Finalizing a region
 // may change the topology again: the commit loops until it settles.
 //
+// I/O hooks. A region's ioeventfds and coalesced ranges (ioeventfd.hpp,
+// coalesced_mmio.hpp) act on its guest writes as soon as they are set; each
+// address space keeps their images in guest addresses (QEMU's
+// AddressSpace ioeventfds), which a commit recomputes and diffs for the
+// listeners (memory_listener.hpp) when a hook changed, or when a view
+// changed in a system one of whose regions has ever had hooks — a walk of
+// every range of that view, as QEMU's address_space_update_ioeventfds; a
+// system that never used hooks pays nothing. The system also owns the ring
+// of pending coalesced writes (flush_coalesced).
+//
 // Lifetime. A system lives as long as anything uses it: its handles
 // (ref_ptr<memory_system>, a machine), its address spaces and every region
 // that belongs to it.
@@ -278,6 +288,8 @@ public:
     /// thread). Throws: what an ops callback throws (the writes before it
     /// are made, that one is dropped, the rest stay queued).
     void flush_coalesced() override { detail::drain_coalesced(coalesced_mmio); }
+    /// How many writes the ring holds before a write drains it.
+    static constexpr std::size_t coalesced_capacity = detail::coalesced_ring::capacity;
     /// Coalesced writes queued or being made now. Any thread.
     std::size_t coalesced_pending() const noexcept { return coalesced_mmio.outstanding(); }
 
@@ -366,8 +378,8 @@ private:
         const detail::view_diff* diff =
             nullptr; ///< what changes_only listeners hear (null: nothing)
         const detail::view_diff* full = nullptr; ///< every range, for every_range listeners
-        detail::io_images io;  ///< the hooks shown after the commit
-        detail::io_diff io_diff; ///< what changed in them
+        detail::io_images io = {};               ///< the hooks shown after the commit
+        detail::io_diff io_diff = {};            ///< what changed in them
     };
     /// Tells the listeners one commit: begin to all that hear it, each
     /// address space's dels and adds (publishing its view after them), then

@@ -214,7 +214,8 @@ inline bool dispatch_io_hooks(const memory_region& mr, hwaddr offset, std::uint6
         }
         flush = io->flush_coalesced;
     }
-    if (flush && log && log->coalesced_mmio.outstanding() != 0) drain_coalesced(log->coalesced_mmio);
+    if (flush && log && log->coalesced_mmio.outstanding() != 0)
+        drain_coalesced(log->coalesced_mmio);
     return false;
 }
 

@@ -61,7 +61,7 @@ struct as_coalesced {
 
 /// Everything one address space shows of the hooks.
 struct io_images {
-    std::vector<as_ioeventfd> eventfds; ///< sorted by key
+    std::vector<as_ioeventfd> eventfds;  ///< sorted by key
     std::vector<as_coalesced> coalesced; ///< sorted by key
     bool empty() const noexcept { return eventfds.empty() && coalesced.empty(); }
 };

@@ -24,7 +24,9 @@ struct region_io {
     std::vector<coalesced_range> coalesced; ///< in the order they were added
     bool flush_coalesced = false;
 
-    bool empty() const noexcept { return eventfds.empty() && coalesced.empty() && !flush_coalesced; }
+    bool empty() const noexcept {
+        return eventfds.empty() && coalesced.empty() && !flush_coalesced;
+    }
 
     /// The first ioeventfd a write of `len` bytes of `value` at `offset`
     /// matches, or null.
