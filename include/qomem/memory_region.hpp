@@ -520,7 +520,7 @@ public:
     /// Requires (asserted, nothing changed): it was added. Effects,
     /// references, complexity, throws: as add_eventfd.
     void del_eventfd(hwaddr offset, unsigned size, bool match_data, std::uint64_t data, int fd);
-    /// The region's ioeventfds, in QEMU's order. Writer (a snapshot).
+    /// The region's ioeventfds, in QEMU's order (a copy). Any thread.
     std::vector<ioeventfd> eventfds() const;
 
     /// Coalesces writes to the whole region (QEMU's set_coalescing):
@@ -539,7 +539,7 @@ public:
     /// cleared; listeners hear coalesced_io_del at the commit. References:
     /// none. Throws: what the ops a drain calls or the commit throw.
     void clear_coalescing();
-    /// The coalesced ranges, in the order they were added. Writer.
+    /// The coalesced ranges, in the order they were added (a copy). Any thread.
     std::vector<coalesced_range> coalesced_ranges() const;
     /// Makes every access to this region that is not itself coalesced
     /// drain the ring first (QEMU's set_flush_coalesced). Effects: no
@@ -549,7 +549,8 @@ public:
     /// coalesced ranges (QEMU's clear_flush_coalesced). Throws: what the
     /// ops a drain calls throw.
     void clear_flush_coalesced();
-    bool flush_coalesced() const noexcept;
+    /// True when non-coalesced accesses drain the ring first. Any thread.
+    bool flush_coalesced() const;
 
 protected:
     inline ~memory_region() override;
@@ -1672,6 +1673,7 @@ inline void memory_region::del_eventfd(hwaddr offset, unsigned size, bool match_
 }
 
 inline std::vector<ioeventfd> memory_region::eventfds() const {
+    rcu::read_guard g; // the snapshot is retired through RCU
     const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
     return cur ? cur->eventfds : std::vector<ioeventfd>{};
 }
@@ -1706,6 +1708,7 @@ inline void memory_region::clear_coalescing() {
 }
 
 inline std::vector<coalesced_range> memory_region::coalesced_ranges() const {
+    rcu::read_guard g;
     const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
     return cur ? cur->coalesced : std::vector<coalesced_range>{};
 }
@@ -1724,7 +1727,8 @@ inline void memory_region::clear_flush_coalesced() {
     change_io(false, [](detail::region_io& io) { io.flush_coalesced = false; });
 }
 
-inline bool memory_region::flush_coalesced() const noexcept {
+inline bool memory_region::flush_coalesced() const {
+    rcu::read_guard g;
     const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
     return cur && cur->flush_coalesced;
 }

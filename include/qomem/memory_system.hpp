@@ -378,8 +378,9 @@ private:
         const detail::view_diff* diff =
             nullptr; ///< what changes_only listeners hear (null: nothing)
         const detail::view_diff* full = nullptr; ///< every range, for every_range listeners
-        detail::io_images io = {};               ///< the hooks shown after the commit
-        detail::io_diff io_diff = {};            ///< what changed in them
+        bool io_new = false;                     ///< the hooks it shows were walked again:
+        detail::io_images io = {};               ///< what they are now
+        detail::io_diff io_diff = {};            ///< and what changed in them
     };
     /// Tells the listeners one commit: begin to all that hear it, each
     /// address space's dels and adds (publishing its view after them), then
@@ -816,10 +817,9 @@ inline void memory_system::render() {
         // The hooks it shows, when they may have changed: a hook changed, or
         // the view did in a system that uses hooks.
         if (io_pending || (cur != u.next && (io_used || !slot->io.empty()))) {
+            u.io_new = true;
             u.io = detail::io_images_of(*u.next);
             u.io_diff = detail::diff_io(slot->io, u.io);
-        } else {
-            u.io = slot->io;
         }
         updates.push_back(std::move(u));
     }
@@ -838,7 +838,7 @@ inline void memory_system::tell_and_publish(std::vector<slot_update>& updates) {
     }
     if (!anyone) {
         for (slot_update& u : updates) {
-            u.slot->io = std::move(u.io);
+            if (u.io_new) u.slot->io = std::move(u.io);
             if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
         }
         return;
@@ -851,7 +851,7 @@ inline void memory_system::tell_and_publish(std::vector<slot_update>& updates) {
         tell_io(u, false);
         tell_slot(u);
         tell_io(u, true);
-        u.slot->io = std::move(u.io);
+        if (u.io_new) u.slot->io = std::move(u.io);
         if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
     }
     for (memory_listener& l : listeners_)
@@ -939,13 +939,15 @@ inline void memory_system::add_listener(detail::view_slot& slot, memory_listener
         // QEMU's listener_add_address_space.
         l.begin();
         if (global_dirty_) l.log_global_start();
+        auto co = slot.io.coalesced.begin(); // sorted by their range's start
         for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
             const memory_section s = detail::section_of(r);
             l.region_add(s);
             if (r.dirty_log_mask) l.log_start(s, 0, r.dirty_log_mask);
-            for (const detail::as_coalesced& c : slot.io.coalesced)
-                if (c.section.offset_within_address_space == r.start)
-                    l.coalesced_io_add(c.section, c.addr, c.len);
+            for (; co != slot.io.coalesced.end() &&
+                   co->section.offset_within_address_space <= r.start;
+                 ++co)
+                l.coalesced_io_add(co->section, co->addr, co->len);
         }
         for (const detail::as_ioeventfd& e : slot.io.eventfds)
             l.eventfd_add(e.section, e.match_data, e.data, e.fd);
@@ -982,11 +984,12 @@ inline void memory_system::remove_listener(detail::view_slot& slot, memory_liste
     l.begin();
     for (const detail::as_ioeventfd& e : slot.io.eventfds)
         l.eventfd_del(e.section, e.match_data, e.data, e.fd);
+    auto co = slot.io.coalesced.begin(); // sorted by their range's start
     for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
         const memory_section s = detail::section_of(r);
-        for (const detail::as_coalesced& c : slot.io.coalesced)
-            if (c.section.offset_within_address_space == r.start)
-                l.coalesced_io_del(c.section, c.addr, c.len);
+        for (; co != slot.io.coalesced.end() && co->section.offset_within_address_space <= r.start;
+             ++co)
+            l.coalesced_io_del(co->section, co->addr, co->len);
         if (r.dirty_log_mask) l.log_stop(s, r.dirty_log_mask, 0);
         l.region_del(s);
     }
