@@ -201,8 +201,12 @@ public:
             last_reference_dropped();
     }
 
-    /// The current count (racy by nature when other threads hold references).
-    std::uint32_t ref_count() const noexcept { return ref_.load(std::memory_order_relaxed); }
+    /// The current count (racy by nature when other threads hold references;
+    /// for a memory region in the tree, a snapshot of its per-thread parts).
+    std::uint32_t ref_count() const noexcept {
+        return static_cast<std::uint32_t>(ref_.load(std::memory_order_relaxed) +
+                                          distributed_refs());
+    }
 
     // ---- the composition tree -------------------------------------------------
 
@@ -484,6 +488,26 @@ protected:
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the
     /// count still at one; a failed QOMEM_ASSERT here leaves the object alive.
     virtual void check_finalizable() const {}
+
+    /// References a type counts outside the atomic count (a memory region in
+    /// the tree counts per thread: detail/region_refcount.hpp); ref_count()
+    /// adds them.
+    virtual std::int64_t distributed_refs() const noexcept { return 0; }
+
+    /// Folds `by` references counted elsewhere into the atomic count (a
+    /// region leaving per-thread counting), as one atomic add.
+    /// Requires (asserted): the count stays above zero (a lower sum means
+    /// more unrefs than refs: the count is left as it was).
+    void fold_refs(std::int64_t by) {
+        const auto add = static_cast<std::uint32_t>(by);
+        const std::uint32_t old = ref_.fetch_add(add, std::memory_order_acq_rel);
+        const std::int64_t now = std::int64_t(old) + by;
+        if (now < 1) [[unlikely]] {
+            ref_.fetch_sub(add, std::memory_order_relaxed);
+            QOMEM_ASSERT(false, "unbalanced reference count on {} at {}: {} after folding {}",
+                         type().name, static_cast<const void*>(this), now, by);
+        }
+    }
 
 private:
     template <class T, class... Args>
