@@ -1101,8 +1101,8 @@ inline memory_region::memory_region(const init_args& a)
 }
 
 inline memory_region::~memory_region() {
-    // Still counted per thread only when the owner's constructor threw
-    // (owner_destroyed_unfinalized): give the id back.
+    // Every way out of the owner's tree ends per-thread counting first; this
+    // only gives back the id of a region destroyed some other way (misuse).
     detail::region_refcount::discard(percpu_word_);
     // Unreachable now (no container, not a root, no alias to it: all
     // checked), so detaching the subregions changes no flat view and needs no
@@ -1581,6 +1581,12 @@ inline bool memory_region::held_beyond_owner(const object& owner) const noexcept
 }
 
 inline void memory_region::owner_destroyed_unfinalized(const object& owner) noexcept {
+    // The child property is dropped next without an unparent hook: the count
+    // must be exact before that unref. (A misuse report cannot leave here.)
+    try {
+        count_atomically();
+    } catch (...) {
+    }
     if (owner_ != &owner) return;
     // Out of the guest's view at the next commit (now, unless a transaction
     // is open), and no longer naming the owner (info mtree -o).
