@@ -1565,8 +1565,9 @@ inline bool memory_region::held_beyond_owner(const object& owner) const noexcept
     if (!counted_ || owner_ != &owner) return false;
     // The owner is going: the region leaves the tree with it either way, and
     // the comparison below needs the exact count. A sum showing more unrefs
-    // than refs cannot be reported from here (noexcept): the region is then
-    // treated as held, and on_unparent reports it.
+    // than refs goes to the assertion handler; one that throws is stopped
+    // here (noexcept) and the region is treated as held (kept, not freed
+    // under a holder the counts lost).
     try {
         const_cast<memory_region*>(this)->count_atomically();
     } catch (...) {

@@ -499,13 +499,19 @@ protected:
     /// Requires (asserted): the count stays above zero (a lower sum means
     /// more unrefs than refs: the count is left as it was).
     void fold_refs(std::int64_t by) {
-        const auto add = static_cast<std::uint32_t>(by);
-        const std::uint32_t old = ref_.fetch_add(add, std::memory_order_acq_rel);
-        const std::int64_t now = std::int64_t(old) + by;
-        if (now < 1) [[unlikely]] {
-            ref_.fetch_sub(add, std::memory_order_relaxed);
-            QOMEM_ASSERT(false, "unbalanced reference count on {} at {}: {} after folding {}",
+        // A CAS loop, so that the check comes before the change (other
+        // threads may ref and unref meanwhile through ref_ptr).
+        std::uint32_t old = ref_.load(std::memory_order_relaxed);
+        for (;;) {
+            const std::int64_t now = std::int64_t(old) + by;
+            QOMEM_ASSERT(now >= 1 && now <= std::int64_t(UINT32_MAX),
+                         "unbalanced reference count on {} at {}: {} after folding {}",
                          type().name, static_cast<const void*>(this), now, by);
+            // acq_rel, as drop_ref: the folded unrefs release what their
+            // threads did to the object to whoever drops the last reference.
+            if (ref_.compare_exchange_weak(old, static_cast<std::uint32_t>(now),
+                                           std::memory_order_acq_rel, std::memory_order_relaxed))
+                return;
         }
     }
 
