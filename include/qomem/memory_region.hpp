@@ -84,6 +84,7 @@
 #include <qomem/assert.hpp>
 #include <qomem/coalesced_mmio.hpp>
 #include <qomem/detail/region_io.hpp>
+#include <qomem/detail/region_refcount.hpp>
 #include <qomem/detail/subregion_index.hpp>
 #include <qomem/detail/topology_log.hpp>
 #include <qomem/dirty_log.hpp>
@@ -208,6 +209,12 @@ public:
     /// to it (dropped after the region is freed; see the header overview).
     /// Read-only, for tools that show who holds whom (reference_graph.hpp).
     bool holds_owner() const noexcept { return holds_owner_; }
+    /// True while memory_region_ref/unref count in per-thread counters (an
+    /// owned region that is still its owner's child: README, "Region
+    /// reference counting").
+    bool counted_per_thread() const noexcept {
+        return percpu_word_.load(std::memory_order_relaxed) != 0;
+    }
     /// The memory system this region belongs to, or null before it is placed
     /// in one (see the header overview).
     memory_system* system() const noexcept { return log_ ? &log_->system() : nullptr; }
@@ -570,9 +577,15 @@ public:
     /// own included: see the README on cycles).
     inline bool held_beyond_owner(const object& owner) const noexcept override;
 
+protected:
+    std::int64_t distributed_refs() const noexcept override {
+        return detail::region_refcount::snapshot(percpu_word_);
+    }
+
 private:
     friend void memory_region_ref(memory_region& mr);
     friend void memory_region_unref(memory_region& mr);
+    friend ref_ptr<memory_region> make_region(const init_args& a);
     friend class memory_system;
     friend class address_space;
     template <class>
@@ -635,6 +648,19 @@ private:
     void drain_coalesced_ring() const {
         if (log_ && log_->coalesced_mmio.outstanding() != 0) log_->flush_coalesced();
     }
+    /// Starts per-thread counting (detail/region_refcount.hpp): called once
+    /// the region is its owner's child, before anything else can see it.
+    inline void count_per_thread();
+    /// Ends it: the per-thread parts are folded into the atomic count, which
+    /// is exact from then on. Effects: waits for threads inside a ref/unref
+    /// of this region (never longer). Throws: what the assertion handler
+    /// throws if the sum shows more unrefs than refs (count unchanged).
+    inline void count_atomically();
+
+    // Non-zero while counted per thread (the region's id there; see
+    // detail/region_refcount.hpp). Mutable: held_beyond_owner ends it.
+    mutable std::atomic<std::uint32_t> percpu_word_{0};
+    bool percpu_done_ = false; // counted per thread once already: never again
 
     detail::region_io_slot io_; // ioeventfds, coalesced ranges, flush_coalesced
     detail::subregion_hook sub_hook_;
@@ -695,16 +721,31 @@ private:
 
 /// Takes a reference to the region itself (never its owner). Ownerless
 /// regions are not counted: one branch. Any thread.
-inline void memory_region_ref(memory_region& mr) {
-    if (mr.counted_) mr.ref();
+/// Requires: the caller holds a reference already, or reaches the region
+/// through something that does (a view, its owner's tree).
+/// Effects: while the region is its owner's child, +1 in a counter of this
+/// thread's own (no atomic RMW: detail/region_refcount.hpp); otherwise +1 on
+/// its atomic count. Complexity: O(1); wait-free but for a thread's first
+/// call and while the region is switching to its atomic count. Throws:
+/// nothing but through the assertion handler (a dead region).
+[[gnu::always_inline]] inline void memory_region_ref(memory_region& mr) {
+    if (!mr.counted_) return;
+    if (!detail::region_refcount::add(mr.percpu_word_, 1)) mr.ref();
 }
 /// Drops a reference taken by memory_region_ref; the last one finalizes the
 /// region (and may finalize its owner) on the thread holding its memory
 /// system's writer role: here if this thread holds it or can take it at
 /// once, otherwise handed to the holder, which finalizes it when it gives the
 /// role back. Any thread.
-inline void memory_region_unref(memory_region& mr) {
-    if (mr.counted_) mr.unref();
+/// Requires: a reference taken by memory_region_ref (on any thread).
+/// Effects: while the region is its owner's child, -1 in this thread's
+/// counter (it cannot be the last reference: the child property holds one;
+/// an unbalanced unref is reported when the region leaves the tree);
+/// otherwise -1 on its atomic count, as described above. Complexity and
+/// Throws: as memory_region_ref, plus the finalization's.
+[[gnu::always_inline]] inline void memory_region_unref(memory_region& mr) {
+    if (!mr.counted_) return;
+    if (!detail::region_refcount::add(mr.percpu_word_, -1)) mr.unref();
 }
 
 /// A move-only holder of one memory_region_ref.
@@ -756,6 +797,7 @@ inline void add_to_home(memory_region& mr, const memory_region::init_args& a) {
 inline ref_ptr<memory_region> make_region(const memory_region::init_args& a) {
     auto mr = make<memory_region>(a);
     detail::add_to_home(*mr, a);
+    mr->count_per_thread();
     return mr;
 }
 
@@ -1127,6 +1169,9 @@ inline memory_region::memory_region(const init_args& a)
 }
 
 inline memory_region::~memory_region() {
+    // Every way out of the owner's tree ends per-thread counting first; this
+    // only gives back the id of a region destroyed some other way (misuse).
+    detail::region_refcount::discard(percpu_word_);
     // Unreachable now (no container, not a root, no alias to it: all
     // checked), so detaching the subregions changes no flat view and needs no
     // commit. An ownerless region was finalized only after a grace period
@@ -1175,14 +1220,14 @@ inline void memory_region::retire_ownerless() {
 
 inline void memory_region::dma_hold() noexcept {
     if (counted_)
-        ref();
+        memory_region_ref(*this);
     else
         dma_users_.fetch_add(1, std::memory_order_relaxed);
 }
 
 inline void memory_region::dma_release() noexcept {
     if (counted_)
-        unref();
+        memory_region_unref(*this);
     else
         dma_users_.fetch_sub(1,
                              std::memory_order_release); // pairs with check_finalizable's acquire
@@ -1548,7 +1593,24 @@ inline void memory_region::apply_size(u128 size) {
     changed_inside(0, i128(std::max(old, size)));
 }
 
+inline void memory_region::count_per_thread() {
+    if (!counted_ || percpu_done_ || !owner_ || parent() != owner_) return;
+    percpu_done_ = true;
+    // Relaxed: the region is published to other threads after this, through
+    // whatever gives them the handle (a happens-before edge).
+    percpu_word_.store(detail::region_refcount::allocate_id(), std::memory_order_relaxed);
+}
+
+inline void memory_region::count_atomically() {
+    detail::region_refcount::kill_and_sum(percpu_word_, [&](std::int64_t sum) {
+        if (sum != 0) fold_refs(sum);
+    });
+}
+
 inline void memory_region::on_unparent() {
+    // From here the count matters: the owner's child property no longer
+    // pins the region (README, "Region reference counting").
+    count_atomically();
     if (owner_ && parent() == owner_ && !holds_owner_) {
         if (owner_->ref_count() == 0) {
             // The owner is being finalized and is releasing its children.
@@ -1569,6 +1631,16 @@ inline void memory_region::on_unparent() {
 
 inline bool memory_region::held_beyond_owner(const object& owner) const noexcept {
     if (!counted_ || owner_ != &owner) return false;
+    // The owner is going: the region leaves the tree with it either way, and
+    // the comparison below needs the exact count. A sum showing more unrefs
+    // than refs goes to the assertion handler; one that throws is stopped
+    // here (noexcept) and the region is treated as held (kept, not freed
+    // under a holder the counts lost).
+    try {
+        const_cast<memory_region*>(this)->count_atomically();
+    } catch (...) {
+        return true;
+    }
     auto own = [&](const memory_region* r) { return r->owner_ == &owner && r->parent() == &owner; };
     std::uint32_t internal = parent() == &owner ? 1 : 0; // the child property
     if (container_ && own(container_)) ++internal;
@@ -1578,6 +1650,12 @@ inline bool memory_region::held_beyond_owner(const object& owner) const noexcept
 }
 
 inline void memory_region::owner_destroyed_unfinalized(const object& owner) noexcept {
+    // The child property is dropped next without an unparent hook: the count
+    // must be exact before that unref. (A misuse report cannot leave here.)
+    try {
+        count_atomically();
+    } catch (...) {
+    }
     if (owner_ != &owner) return;
     // Out of the guest's view at the next commit (now, unless a transaction
     // is open), and no longer naming the owner (info mtree -o).

@@ -201,8 +201,12 @@ public:
             last_reference_dropped();
     }
 
-    /// The current count (racy by nature when other threads hold references).
-    std::uint32_t ref_count() const noexcept { return ref_.load(std::memory_order_relaxed); }
+    /// The current count (racy by nature when other threads hold references;
+    /// for a memory region in the tree, a snapshot of its per-thread parts).
+    std::uint32_t ref_count() const noexcept {
+        return static_cast<std::uint32_t>(ref_.load(std::memory_order_relaxed) +
+                                          distributed_refs());
+    }
 
     // ---- the composition tree -------------------------------------------------
 
@@ -484,6 +488,32 @@ protected:
     /// dropped (e.g. a memory region still mapped somewhere). Runs with the
     /// count still at one; a failed QOMEM_ASSERT here leaves the object alive.
     virtual void check_finalizable() const {}
+
+    /// References a type counts outside the atomic count (a memory region in
+    /// the tree counts per thread: detail/region_refcount.hpp); ref_count()
+    /// adds them.
+    virtual std::int64_t distributed_refs() const noexcept { return 0; }
+
+    /// Folds `by` references counted elsewhere into the atomic count (a
+    /// region leaving per-thread counting), as one atomic add.
+    /// Requires (asserted): the count stays above zero (a lower sum means
+    /// more unrefs than refs: the count is left as it was).
+    void fold_refs(std::int64_t by) {
+        // A CAS loop, so that the check comes before the change (other
+        // threads may ref and unref meanwhile through ref_ptr).
+        std::uint32_t old = ref_.load(std::memory_order_relaxed);
+        for (;;) {
+            const std::int64_t now = std::int64_t(old) + by;
+            QOMEM_ASSERT(now >= 1 && now <= std::int64_t(UINT32_MAX),
+                         "unbalanced reference count on {} at {}: {} after folding {}",
+                         type().name, static_cast<const void*>(this), now, by);
+            // acq_rel, as drop_ref: the folded unrefs release what their
+            // threads did to the object to whoever drops the last reference.
+            if (ref_.compare_exchange_weak(old, static_cast<std::uint32_t>(now),
+                                           std::memory_order_acq_rel, std::memory_order_relaxed))
+                return;
+        }
+    }
 
 private:
     template <class T, class... Args>
