@@ -13,6 +13,7 @@
 #include <qomem/flatten.hpp>             // QEMU's rendering rules
 #include <qomem/fwd.hpp>                 // forward declarations
 #include <qomem/hotplug.hpp>             // hotplug handlers, DEVICE_DELETED
+#include <qomem/iommu.hpp>               // IOMMU regions, notifiers, replay
 #include <qomem/log.hpp>                 // diagnostic lines
 #include <qomem/machine.hpp>             // machines, each with its memory system
 #include <qomem/memory_listener.hpp>     // following a flat view
