@@ -333,8 +333,9 @@ TEST_CASE("an UNMAP notification while a DMA mapping through the IOMMU is live l
     r.unit.map(*r.dmar, 0x2000, 0x401000, iommu_access::rw);
 
     std::vector<std::string> seen;
-    iommu_notifier n([&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
-                     qomem::iommu_notifier_unmap, 0, 64 * page - 1);
+    iommu_notifier n(
+        [&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
+        qomem::iommu_notifier_unmap, 0, 64 * page - 1);
     r.dmar->register_notifier(n);
 
     auto m = r.dma->map(0x2000, 0x1000, true);
@@ -349,7 +350,7 @@ TEST_CASE("an UNMAP notification while a DMA mapping through the IOMMU is live l
     r.b.sys->del_subregion(*raw);
     ring.reset();
     nic.reset();
-    CHECK(raw->ref_count() == 1); // only the mapping holds it
+    CHECK(raw->ref_count() == 1);          // only the mapping holds it
     std::memset(m.data(), 0xab, m.size()); // still valid memory (ASan checks)
     r.dma->unmap(m, m.size());             // frees the ring, then the nic
     CHECK(live_count("device") == 1);      // only the board's
@@ -378,7 +379,7 @@ TEST_CASE("MAP, UNMAP and DEVIOTLB_UNMAP notifiers over a range see exactly the 
     CHECK(r.dmar->notifier_flags() == qomem::iommu_notifier_all);
     CHECK(r.unit.flag_changes == std::vector<std::string>{"0->2", "2->3", "3->7"});
 
-    r.unit.map(*r.dmar, 0x1000, 0x11000, iommu_access::ro);  // outside map_n
+    r.unit.map(*r.dmar, 0x1000, 0x11000, iommu_access::ro); // outside map_n
     r.unit.map(*r.dmar, 0x3000, 0x13000, iommu_access::rw);
     r.unit.unmap(*r.dmar, 0x2000);
     r.unit.unmap(*r.dmar, 0x3000);
@@ -396,10 +397,10 @@ TEST_CASE("MAP, UNMAP and DEVIOTLB_UNMAP notifiers over a range see exactly the 
     CHECK(dev == std::vector<std::string>{"deviotlb 0x2800+0xfff->0x0 perm 0"});
 
     SECTION("an event crossing a MAP notifier's range is the IOMMU model's misuse") {
-        CHECK_THROWS_AS(r.dmar->notify(0, {qomem::iommu_notifier_map,
-                                           {r.unit.target, 0x5000, 0x15000, 0x1fff,
-                                            iommu_access::rw}}),
-                        qomem::assertion_failure);
+        CHECK_THROWS_AS(
+            r.dmar->notify(0, {qomem::iommu_notifier_map,
+                               {r.unit.target, 0x5000, 0x15000, 0x1fff, iommu_access::rw}}),
+            qomem::assertion_failure);
         CHECK_THROWS_AS(r.dmar->notify(0, {qomem::iommu_notifier_unmap,
                                            {r.unit.target, 0x5000, 0, 0xfff, iommu_access::rw}}),
                         qomem::assertion_failure);
@@ -410,8 +411,8 @@ TEST_CASE("MAP, UNMAP and DEVIOTLB_UNMAP notifiers over a range see exactly the 
     CHECK(r.unit.flag_changes.back() == "7->3");
     r.dmar->unregister_notifier(map_n);
     r.dmar->unregister_notifier(unmap_n);
-    CHECK(r.unit.flag_changes == std::vector<std::string>{"0->2", "2->3", "3->7", "7->3",
-                                                          "3->1", "1->0"});
+    CHECK(r.unit.flag_changes ==
+          std::vector<std::string>{"0->2", "2->3", "3->7", "7->3", "3->1", "1->0"});
     CHECK(r.dmar->notifiers() == 0);
 
     SECTION("a model that refuses the flags leaves the notifier unregistered") {
@@ -442,8 +443,9 @@ TEST_CASE("replay delivers the current mappings in the notifier's range, by tran
     r.unit.unmap(*r.dmar, 0x9000);
 
     std::vector<std::string> seen;
-    iommu_notifier n([&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
-                     qomem::iommu_notifier_map, 0x2000, 0xafff);
+    iommu_notifier n(
+        [&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
+        qomem::iommu_notifier_map, 0x2000, 0xafff);
     r.dmar->register_notifier(n);
     r.unit.translations = 0;
     r.dmar->replay(n);
@@ -473,7 +475,7 @@ TEST_CASE("nested translation: an IOMMU whose target address space holds another
         r.unit.target = &mid; // stage 1 (4 KiB pages) into the intermediate space
 
         r.unit.map(*r.dmar, 0x2000, 0x31000, iommu_access::rw); // IPA 0x31000
-        stage2.map(*s2, 0x30000, 0xa0000, iommu_access::rw);     // PA 0xa1000
+        stage2.map(*s2, 0x30000, 0xa0000, iommu_access::rw);    // PA 0xa1000
         REQUIRE(r.dma->stl_le(0x2010, 0x5eed5eedu) == qomem::memtx_ok);
         std::uint32_t v = 0;
         REQUIRE(r.memory->ldl_le(0xa1010, v) == qomem::memtx_ok);
@@ -511,7 +513,7 @@ TEST_CASE("a translation loop (an IOMMU translating into its own address space) 
     qomem_test::scoped_log_category errors(qomem::log_category::guest_errors, true);
     rig r;
     r.unit.map(*r.dmar, 0x2000, 0x2000, iommu_access::rw); // identity, into...
-    r.unit.target = &*r.dma;                                // ...its own space
+    r.unit.target = &*r.dma;                               // ...its own space
     r.unit.translations = 0;
     std::uint32_t v = 0xffffffff;
     CHECK(r.dma->read(0x2000, &v, 4) == qomem::memtx_decode_error);
@@ -610,8 +612,9 @@ TEST_CASE("attrs_to_index picks the IOMMU index of an access, and notifiers foll
     CHECK(v == 0xbbbbu);
 
     std::vector<std::string> seen;
-    iommu_notifier n1([&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
-                      qomem::iommu_notifier_map, 0, 64 * page - 1, 1);
+    iommu_notifier n1(
+        [&](iommu_notifier&, const iommu_tlb_event& e) { seen.push_back(event_text(e)); },
+        qomem::iommu_notifier_map, 0, 64 * page - 1, 1);
     mr->register_notifier(n1);
     mr->replay(n1);
     CHECK(seen == std::vector<std::string>{"map 0x2000+0xfff->0x20000 perm 3"});

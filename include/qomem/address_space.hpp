@@ -363,9 +363,8 @@ private:
     // `len` bytes at `offset` of the IOMMU region of `fr` (len within fr),
     // page by page in the target address spaces; `sized`: one access of
     // `len` bytes (a typed access) where it fits in one page.
-    static memtx_result iommu_access(const flat_range& fr, hwaddr offset, std::byte* buf,
-                                     u128 len, bool is_write, mem_attrs attrs, unsigned depth,
-                                     bool sized);
+    static memtx_result iommu_access(const flat_range& fr, hwaddr offset, std::byte* buf, u128 len,
+                                     bool is_write, mem_attrs attrs, unsigned depth, bool sized);
     bool access_valid_at(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs,
                          unsigned depth) const;
     template <endianness Order>
@@ -392,7 +391,8 @@ private:
             if (depth == iommu_max_depth) return;
             const iommu_hop h = iommu->hop(at - fr->start + fr->offset_in_region, is_write, attrs);
             if (!h.target) return;
-            len = static_cast<hwaddr>(std::min<u128>(len, std::min<u128>(h.page_left, fr->end() - at)));
+            len = static_cast<hwaddr>(
+                std::min<u128>(len, std::min<u128>(h.page_left, fr->end() - at)));
             at = h.addr;
             fv = h.target->current();
         }
@@ -689,8 +689,8 @@ inline found_section address_space::translate(hwaddr addr, hwaddr& len, bool is_
     return found_section(s);
 }
 
-inline bool address_space::access_valid_at(hwaddr addr, hwaddr len, bool is_write,
-                                           mem_attrs attrs, unsigned depth) const {
+inline bool address_space::access_valid_at(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs,
+                                           unsigned depth) const {
     const u128 end = u128(addr) + len;
     if (end > u128_2_64) return false;
     rcu::read_guard g;
@@ -735,9 +735,9 @@ inline bool address_space::access_valid_at(hwaddr addr, hwaddr len, bool is_writ
     return true;
 }
 
-inline memtx_result address_space::access_through(const flat_view& v, hwaddr addr,
-                                                  std::byte* buf, u128 len, bool is_write,
-                                                  mem_attrs attrs, unsigned depth) const {
+inline memtx_result address_space::access_through(const flat_view& v, hwaddr addr, std::byte* buf,
+                                                  u128 len, bool is_write, mem_attrs attrs,
+                                                  unsigned depth) const {
     // detail::access_view, but an IOMMU range goes to iommu_access.
     const bool big = sys_->target_big_endian();
     memtx_result r = memtx_ok;
@@ -772,9 +772,9 @@ inline memtx_result address_space::access_through(const flat_view& v, hwaddr add
     return r;
 }
 
-inline memtx_result address_space::access_sized(const flat_view& v, hwaddr addr,
-                                                std::byte* bytes, unsigned size, bool is_write,
-                                                mem_attrs attrs, unsigned depth) const {
+inline memtx_result address_space::access_sized(const flat_view& v, hwaddr addr, std::byte* bytes,
+                                                unsigned size, bool is_write, mem_attrs attrs,
+                                                unsigned depth) const {
     const flat_range* fr = v.lookup(addr);
     if (fr && size - 1 <= fr->last() - addr) {
         const hwaddr offset = addr - fr->start + fr->offset_in_region;
@@ -786,9 +786,9 @@ inline memtx_result address_space::access_sized(const flat_view& v, hwaddr addr,
     return access_through(v, addr, bytes, size, is_write, attrs, depth);
 }
 
-inline memtx_result address_space::iommu_access(const flat_range& fr, hwaddr offset,
-                                                std::byte* buf, u128 len, bool is_write,
-                                                mem_attrs attrs, unsigned depth, bool sized) {
+inline memtx_result address_space::iommu_access(const flat_range& fr, hwaddr offset, std::byte* buf,
+                                                u128 len, bool is_write, mem_attrs attrs,
+                                                unsigned depth, bool sized) {
     auto& iommu = static_cast<iommu_memory_region&>(*fr.mr);
     memtx_result r = memtx_ok;
     while (len > 0) {
@@ -804,18 +804,16 @@ inline memtx_result address_space::iommu_access(const flat_range& fr, hwaddr off
                          fmt::format("IOMMU fault: {} at iova 0x{:X}, size {}, region '{}', "
                                      "reason: {}",
                                      is_write ? "write" : "read", offset,
-                                     static_cast<std::uint64_t>(n),
-                                     iommu.region_name(), fault));
+                                     static_cast<std::uint64_t>(n), iommu.region_name(), fault));
             if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(n));
             r |= memtx_decode_error;
         } else {
             rcu::read_guard g; // the target's view, for this piece
             const flat_view& tv = *h.target->current();
-            r |= one_access ? h.target->access_sized(tv, h.addr, buf,
-                                                            static_cast<unsigned>(n), is_write,
-                                                            attrs, depth + 1)
-                                   : h.target->access_through(tv, h.addr, buf, n, is_write, attrs,
-                                                              depth + 1);
+            r |= one_access
+                     ? h.target->access_sized(tv, h.addr, buf, static_cast<unsigned>(n), is_write,
+                                              attrs, depth + 1)
+                     : h.target->access_through(tv, h.addr, buf, n, is_write, attrs, depth + 1);
         }
         buf += static_cast<std::size_t>(n);
         offset += static_cast<hwaddr>(n);

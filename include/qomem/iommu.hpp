@@ -45,6 +45,7 @@
 // big lock), never from a notifier's own callback.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -126,9 +127,7 @@ public:
         QOMEM_ASSERT(start <= last, "iommu_notifier: start 0x{:x} is after last 0x{:x}", start,
                      last);
     }
-    ~iommu_notifier() {
-        QOMEM_ASSERT(!region_, "iommu_notifier destroyed while still registered");
-    }
+    ~iommu_notifier() { QOMEM_ASSERT(!region_, "iommu_notifier destroyed while still registered"); }
     iommu_notifier(const iommu_notifier&) = delete;
     iommu_notifier& operator=(const iommu_notifier&) = delete;
 
@@ -215,9 +214,10 @@ public:
     iommu_hop hop(hwaddr addr, bool is_write, mem_attrs attrs) {
         const int idx = attrs_to_index(attrs);
         QOMEM_ASSERT(idx >= 0 && idx < num_indexes(),
-                     "IOMMU '{}': attrs_to_index gave {}, not below num_indexes {}",
-                     region_name(), idx, num_indexes());
-        const iommu_tlb_entry e = translate(addr, is_write ? iommu_access::wo : iommu_access::ro, idx);
+                     "IOMMU '{}': attrs_to_index gave {}, not below num_indexes {}", region_name(),
+                     idx, num_indexes());
+        const iommu_tlb_entry e =
+            translate(addr, is_write ? iommu_access::wo : iommu_access::ro, idx);
         iommu_hop h;
         h.page_left = u128(e.addr_mask) - (addr & e.addr_mask) + 1;
         if (!iommu_permits(e.perm, is_write))
@@ -265,7 +265,7 @@ public:
     /// called from a notifier. Effects: tells the model when the union of
     /// flags changes (what it throws is ignored: the notifier is gone).
     /// Complexity: O(notifiers).
-    void unregister_notifier(iommu_notifier& n) noexcept(false) {
+    void unregister_notifier(iommu_notifier& n) {
         QOMEM_ASSERT(n.region_ == this, "iommu_notifier is not registered with '{}'",
                      region_name());
         QOMEM_ASSERT(!notifying_, "unregister_notifier from a notifier of '{}'", region_name());
@@ -378,8 +378,8 @@ inline void iommu_ops::replay(iommu_memory_region& mr, iommu_notifier& n) { mr.d
 /// (QEMU's memory_region_init_iommu). Effects, references: as the other
 /// make_* functions (memory_region.hpp); `ops` must outlive the region.
 /// Throws: region_error for a size above 2^64.
-inline ref_ptr<iommu_memory_region> make_iommu(region_owner where, std::string_view name,
-                                               u128 size, iommu_ops& ops) {
+inline ref_ptr<iommu_memory_region> make_iommu(region_owner where, std::string_view name, u128 size,
+                                               iommu_ops& ops) {
     memory_region::init_args a{where, std::string(name), region_kind::iommu, size};
     auto mr = make<iommu_memory_region>(a, ops);
     detail::add_to_home(*mr, a);
