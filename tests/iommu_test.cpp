@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +30,7 @@
 #include <qomem/memory_region_cache.hpp>
 #include <qomem/mtree.hpp>
 #include <qomem/object.hpp>
+#include <qomem/pci.hpp>
 #include <qomem/tlb.hpp>
 
 #include "test_support.hpp"
@@ -619,4 +622,79 @@ TEST_CASE("attrs_to_index picks the IOMMU index of an access, and notifiers foll
     mr->replay(n1);
     CHECK(seen == std::vector<std::string>{"map 0x2000+0xfff->0x20000 perm 3"});
     mr->unregister_notifier(n1);
+}
+
+TEST_CASE("PCI functions behind an IOMMU master DMA into per-devfn address spaces, each "
+          "translated by its own table (pci_device_iommu_address_space)",
+          "[iommu][pci]") {
+    qomem_test::leak_check leaks;
+    qomem_test::throwing_assertions asserts;
+    // The model as intel-iommu: one table and one address space per devfn,
+    // made on first use.
+    struct per_device {
+        table_iommu unit; // outlives its region
+        qomem::ref_ptr<qomem::memory_region> root;
+        qomem::ref_ptr<iommu_memory_region> mr;
+        std::optional<qomem::address_space> as;
+    };
+    std::map<std::uint8_t, std::unique_ptr<per_device>> spaces;
+    {
+        qomem_test::virtio_machine r;
+        auto plug = [&](const std::string& name, std::uint8_t devfn) -> qomem::pci_device& {
+            auto fn = qomem::make<qomem::pci_device>();
+            fn->set_devfn(devfn);
+            fn->plug_into(r.host->bus());
+            r.add(name, fn);
+            fn->realize();
+            return *fn;
+        };
+        qomem::pci_device& a = plug("fn-a", 0x08);
+        qomem::pci_device& b = plug("fn-b", 0x10);
+        CHECK(qomem::pci_device_iommu_address_space(a) == nullptr); // no IOMMU yet
+
+        r.host->bus().set_iommu([&](qomem::pci_bus&, std::uint8_t devfn) -> qomem::address_space& {
+            auto& e = spaces[devfn];
+            if (!e) {
+                e = std::make_unique<per_device>();
+                e->unit.table_as = &*r.as;
+                e->unit.target = &*r.as;
+                e->unit.table = table_base + hwaddr(devfn) * page;
+                const std::string name = fmt::format("vtd-{:02x}.{}", devfn >> 3, devfn & 7);
+                e->root = qomem::make_container(nullptr, name, qomem::u128_2_64);
+                e->mr = qomem::make_iommu(nullptr, "dmar", 64 * page, e->unit);
+                e->root->add_subregion(0, *e->mr);
+                e->as.emplace(*e->root, name);
+            }
+            return *e->as;
+        });
+        qomem::address_space* as_a = qomem::pci_device_iommu_address_space(a);
+        qomem::address_space* as_b = qomem::pci_device_iommu_address_space(b);
+        REQUIRE(as_a);
+        REQUIRE(as_b);
+        CHECK(as_a != as_b);
+        CHECK(qomem::pci_device_iommu_address_space(a) == as_a); // made once
+        CHECK(as_a->name() == "vtd-01.0");
+        CHECK(as_b->name() == "vtd-02.0");
+
+        // The same IOVA, two tables, two pages of guest memory.
+        spaces[0x08]->unit.map(*spaces[0x08]->mr, 0x2000, 0x10000, iommu_access::rw);
+        spaces[0x10]->unit.map(*spaces[0x10]->mr, 0x2000, 0x20000, iommu_access::ro);
+        REQUIRE(as_a->stl_le(0x2004, 0xaaaa0001u) == qomem::memtx_ok);
+        CHECK(as_b->stl_le(0x2004, 0xbbbb0002u) == qomem::memtx_decode_error); // read-only for b
+        REQUIRE(r.as->stl_le(0x20004, 0xbbbb0003u) == qomem::memtx_ok);
+        std::uint32_t v = 0;
+        REQUIRE(r.as->ldl_le(0x10004, v) == qomem::memtx_ok);
+        CHECK(v == 0xaaaa0001u);
+        REQUIRE(as_b->ldl_le(0x2004, v) == qomem::memtx_ok);
+        CHECK(v == 0xbbbb0003u);
+
+        r.host->bus().set_iommu({});
+        CHECK_FALSE(r.host->bus().has_iommu());
+        CHECK(qomem::pci_device_iommu_address_space(b) == nullptr);
+        for (auto& [devfn, e] : spaces) {
+            e->as.reset();
+            e->root->del_subregion(*e->mr);
+        }
+        spaces.clear();
+    }
 }
