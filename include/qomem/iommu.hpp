@@ -345,7 +345,9 @@ public:
     /// of the notifier's range within the region, and notify a map event for
     /// each translation that permits anything. (QEMU walks the whole region;
     /// pages outside the notifier's range would only be dropped by it.)
+    /// Requires (asserted): min_page_size is a power of two.
     /// Complexity: one translate per step of the range.
+    /// Throws: what translate or the notifier throws.
     void default_replay(iommu_notifier& n) {
         const hwaddr step = min_page_size();
         QOMEM_ASSERT(step != 0 && (step & (step - 1)) == 0,
