@@ -35,11 +35,14 @@ test: deps build
 	ctest --test-dir build --output-on-failure -j$(JOBS)
 
 # The environment also covers the build, which runs each test executable to list its tests.
+# Left to the plain run: the header checks, the benchmarks and the install
+# tree (its consumer test builds nothing of ours under ASan).
 test-asan: export ASAN_OPTIONS := detect_leaks=1:abort_on_error=1
 test-asan: export UBSAN_OPTIONS := print_stacktrace=1:halt_on_error=1
 test-asan: deps
 	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=address,undefined \
-	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
+	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_INSTALL=OFF \
+	  -DQOMEM_QEMU_TESTS=$(QEMU_TESTS)
 	cmake --build build-asan -j$(JOBS)
 	ctest --test-dir build-asan --output-on-failure -j$(JOBS)
 
@@ -132,20 +135,23 @@ lint: deps
 # Coverage-guided fuzzing (libFuzzer, clang 14, ASan+UBSan): each target in
 # tests/fuzz/ runs for FUZZ_SECONDS from its committed seed corpus (every
 # crash found so far is in it: a regression input) plus what it learns in
-# build-fuzz/. Any crash, leak or failed check fails the target.
+# build-fuzz/. Any crash, leak or failed check fails the target. Targets are
+# built and run JOBS at a time (each libFuzzer run is one process); a run's
+# output goes to build-fuzz/fuzz_NAME.log, printed when it fails.
 FUZZ_SECONDS ?= 60
 FUZZERS := $(patsubst tests/fuzz/fuzz_%.cpp,%,$(wildcard tests/fuzz/fuzz_*.cpp))
 fuzz: deps
 	mkdir -p build-fuzz
-	for f in $(FUZZERS); do \
+	printf '%s\n' $(FUZZERS) | xargs -P $(JOBS) -I{} \
 	  clang++-14 -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-	    -Iinclude tests/fuzz/fuzz_$$f.cpp -lfmt -o build-fuzz/fuzz_$$f || exit 1; \
-	done
-	for f in $(FUZZERS); do \
-	  mkdir -p build-fuzz/corpus-$$f; \
-	  build-fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
-	    -artifact_prefix=build-fuzz/ build-fuzz/corpus-$$f tests/fuzz/corpus/$$f || exit 1; \
-	done
+	    -Iinclude tests/fuzz/fuzz_{}.cpp -lfmt -o build-fuzz/fuzz_{}
+	printf '%s\n' $(FUZZERS) | xargs -P $(JOBS) -I{} sh -c ' \
+	  mkdir -p build-fuzz/corpus-{}; \
+	  if build-fuzz/fuzz_{} -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	      -artifact_prefix=build-fuzz/{}- build-fuzz/corpus-{} tests/fuzz/corpus/{} \
+	      > build-fuzz/fuzz_{}.log 2>&1; \
+	  then echo "fuzz_{}: $$(grep -o "Done [0-9]* runs in [0-9]* second(s)" build-fuzz/fuzz_{}.log)"; \
+	  else tail -n 60 build-fuzz/fuzz_{}.log; echo "fuzz_{}: FAILED (build-fuzz/fuzz_{}.log)"; exit 1; fi'
 
 clean:
 	rm -rf build build-asan build-tsan build-aarch64 build-bench build-lint build-fuzz

@@ -221,36 +221,6 @@ struct flat_memory {
     qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn) { return load(addr, insn); }
 };
 
-/// The plain API: every access through address_space::load / store.
-struct as_memory {
-    qomem::address_space& as;
-    template <class T>
-    qomem::memtx_result load(std::uint32_t addr, T& v) {
-        return as.load<T, qomem::endianness::little>(addr, v);
-    }
-    template <class T>
-    qomem::memtx_result store(std::uint32_t addr, T v) {
-        return as.store<T, qomem::endianness::little>(addr, v);
-    }
-    qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn) { return load(addr, insn); }
-};
-
-/// The TLB: the same, through a cpu_tlb (in read sections: see run_kernel).
-struct tlb_memory {
-    qomem::cpu_tlb& tlb;
-    template <class T>
-    qomem::memtx_result load(std::uint32_t addr, T& v) {
-        return tlb.load<T, qomem::endianness::little>(addr, v);
-    }
-    template <class T>
-    qomem::memtx_result store(std::uint32_t addr, T v) {
-        return tlb.store<T, qomem::endianness::little>(addr, v);
-    }
-    qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn) {
-        return tlb.fetch<std::uint32_t, qomem::endianness::little>(addr, insn);
-    }
-};
-
 /// Runs the kernel to its ecall in slices of 4096 instructions, each inside
 /// an RCU read section (as a vCPU runs); returns its checksum (a0), or 0
 /// with the benchmark marked failed.
@@ -311,7 +281,7 @@ void rv32_address_space(benchmark::State& state) {
     machine m;
     const std::vector<std::uint8_t> code = kernel();
     m.as->write(ram_base, code.data(), code.size());
-    as_memory mem{*m.as};
+    rv32::space_memory mem{*m.as};
     interpret(state, mem);
 }
 
@@ -320,7 +290,7 @@ void rv32_tlb(benchmark::State& state) {
     const std::vector<std::uint8_t> code = kernel();
     m.as->write(ram_base, code.data(), code.size());
     qomem::cpu_tlb tlb(*m.as);
-    tlb_memory mem{tlb};
+    rv32::tlb_memory mem{tlb};
     interpret(state, mem);
 }
 

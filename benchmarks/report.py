@@ -279,7 +279,8 @@ def print_machine(contexts, build):
           + (f", hypervisor {cpu['Hypervisor vendor']}" if "Hypervisor vendor" in cpu else ""))
     print(f"- Kernel: {platform.system()} {platform.release()}")
     if contexts:
-        ctx = contexts[0][1]
+        # compile_cost.json is ours and has no Google Benchmark context.
+        ctx = next((c for _, c in contexts if "num_cpus" in c), contexts[0][1])
         print(f"- Google Benchmark context: {ctx.get('num_cpus', '?')} CPUs at "
               f"{ctx.get('mhz_per_cpu', '?')} MHz, library build type "
               f"{ctx.get('library_build_type', '?')}, run {ctx.get('date', '?')}")

@@ -277,22 +277,6 @@ std::vector<std::uint8_t> firmware(rv32::assembler& a) {
     return a.finish();
 }
 
-/// The CPU's view of memory: the TLB, with RISC-V's little-endian values.
-struct tlb_memory {
-    qomem::cpu_tlb& tlb;
-    template <class T>
-    qomem::memtx_result load(std::uint32_t addr, T& v) {
-        return tlb.load<T, qomem::endianness::little>(addr, v);
-    }
-    template <class T>
-    qomem::memtx_result store(std::uint32_t addr, T v) {
-        return tlb.store<T, qomem::endianness::little>(addr, v);
-    }
-    qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn) {
-        return tlb.fetch<std::uint32_t, qomem::endianness::little>(addr, insn);
-    }
-};
-
 struct cpu_result {
     rv32::stop why = rv32::stop::limit;
     std::uint32_t a0 = 0, mcause = 0, mtval = 0;
@@ -304,8 +288,8 @@ struct cpu_result {
 /// waits until the CPU leaves its section).
 cpu_result run_cpu(qomem::address_space& memory, const std::atomic<bool>& stop_now) {
     qomem::cpu_tlb tlb(memory);
-    tlb_memory mem{tlb};
-    rv32::cpu<tlb_memory> cpu(mem, rom_base);
+    rv32::tlb_memory mem{tlb};
+    rv32::cpu<rv32::tlb_memory> cpu(mem, rom_base);
     cpu_result res;
     while (!stop_now.load() && cpu.retired < 200'000'000) {
         qomem::rcu::read_guard section;

@@ -4,7 +4,8 @@
 // space with a CPU TLB; benchmarks/cpu_bench.cpp runs the same interpreter
 // over flat memory, over the plain address-space API and over the TLB.
 //
-// A memory is any class with
+// A memory is any class with (space_memory and tlb_memory, at the end, are
+// the ones over qomem)
 //     template <class T> qomem::memtx_result load(std::uint32_t addr, T& value);
 //     template <class T> qomem::memtx_result store(std::uint32_t addr, T value);
 //     qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn);
@@ -18,10 +19,13 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include <qomem/address_space.hpp>
 #include <qomem/memory_ops.hpp>
+#include <qomem/tlb.hpp>
 
 namespace rv32 {
 
@@ -386,5 +390,31 @@ private:
     std::map<std::string, std::uint32_t> labels_;
     std::vector<fixup> fixups_;
 };
+
+// ---- memories over qomem ---------------------------------------------------
+
+/// RISC-V's little-endian loads and stores through `Via`: an address space
+/// (the plain API: address_space::load / store) or a CPU TLB (used inside RCU
+/// read sections, as a vCPU runs), whose fetches use its instruction entries.
+template <class Via>
+struct qomem_memory {
+    Via& via;
+    template <class T>
+    qomem::memtx_result load(std::uint32_t addr, T& v) {
+        return via.template load<T, qomem::endianness::little>(addr, v);
+    }
+    template <class T>
+    qomem::memtx_result store(std::uint32_t addr, T v) {
+        return via.template store<T, qomem::endianness::little>(addr, v);
+    }
+    qomem::memtx_result fetch(std::uint32_t addr, std::uint32_t& insn) {
+        if constexpr (std::is_same_v<Via, qomem::cpu_tlb>)
+            return via.template fetch<std::uint32_t, qomem::endianness::little>(addr, insn);
+        else
+            return load(addr, insn);
+    }
+};
+using space_memory = qomem_memory<qomem::address_space>;
+using tlb_memory = qomem_memory<qomem::cpu_tlb>;
 
 } // namespace rv32

@@ -53,9 +53,21 @@
 // tracking globally (throwing from log_global_start refuses the start);
 // log_global_after_sync after a bitmap was read.
 //
-// eventfd_add / eventfd_del and coalesced_io_add / coalesced_io_del are
-// declared with QEMU's meaning; the memory system does not raise them yet
-// (ioeventfd and coalesced MMIO are not modelled yet).
+// I/O hooks (ioeventfd.hpp, coalesced_mmio.hpp). The address space keeps
+// what it shows of its regions' ioeventfds and coalesced ranges, in guest
+// addresses, and a commit that changes them (a hook added or removed, or a
+// region with hooks mapped, moved, enabled, disabled, covered or unmapped)
+// tells the difference, inside the same begin() / commit() (also when
+// only a hook changed: QEMU then calls neither): first coalesced_io_del
+// for each coalesced part of a range gone or changed (descending
+// priority), then the region_del / region_add / region_nop above, then
+// coalesced_io_add for each new coalesced part (ascending priority), then
+// eventfd_del and eventfd_add in QEMU's ioeventfd order (ascending
+// priority). An eventfd's section is its own bytes: its guest address,
+// its size (0: any size), its region and offset. Registration replays
+// coalesced_io_add after each range's region_add and eventfd_add for each
+// ioeventfd shown, before commit(); unregistration tells eventfd_del first,
+// and coalesced_io_del before each range's region_del.
 //
 // Threads and lifetime. Callbacks run on the thread that holds the memory
 // system's writer role (memory_system::lock): the committing thread, or the
@@ -188,13 +200,15 @@ public:
     /// A dirty bitmap was read after a sync.
     virtual void log_global_after_sync() {}
 
-    // ---- ioeventfd and coalesced MMIO (not raised yet) -----------------------
+    // ---- ioeventfd and coalesced MMIO (see the header overview) -------------
 
-    /// An ioeventfd (`fd`, an eventfd) was registered at the section: a
-    /// write there (of `data`, when `match_data`) signals it.
+    /// An ioeventfd (`fd`, an eventfd) now shows at the section (its guest
+    /// address and size): a write there (of `data`, when `match_data`)
+    /// signals it.
     virtual void eventfd_add(const memory_section&, bool /*match_data*/, std::uint64_t /*data*/,
                              int /*fd*/) {}
-    /// An ioeventfd was dropped.
+    /// An ioeventfd no longer shows there (deleted, or its region moved,
+    /// disabled or unmapped).
     virtual void eventfd_del(const memory_section&, bool /*match_data*/, std::uint64_t /*data*/,
                              int /*fd*/) {}
     /// Writes to [addr, addr + len) of the address space, inside the

@@ -70,6 +70,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <new>
 #include <set>
 #include <string>
@@ -81,11 +82,14 @@
 #include <fmt/core.h>
 
 #include <qomem/assert.hpp>
+#include <qomem/coalesced_mmio.hpp>
+#include <qomem/detail/region_io.hpp>
 #include <qomem/detail/subregion_index.hpp>
 #include <qomem/detail/topology_log.hpp>
 #include <qomem/dirty_log.hpp>
 #include <qomem/error.hpp>
 #include <qomem/fwd.hpp>
+#include <qomem/ioeventfd.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/object.hpp>
@@ -499,6 +503,60 @@ public:
     /// the old and the new extent as changed. References: none.
     void set_size(u128 size);
 
+    // ---- ioeventfds and coalesced MMIO (ioeventfd.hpp, coalesced_mmio.hpp) --
+    //
+    // The hooks apply to the region's guest writes at once (as in QEMU);
+    // listeners hear the change at the commit (now, or when the open
+    // transaction ends): eventfd_add / eventfd_del, coalesced_io_add /
+    // coalesced_io_del for every place the region shows.
+
+    /// Adds an ioeventfd (QEMU's memory_region_add_eventfd): a write of
+    /// `size` bytes at `offset` (of `data`, when `match_data`) signals `fd`
+    /// instead of calling the ops. `fd` stays the caller's (never closed).
+    /// Requires (asserted, nothing changed): size 0, 1, 2, 4 or 8;
+    /// [offset, offset + size) inside the region; no match_data with size 0;
+    /// fd >= 0; not already added. Effects: kept in QEMU's order; the views'
+    /// ioeventfds are updated at the commit. References: none. Complexity:
+    /// O(ioeventfds of the region) plus the commit. Throws: what the commit
+    /// throws.
+    void add_eventfd(hwaddr offset, unsigned size, bool match_data, std::uint64_t data, int fd);
+    /// Removes the ioeventfd added with the same arguments (QEMU's
+    /// memory_region_del_eventfd; `data` ignored without match_data).
+    /// Requires (asserted, nothing changed): it was added. Effects,
+    /// references, complexity, throws: as add_eventfd.
+    void del_eventfd(hwaddr offset, unsigned size, bool match_data, std::uint64_t data, int fd);
+    /// The region's ioeventfds, in QEMU's order (a copy). Any thread.
+    std::vector<ioeventfd> eventfds() const;
+
+    /// Coalesces writes to the whole region (QEMU's set_coalescing):
+    /// clear_coalescing, then add_coalescing(0, size()). Effects, throws: as
+    /// those.
+    void set_coalescing();
+    /// Lets writes to [offset, offset + size) be coalesced (QEMU's
+    /// add_coalescing) and sets flush_coalesced. Requires (asserted, nothing
+    /// changed): size > 0 and the range inside the region. Effects:
+    /// listeners hear coalesced_io_add at the commit. References: none.
+    /// Complexity: O(coalesced ranges) plus the commit. Throws: what the
+    /// commit throws.
+    void add_coalescing(hwaddr offset, u128 size);
+    /// Drops every coalesced range (QEMU's clear_coalescing): if it had
+    /// any, the system's ring is drained first and flush_coalesced is
+    /// cleared; listeners hear coalesced_io_del at the commit. References:
+    /// none. Throws: what the ops a drain calls or the commit throw.
+    void clear_coalescing();
+    /// The coalesced ranges, in the order they were added (a copy). Any thread.
+    std::vector<coalesced_range> coalesced_ranges() const;
+    /// Makes every access to this region that is not itself coalesced
+    /// drain the ring first (QEMU's set_flush_coalesced). Effects: no
+    /// commit (listeners are not concerned). Complexity: O(hooks).
+    void set_flush_coalesced();
+    /// Drains the ring, then clears the flag unless the region still has
+    /// coalesced ranges (QEMU's clear_flush_coalesced). Throws: what the
+    /// ops a drain calls throw.
+    void clear_flush_coalesced();
+    /// True when non-coalesced accesses drain the ring first. Any thread.
+    bool flush_coalesced() const;
+
 protected:
     inline ~memory_region() override;
     inline void on_unparent() override;
@@ -524,6 +582,7 @@ private:
     friend class address_space;
     template <class>
     friend class detail::subregion_index;
+    friend struct detail::region_io_access;
 
     /// Throws region_error for a size above 2^64.
     static void check_size(std::string_view name, u128 size);
@@ -573,7 +632,16 @@ private:
     /// Ownerless: finalizes the region on the writer once no reader can be
     /// inside a view showing it (an RCU grace period from now).
     void retire_ownerless();
+    /// Replaces the I/O hooks by `edit` applied to a copy, under the writer
+    /// role; `topology`: listeners are concerned (a commit follows).
+    template <class Edit>
+    void change_io(bool topology, Edit&& edit);
+    /// Drains the ring of this region's system (if it has one).
+    void drain_coalesced_ring() const {
+        if (log_ && log_->coalesced_mmio.outstanding() != 0) log_->flush_coalesced();
+    }
 
+    detail::region_io_slot io_; // ioeventfds, coalesced ranges, flush_coalesced
     detail::subregion_hook sub_hook_;
     std::uint64_t sub_seq_ = 0; // when added to its container (render order among equals)
     detail::subregion_index<memory_region> subregions_;
@@ -1549,6 +1617,125 @@ inline void memory_region::check_finalizable() const {
     const std::uint32_t dma = dma_users_.load(std::memory_order_acquire);
     QOMEM_ASSERT(dma == 0, "ownerless region '{}' freed while {} DMA mapping(s) still hold it",
                  name_, dma);
+}
+
+// ---- ioeventfds and coalesced MMIO -------------------------------------------
+
+template <class Edit>
+void memory_region::change_io(bool topology, Edit&& edit) {
+    const detail::region_io* old = io_.ptr.load(std::memory_order_relaxed);
+    auto next = std::make_unique<detail::region_io>(old ? *old : detail::region_io{});
+    edit(*next);
+    const detail::region_io* published = next->empty() ? nullptr : next.release();
+    io_.ptr.store(published, std::memory_order_release);
+    // Accesses load the hooks inside a read section: free the old ones
+    // after a grace period.
+    if (old)
+        rcu::retire(const_cast<detail::region_io*>(old),
+                    [](void* p) { delete static_cast<detail::region_io*>(p); });
+    if (topology && log_) log_->io_changed();
+}
+
+inline void memory_region::add_eventfd(hwaddr offset, unsigned size, bool match_data,
+                                       std::uint64_t data, int fd) {
+    detail::writer_hold w(log_);
+    QOMEM_ASSERT(size == 0 || size == 1 || size == 2 || size == 4 || size == 8,
+                 "add_eventfd on '{}': size {} is not 0, 1, 2, 4 or 8 (offset {:#x}, fd {})", name_,
+                 size, offset, fd);
+    QOMEM_ASSERT(u128(offset) + std::max(size, 1u) <= size_,
+                 "add_eventfd on '{}': [{:#x}, +{}) is past the region's end ({} bytes; fd {})",
+                 name_, offset, size, detail::hex(size_), fd);
+    QOMEM_ASSERT(size != 0 || !match_data,
+                 "add_eventfd on '{}': size 0 (any size) at {:#x} cannot match data {:#x} (fd {})",
+                 name_, offset, data, fd);
+    QOMEM_ASSERT(fd >= 0, "add_eventfd on '{}': fd {} at {:#x} is not a file descriptor", name_, fd,
+                 offset);
+    const ioeventfd e{offset, size, match_data, match_data ? data : 0, fd};
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_relaxed);
+    QOMEM_ASSERT(!cur || std::find(cur->eventfds.begin(), cur->eventfds.end(), e) ==
+                             cur->eventfds.end(),
+                 "add_eventfd on '{}': offset {:#x} size {} match_data {} data {:#x} fd {} was "
+                 "already added",
+                 name_, offset, size, match_data, data, fd);
+    change_io(true, [&](detail::region_io& io) {
+        io.eventfds.insert(std::upper_bound(io.eventfds.begin(), io.eventfds.end(), e), e);
+    });
+}
+
+inline void memory_region::del_eventfd(hwaddr offset, unsigned size, bool match_data,
+                                       std::uint64_t data, int fd) {
+    detail::writer_hold w(log_);
+    const ioeventfd e{offset, size, match_data, match_data ? data : 0, fd};
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_relaxed);
+    QOMEM_ASSERT(cur && std::find(cur->eventfds.begin(), cur->eventfds.end(), e) !=
+                            cur->eventfds.end(),
+                 "del_eventfd on '{}': no ioeventfd at offset {:#x} size {} match_data {} data "
+                 "{:#x} fd {} was added",
+                 name_, offset, size, match_data, data, fd);
+    change_io(true, [&](detail::region_io& io) {
+        io.eventfds.erase(std::find(io.eventfds.begin(), io.eventfds.end(), e));
+    });
+}
+
+inline std::vector<ioeventfd> memory_region::eventfds() const {
+    rcu::read_guard g; // the snapshot is retired through RCU
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
+    return cur ? cur->eventfds : std::vector<ioeventfd>{};
+}
+
+inline void memory_region::set_coalescing() {
+    detail::region_transaction tx(log_);
+    clear_coalescing();
+    add_coalescing(0, size_);
+}
+
+inline void memory_region::add_coalescing(hwaddr offset, u128 size) {
+    detail::writer_hold w(log_);
+    QOMEM_ASSERT(size > 0 && u128(offset) + size <= size_,
+                 "add_coalescing on '{}': [{:#x}, +{}) is empty or past the region's end ({} "
+                 "bytes)",
+                 name_, offset, detail::hex(size), detail::hex(size_));
+    change_io(true, [&](detail::region_io& io) {
+        io.coalesced.push_back({offset, size});
+        io.flush_coalesced = true;
+    });
+}
+
+inline void memory_region::clear_coalescing() {
+    detail::writer_hold w(log_);
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_relaxed);
+    if (!cur || cur->coalesced.empty()) return;
+    drain_coalesced_ring();
+    change_io(true, [](detail::region_io& io) {
+        io.coalesced.clear();
+        io.flush_coalesced = false;
+    });
+}
+
+inline std::vector<coalesced_range> memory_region::coalesced_ranges() const {
+    rcu::read_guard g;
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
+    return cur ? cur->coalesced : std::vector<coalesced_range>{};
+}
+
+inline void memory_region::set_flush_coalesced() {
+    detail::writer_hold w(log_);
+    if (flush_coalesced()) return;
+    change_io(false, [](detail::region_io& io) { io.flush_coalesced = true; });
+}
+
+inline void memory_region::clear_flush_coalesced() {
+    detail::writer_hold w(log_);
+    drain_coalesced_ring();
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_relaxed);
+    if (!cur || !cur->flush_coalesced || !cur->coalesced.empty()) return;
+    change_io(false, [](detail::region_io& io) { io.flush_coalesced = false; });
+}
+
+inline bool memory_region::flush_coalesced() const {
+    rcu::read_guard g;
+    const detail::region_io* cur = io_.ptr.load(std::memory_order_acquire);
+    return cur && cur->flush_coalesced;
 }
 
 } // namespace qomem

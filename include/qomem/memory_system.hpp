@@ -39,6 +39,16 @@
 // old view keep it until they leave their read section. Finalizing a region
 // may change the topology again: the commit loops until it settles.
 //
+// I/O hooks. A region's ioeventfds and coalesced ranges (ioeventfd.hpp,
+// coalesced_mmio.hpp) act on its guest writes as soon as they are set; each
+// address space keeps their images in guest addresses (QEMU's
+// AddressSpace ioeventfds), which a commit recomputes and diffs for the
+// listeners (memory_listener.hpp) when a hook changed, or when a view
+// changed in a system one of whose regions has ever had hooks — a walk of
+// every range of that view, as QEMU's address_space_update_ioeventfds; a
+// system that never used hooks pays nothing. The system also owns the ring
+// of pending coalesced writes (flush_coalesced).
+//
 // Lifetime. A system lives as long as anything uses it: its handles
 // (ref_ptr<memory_system>, a machine), its address spaces and every region
 // that belongs to it.
@@ -60,6 +70,8 @@
 #include <fmt/core.h>
 
 #include <qomem/assert.hpp>
+#include <qomem/detail/dispatch.hpp>
+#include <qomem/detail/io_update.hpp>
 #include <qomem/detail/topology_log.hpp>
 #include <qomem/detail/view_update.hpp>
 #include <qomem/dirty_log.hpp>
@@ -115,6 +127,9 @@ struct view_slot {
                                              reader_cache, decltype(reader_cache::cache_hook),
                                              &reader_cache::cache_hook>>
         caches;
+    /// What the listeners were last told of the I/O hooks this address
+    /// space shows (QEMU's AddressSpace ioeventfds). Writer only.
+    detail::io_images io;
 };
 
 using slot_list = boost::intrusive::list<
@@ -265,6 +280,19 @@ public:
     /// that a sync filled, before reading the memory they mark.
     void global_after_dirty_log_sync();
 
+    // ---- coalesced MMIO (coalesced_mmio.hpp) ----------------------------------
+
+    /// Makes every queued coalesced write, oldest first, through its
+    /// region's ops (QEMU's qemu_flush_coalesced_mmio_buffer). Any thread;
+    /// returns once the ring is empty (after a drain in progress on another
+    /// thread). Throws: what an ops callback throws (the writes before it
+    /// are made, that one is dropped, the rest stay queued).
+    void flush_coalesced() override { detail::drain_coalesced(coalesced_mmio); }
+    /// How many writes the ring holds before a write drains it.
+    static constexpr std::size_t coalesced_capacity = detail::coalesced_ring::capacity;
+    /// Coalesced writes queued or being made now. Any thread.
+    std::size_t coalesced_pending() const noexcept { return coalesced_mmio.outstanding(); }
+
     // ---- listeners ------------------------------------------------------------
 
     /// Calls f(memory_listener&) for every listener of the system, in
@@ -306,6 +334,7 @@ private:
     inline void forget(const memory_region& mr) noexcept override;
     inline void finalize_on_writer(memory_region& mr) override;
     void region_bound(memory_region& mr) noexcept override {
+        if (detail::region_io_access::maybe(mr)) io_used_.store(true, std::memory_order_relaxed);
         refs_.fetch_add(1, std::memory_order_relaxed);
         regions_.fetch_add(1, std::memory_order_relaxed);
         std::lock_guard lock(members_mutex_);
@@ -322,6 +351,7 @@ private:
     void sync_dirty_log(const memory_region& mr) override { sync_dirty(&mr, false); }
     inline void clear_dirty_log(const memory_region& mr, hwaddr start, hwaddr len) override;
     void after_dirty_log_sync() override { global_after_dirty_log_sync(); }
+    inline void io_changed() override;
 
     /// The address space of `slot` joins (leaves) this system. Writer only.
     void add_space(detail::view_slot& slot);
@@ -348,12 +378,18 @@ private:
         const detail::view_diff* diff =
             nullptr; ///< what changes_only listeners hear (null: nothing)
         const detail::view_diff* full = nullptr; ///< every range, for every_range listeners
+        bool io_new = false;                     ///< the hooks it shows were walked again:
+        detail::io_images io = {};               ///< what they are now
+        detail::io_diff io_diff = {};            ///< and what changed in them
     };
     /// Tells the listeners one commit: begin to all that hear it, each
     /// address space's dels and adds (publishing its view after them), then
     /// commit to all.
     void tell_and_publish(std::vector<slot_update>& updates);
     static void tell_slot(const slot_update& u);
+    /// The I/O-hook part of one address space's update, before (coalesced
+    /// dels) or after (coalesced adds, then eventfd dels and adds) its ranges.
+    static void tell_io(const slot_update& u, bool after_ranges);
     /// Publishes `v` as the slot's view (taking a reference), invalidates
     /// the slot's reader caches (CPU TLBs) and retires the old view (its
     /// reference dropped after a grace period).
@@ -400,6 +436,12 @@ private:
     memory_listener::system_list_type listeners_; // every listener, in priority order
     bool notifying_ = false;                      // listeners are being told something
     unsigned global_dirty_ = 0;                   // global_dirty::* reasons (writer only)
+    // I/O hooks (ioeventfds, coalesced ranges): a region's changed since the
+    // last commit; some region of the system has had hooks (from then on a
+    // commit that changes a view walks it for them). Writer only, but
+    // io_used_ is also set when a region joins, on any thread.
+    bool io_pending_ = false;
+    std::atomic<bool> io_used_{false};
     ref_ptr<flat_view> empty_;
 
     // Regions handed over by threads that could not take the writer role.
@@ -630,6 +672,19 @@ inline bool memory_system::retire_after_commit(memory_region& mr) {
 
 inline void memory_system::forget(const memory_region& mr) noexcept {
     std::erase_if(windows_, [&](const detail::change_window& w) { return w.in == &mr; });
+    // Its queued coalesced writes go with it (coalesced_mmio.hpp). The
+    // locks cannot fail in practice: a failure would terminate.
+    coalesced_mmio.purge(mr);
+}
+
+inline void memory_system::io_changed() {
+    QOMEM_ASSERT(held_by_this_thread(),
+                 "memory system {}: I/O hooks changed without the writer role",
+                 static_cast<const void*>(this));
+    io_used_.store(true, std::memory_order_relaxed);
+    io_pending_ = true;
+    pending_ = true;
+    if (tx_depth_ == 0) commit();
 }
 
 inline void memory_system::touch() {
@@ -664,6 +719,7 @@ inline void memory_system::commit() {
         // windows held.
         committing_ = false;
         full_ = true;
+        io_pending_ = true; // and the hooks they show walked again
         windows_.clear();
         pending_ = true;
         // Regions dropped since the last commit may still show in the views
@@ -682,6 +738,8 @@ inline flat_view* memory_system::empty_view() {
 inline void memory_system::render() {
     const std::vector<detail::change_window> changes = std::exchange(windows_, {});
     const bool full = std::exchange(full_, false);
+    const bool io_pending = std::exchange(io_pending_, false);
+    const bool io_used = io_used_.load(std::memory_order_relaxed);
 
     // Address spaces grouped by flat-view root: one view per group.
     struct group {
@@ -756,7 +814,14 @@ inline void memory_system::render() {
             diffs.emplace_back().add(cur->ranges(), u.next->ranges());
             u.full = &diffs.back();
         }
-        updates.push_back(u);
+        // The hooks it shows, when they may have changed: a hook changed, or
+        // the view did in a system that uses hooks.
+        if (io_pending || (cur != u.next && (io_used || !slot->io.empty()))) {
+            u.io_new = true;
+            u.io = detail::io_images_of(*u.next);
+            u.io_diff = detail::diff_io(slot->io, u.io);
+        }
+        updates.push_back(std::move(u));
     }
     tell_and_publish(updates);
 }
@@ -765,22 +830,28 @@ inline void memory_system::tell_and_publish(std::vector<slot_update>& updates) {
     // Who hears this commit.
     bool anyone = false;
     for (slot_update& u : updates) {
-        const bool changed = u.diff && u.diff->changes();
+        const bool changed = (u.diff && u.diff->changes()) || !u.io_diff.empty();
         for (memory_listener& l : u.slot->listeners) {
             l.told_ = changed || l.nops() == memory_listener::nop_mode::every_range;
             anyone |= l.told_;
         }
     }
     if (!anyone) {
-        for (slot_update& u : updates)
+        for (slot_update& u : updates) {
+            if (u.io_new) u.slot->io = std::move(u.io);
             if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
+        }
         return;
     }
     detail::flag_scope t(notifying_);
     for (memory_listener& l : listeners_)
         if (l.told_) l.begin();
     for (slot_update& u : updates) {
+        // The old view is still published while its hooks are told gone.
+        tell_io(u, false);
         tell_slot(u);
+        tell_io(u, true);
+        if (u.io_new) u.slot->io = std::move(u.io);
         if (u.slot->current.load(std::memory_order_relaxed) != u.next) publish(*u.slot, u.next);
     }
     for (memory_listener& l : listeners_)
@@ -831,6 +902,29 @@ inline void memory_system::tell_slot(const slot_update& u) {
     }
 }
 
+inline void memory_system::tell_io(const slot_update& u, bool after_ranges) {
+    auto& ls = u.slot->listeners;
+    const detail::io_diff& d = u.io_diff;
+    if (!after_ranges) {
+        // QEMU: a range's coalesced parts are withdrawn before region_del,
+        // in reverse priority order.
+        for (const detail::as_coalesced& c : d.coalesced_dels)
+            for (auto it = ls.rbegin(); it != ls.rend(); ++it)
+                it->coalesced_io_del(c.section, c.addr, c.len);
+        return;
+    }
+    for (const detail::as_coalesced& c : d.coalesced_adds)
+        for (memory_listener& l : ls) l.coalesced_io_add(c.section, c.addr, c.len);
+    // QEMU's address_space_update_ioeventfds, once the view is updated.
+    for (const auto& [added, e] : d.eventfds)
+        for (memory_listener& l : ls) {
+            if (added)
+                l.eventfd_add(e.section, e.match_data, e.data, e.fd);
+            else
+                l.eventfd_del(e.section, e.match_data, e.data, e.fd);
+        }
+}
+
 inline void memory_system::add_listener(detail::view_slot& slot, memory_listener& l) {
     QOMEM_ASSERT(!l.as_, "listener '{}' is already registered to address space '{}'", l.name(),
                  l.slot_ ? *l.slot_->name : std::string());
@@ -845,11 +939,18 @@ inline void memory_system::add_listener(detail::view_slot& slot, memory_listener
         // QEMU's listener_add_address_space.
         l.begin();
         if (global_dirty_) l.log_global_start();
+        auto co = slot.io.coalesced.begin(); // sorted by their range's start
         for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
             const memory_section s = detail::section_of(r);
             l.region_add(s);
             if (r.dirty_log_mask) l.log_start(s, 0, r.dirty_log_mask);
+            for (; co != slot.io.coalesced.end() &&
+                   co->section.offset_within_address_space <= r.start;
+                 ++co)
+                l.coalesced_io_add(co->section, co->addr, co->len);
         }
+        for (const detail::as_ioeventfd& e : slot.io.eventfds)
+            l.eventfd_add(e.section, e.match_data, e.data, e.fd);
         l.commit();
     } catch (...) {
         // Not registered after all: the listener is left as it was before.
@@ -881,8 +982,14 @@ inline void memory_system::remove_listener(detail::view_slot& slot, memory_liste
     detail::flag_scope t(notifying_);
     // QEMU's listener_del_address_space.
     l.begin();
+    for (const detail::as_ioeventfd& e : slot.io.eventfds)
+        l.eventfd_del(e.section, e.match_data, e.data, e.fd);
+    auto co = slot.io.coalesced.begin(); // sorted by their range's start
     for (const flat_range& r : slot.current.load(std::memory_order_relaxed)->ranges()) {
         const memory_section s = detail::section_of(r);
+        for (; co != slot.io.coalesced.end() && co->section.offset_within_address_space <= r.start;
+             ++co)
+            l.coalesced_io_del(co->section, co->addr, co->len);
         if (r.dirty_log_mask) l.log_stop(s, r.dirty_log_mask, 0);
         l.region_del(s);
     }

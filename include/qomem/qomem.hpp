@@ -5,6 +5,7 @@
 #include <qomem/accessors.hpp>           // typed accessors: ldl_le, stq_be, ...
 #include <qomem/address_space.hpp>       // address spaces: accesses, find, listeners
 #include <qomem/assert.hpp>              // QOMEM_ASSERT and its handler
+#include <qomem/coalesced_mmio.hpp>      // coalesced MMIO: ranges and the ring
 #include <qomem/device.hpp>              // devices and buses (qdev)
 #include <qomem/dirty_log.hpp>           // dirty-log clients and snapshots
 #include <qomem/dma.hpp>                 // DMA mappings
@@ -13,6 +14,7 @@
 #include <qomem/flatten.hpp>             // QEMU's rendering rules
 #include <qomem/fwd.hpp>                 // forward declarations
 #include <qomem/hotplug.hpp>             // hotplug handlers, DEVICE_DELETED
+#include <qomem/ioeventfd.hpp>           // ioeventfds: writes that signal an eventfd
 #include <qomem/iommu.hpp>               // IOMMU regions, notifiers, replay
 #include <qomem/log.hpp>                 // diagnostic lines
 #include <qomem/machine.hpp>             // machines, each with its memory system

@@ -13,15 +13,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include <fmt/core.h>
 
 #include <qomem/detail/fault_guard.hpp>
+#include <qomem/detail/region_io.hpp>
 #include <qomem/flat_view.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
+#include <qomem/rcu.hpp>
 
 namespace qomem::detail {
 
@@ -179,11 +182,50 @@ inline const char* mmio_refusal(const memory_region& mr, hwaddr offset, unsigned
     return nullptr;
 }
 
+inline void drain_coalesced(coalesced_ring& ring);
+
+/// The region's I/O hooks (ioeventfd.hpp, coalesced_mmio.hpp) for an MMIO
+/// access its ops accept: true when a write was taken by an ioeventfd
+/// (signalled) or queued in the coalesced ring, so the ops are not called;
+/// otherwise, for a region flagged flush_coalesced, the ring is drained
+/// first (QEMU's memory_region_dispatch_write_eventfds and
+/// prepare_mmio_access).
+inline bool dispatch_io_hooks(const memory_region& mr, hwaddr offset, std::uint64_t value,
+                              unsigned size, bool is_write, mem_attrs attrs, bool target_big) {
+    const topology_log* log = region_io_access::log(mr);
+    bool flush = false;
+    {
+        rcu::read_guard g; // the snapshot is retired through RCU
+        const region_io* io = region_io_access::snapshot(mr);
+        if (!io) return false;
+        if (is_write) {
+            // Compared with the value the ops would get: the device's order.
+            const bool big = is_big_endian(mr.callbacks().ops->endian, target_big);
+            const std::uint64_t reg = big != host_is_big_endian ? bswap_n(value, size) : value;
+            if (const ioeventfd* e = io->match(offset, size, reg)) {
+                signal_eventfd(e->fd);
+                return true;
+            }
+            if (log && io->coalesces(offset, size)) {
+                const coalesced_ring::entry e{&mr, offset, value, size, attrs, target_big};
+                while (!log->coalesced_mmio.try_push(e)) drain_coalesced(log->coalesced_mmio);
+                return true;
+            }
+        }
+        flush = io->flush_coalesced;
+    }
+    if (flush && log && log->coalesced_mmio.outstanding() != 0)
+        drain_coalesced(log->coalesced_mmio);
+    return false;
+}
+
 /// One MMIO access of `size` (1, 2, 4 or 8) bytes at `offset` in `mr`;
 /// `*value` holds the bus bytes loaded in host order (QEMU's
-/// memory_region_dispatch_read/write with host-endian data).
+/// memory_region_dispatch_read/write with host-endian data). `hooks`: false
+/// for a queued coalesced write being made (the ops are called).
 inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::uint64_t* value,
-                                  unsigned size, bool is_write, mem_attrs attrs, bool target_big) {
+                                  unsigned size, bool is_write, mem_attrs attrs, bool target_big,
+                                  bool hooks = true) {
     const region_ops* ops = mr.callbacks().ops;
     void* const opaque = mr.callbacks().opaque;
     if (!is_write) *value = 0;
@@ -193,6 +235,9 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         log_invalid(mr, offset, size, is_write, refused);
         return memtx_decode_error;
     }
+    if (hooks && region_io_access::maybe(mr)) [[unlikely]]
+        if (dispatch_io_hooks(mr, offset, *value, size, is_write, attrs, target_big))
+            return memtx_ok;
 
     const object* dev = mr.guarded_device();
     auto& engaged = engaged_devices();
@@ -246,6 +291,21 @@ inline memtx_result dispatch_mmio(const memory_region& mr, hwaddr offset, std::u
         *value = combined;
     }
     return r;
+}
+
+/// Makes every write queued in `ring`, oldest first, through its region's
+/// ops (coalesced_mmio.hpp: the drain lock keeps drains in order).
+inline void drain_coalesced(coalesced_ring& ring) {
+    std::lock_guard d(ring.drain_lock());
+    coalesced_ring::entry e;
+    while (ring.pop(e)) {
+        struct made {
+            coalesced_ring& r;
+            ~made() { r.done(); }
+        } m{ring};
+        std::uint64_t v = e.value;
+        (void)dispatch_mmio(*e.mr, e.offset, &v, e.size, true, e.attrs, e.target_big, false);
+    }
 }
 
 /// Reads or writes `len` bytes at `offset` of the region behind flat range

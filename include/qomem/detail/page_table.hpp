@@ -40,7 +40,9 @@
 // view; the counts are atomic for that.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -87,13 +89,21 @@ struct alignas(16) pt_entry {
     friend bool operator==(const pt_entry&, const pt_entry&) = default;
 };
 
-/// 512 slots under one node; `used` counts those that are not holes.
+/// 512 slots under one node; `used` counts those that are not holes, `kids`
+/// those that are counted pointers (nodes and subpages): a node without kids
+/// is copied with one memcpy and freed without a walk of its slots.
 struct pt_node {
     std::atomic<std::uint32_t> refs{1};
     std::uint16_t used = 0;
+    std::uint16_t kids = 0;
     std::uint8_t shift = 0;
     pt_entry slot[pt_fanout];
 };
+
+/// 1 if the slot holds a counted pointer (a node or a subpage), else 0.
+inline unsigned pt_counted(const pt_entry& e) noexcept {
+    return (e.ref & pt_tag_mask) == pt_tag_node || (e.ref & pt_tag_mask) == pt_tag_subpage ? 1 : 0;
+}
 
 /// The ranges overlapping one page, sorted: `starts` for the search.
 template <class Range>
@@ -196,7 +206,12 @@ private:
         if (e.is_node()) {
             pt_node* n = node_of(e);
             if (n->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                for (const pt_entry& s : n->slot) release(s);
+                // Only the counted slots, and only until the last of them.
+                for (std::size_t i = 0, left = n->kids; left != 0 && i < pt_fanout; ++i)
+                    if (pt_counted(n->slot[i]) != 0) {
+                        release(n->slot[i]);
+                        --left;
+                    }
                 delete n;
             }
         } else if (e.is_subpage()) {
@@ -237,11 +252,14 @@ private:
         if (n->refs.load(std::memory_order_acquire) == 1) return *n;
         auto* c = new pt_node;
         c->used = n->used;
+        c->kids = n->kids;
         c->shift = n->shift;
-        for (std::size_t i = 0; i < pt_fanout; ++i) {
-            c->slot[i] = n->slot[i];
-            retain(c->slot[i]);
-        }
+        std::copy(std::begin(n->slot), std::end(n->slot), std::begin(c->slot));
+        for (std::size_t i = 0, left = c->kids; left != 0 && i < pt_fanout; ++i)
+            if (pt_counted(c->slot[i]) != 0) {
+                retain(c->slot[i]);
+                --left;
+            }
         const pt_entry old = slot;
         slot = node_entry(c, node_base(old));
         release(old);
@@ -286,11 +304,48 @@ private:
         const unsigned s = n.shift;
         const auto i0 = static_cast<std::size_t>((lo - base) >> s);
         const auto i1 = static_cast<std::size_t>((hi - 1 - base) >> s);
-        for (std::size_t i = i0; i <= i1; ++i) {
+        for (std::size_t i = i0; i <= i1;) {
+            const u128 clo = base + (u128(i) << s);
+            const u128 chi = span_end(clo, s);
+            // The common case without a call: a slot wholly inside [lo, hi)
+            // and inside one range (or no range), not a node: the same value
+            // for it and for the slots after it that the range (or the hole
+            // up to the next range) also covers wholly.
+            if (!n.slot[i].is_node() && lo <= clo && chi <= hi) {
+                while (first != last && first->end() <= clo) ++first;
+                const bool gap = first == last || u128(first->start) >= chi;
+                if (gap || (u128(first->start) <= clo && first->end() >= chi)) {
+                    const u128 run_end = std::min(hi, gap ? (first == last ? hi : u128(first->start))
+                                                           : first->end());
+                    const pt_entry v = gap ? pt_entry{} : slot_of(*first);
+                    // v is a range or a hole: nothing to count for it.
+                    // The slots wholly inside [clo, run_end): up to jlast.
+                    const u128 whole = (run_end - base) >> s; // > i: slot i is inside
+                    const std::size_t jlast =
+                        static_cast<std::size_t>(std::min<u128>(whole, u128(i1) + 1)) - 1;
+                    std::size_t j = i;
+                    for (; j <= jlast && !n.slot[j].is_node(); ++j) {
+                        pt_entry& e = n.slot[j];
+                        if (e == v) continue;
+                        n.used = static_cast<std::uint16_t>(n.used + (v.is_hole() ? 0 : 1) -
+                                                            (e.is_hole() ? 0 : 1));
+                        if (pt_counted(e) != 0) {
+                            --n.kids;
+                            release(e);
+                        }
+                        e = v;
+                    }
+                    i = j;
+                    continue;
+                }
+            }
             const bool was = !n.slot[i].is_hole();
-            fill(n.slot[i], base + (u128(i) << s), s, lo, hi, first, last, slot_of);
+            const unsigned was_counted = pt_counted(n.slot[i]);
+            fill(n.slot[i], clo, s, lo, hi, first, last, slot_of);
             n.used =
                 static_cast<std::uint16_t>(n.used + (n.slot[i].is_hole() ? 0 : 1) - (was ? 1 : 0));
+            n.kids = static_cast<std::uint16_t>(n.kids + pt_counted(n.slot[i]) - was_counted);
+            ++i;
         }
         if (n.used == 0) {
             release(slot);
@@ -353,6 +408,7 @@ private:
                 const u128 mbase = nbase & ~((u128(1) << (m->shift + pt_level_bits)) - 1);
                 m->slot[static_cast<std::size_t>((nbase - mbase) >> m->shift)] = slot; // moved
                 m->used = 1;
+                m->kids = 1;
                 slot = node_entry(m, mbase);
             }
         }
@@ -412,7 +468,7 @@ private:
         check_gap(lo, base, overlapping, err);
         const u128 nend = span_end(base, s + pt_level_bits);
         if (nend < hi) check_gap(nend, hi, overlapping, err);
-        std::size_t used = 0;
+        std::size_t used = 0, kids = 0;
         for (std::size_t i = 0; i < pt_fanout && err.empty(); ++i) {
             const u128 slo = base + (u128(i) << s);
             if (slo >= nend) {
@@ -421,10 +477,14 @@ private:
                 break;
             }
             used += n.slot[i].is_hole() ? 0 : 1;
+            kids += pt_counted(n.slot[i]);
             check_slot(n.slot[i], slo, s, is_member, overlapping, slot_of, err);
         }
         if (err.empty() && used != n.used)
             err = fmt::format("node at {} counts {} used slots, has {}", hex(base), n.used, used);
+        if (err.empty() && kids != n.kids)
+            err = fmt::format("node at {} counts {} nodes and subpages under it, has {}", hex(base),
+                              n.kids, kids);
     }
     template <class Overlapping>
     static void check_gap(u128 lo, u128 hi, Overlapping& overlapping, std::string& err) {

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include <qomem/coalesced_mmio.hpp>
 #include <qomem/fwd.hpp>
 #include <qomem/types.hpp>
 
@@ -75,6 +76,16 @@ public:
     /// dirty memory globally). Written under the writer role; read by
     /// writers of RAM on any thread.
     std::atomic<std::uint8_t> global_log_mask{0};
+
+    /// A region's ioeventfds or coalesced ranges changed: the views'
+    /// images of them are updated at the commit (now outside a
+    /// transaction). Writer only.
+    virtual void io_changed() = 0;
+    /// Drains the ring of pending coalesced writes (coalesced_mmio.hpp).
+    virtual void flush_coalesced() = 0;
+    /// That ring: appended to by guest writes on any thread (mutable: a
+    /// synchronized object, reached through a const region).
+    mutable coalesced_ring coalesced_mmio;
 
 protected:
     ~topology_log() = default;
