@@ -51,6 +51,7 @@
 #include <qomem/detail/page_table.hpp>
 #include <qomem/dma.hpp>
 #include <qomem/flat_view.hpp>
+#include <qomem/iommu.hpp>
 #include <qomem/memory_listener.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
@@ -210,8 +211,7 @@ public:
             return memtx_ok;
         }
         std::byte bytes[sizeof(T)];
-        const memtx_result r = detail::access_view_sized(v, addr, bytes, sizeof(T), false, attrs,
-                                                         sys_->target_big_endian());
+        const memtx_result r = access_sized(v, addr, bytes, sizeof(T), false, attrs);
         value = static_cast<T>(detail::load_ordered(bytes, sizeof(T), big<Order>()));
         return r;
     }
@@ -230,8 +230,7 @@ public:
             std::memcpy(reinterpret_cast<std::byte*>(e.aux + addr), bytes, sizeof(T));
             return memtx_ok;
         }
-        return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs,
-                                         sys_->target_big_endian());
+        return access_sized(v, addr, bytes, sizeof(T), true, attrs);
     }
 
     // ---- translation and checks ----------------------------------------------
@@ -243,15 +242,23 @@ public:
     /// there: clipped to the section when the access would be direct
     /// (memcpy), left as asked for MMIO, whose registers decode wide
     /// accesses by their address alone (QEMU's rule). A hole gives an empty
-    /// section and `len` clipped to the hole.
+    /// section and `len` clipped to the hole. Through an IOMMU region
+    /// (iommu.hpp) the section is the one the translation lands in, in the
+    /// entry's target address space (offset_within_address_space is the
+    /// translated address there), and `len` is clipped to the IOMMU page; a
+    /// fault gives an empty section and `len` clipped to the page.
     found_section translate(hwaddr addr, hwaddr& len, bool is_write, mem_attrs attrs = {}) const;
 
     /// True if an access of `len` bytes at `addr` would be accepted
     /// everywhere (QEMU's address_space_access_valid): no hole, nothing past
     /// 2^64, no MMIO refusing one of the pieces read() or write() would make
     /// (their accepts hooks are asked), no MMIO when attrs.memory. A guest
-    /// write to ROM is valid (qomem ignores it with memtx_ok).
-    bool access_valid(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs = {}) const;
+    /// write to ROM is valid (qomem ignores it with memtx_ok). Through an
+    /// IOMMU, page by page: valid if each page permits the access and the
+    /// target would accept it.
+    bool access_valid(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs = {}) const {
+        return access_valid_at(addr, len, is_write, attrs, 0);
+    }
 
     // ---- DMA (any thread) --------------------------------------------------
 
@@ -259,6 +266,9 @@ public:
     /// a direct pointer, extended across contiguous ranges of the same
     /// region; anything else gives a bounce buffer from this address space's
     /// budget (pre-read unless `is_write`), truncated to what is left of it.
+    /// Through an IOMMU the mapping is clipped to the translated page (of
+    /// each IOMMU on the way) and holds the region it lands in; an IOMMU
+    /// fault maps nothing.
     /// Effects: the mapping holds its region (dma.hpp). An empty mapping
     /// (null, size 0) means nothing is mapped there, or the bounce budget is
     /// spent: see register_map_client.
@@ -288,7 +298,8 @@ public:
 
     /// The lowest flat range overlapping [addr, addr + size), clipped to it,
     /// with a reference to its region (QEMU's memory_region_find on an
-    /// address space). Empty when nothing overlaps.
+    /// address space). Empty when nothing overlaps. Like QEMU's, it does not
+    /// translate: over an IOMMU region it gives that region's section.
     found_section find(hwaddr addr, u128 size) const;
 
     // ---- listeners (writer role) ---------------------------------------------
@@ -320,6 +331,7 @@ private:
     friend class dma_mapping;
 
     friend class cpu_tlb;
+    friend class memory_region_cache;
 
     /// `c` is invalidated at every publish of this space's view, from now on
     /// (until removed). Any thread.
@@ -339,8 +351,22 @@ private:
     [[gnu::noinline]] memtx_result access_slow(const flat_view& v, hwaddr addr, std::byte* buf,
                                                std::size_t len, bool is_write,
                                                mem_attrs attrs) const {
-        return detail::access_view(v, addr, buf, len, is_write, attrs, sys_->target_big_endian());
+        return access_through(v, addr, buf, len, is_write, attrs, 0);
     }
+    // The dispatch (detail/dispatch.hpp) with IOMMU regions translated:
+    // `depth` IOMMUs were crossed to get here.
+    memtx_result access_through(const flat_view& v, hwaddr addr, std::byte* buf, u128 len,
+                                bool is_write, mem_attrs attrs, unsigned depth = 0) const;
+    // detail::access_view_sized with IOMMU regions translated.
+    memtx_result access_sized(const flat_view& v, hwaddr addr, std::byte* bytes, unsigned size,
+                              bool is_write, mem_attrs attrs, unsigned depth = 0) const;
+    // `len` bytes at `offset` of the IOMMU region of `fr` (len within fr),
+    // page by page in the target address spaces; `sized`: one access of
+    // `len` bytes (a typed access) where it fits in one page.
+    static memtx_result iommu_access(const flat_range& fr, hwaddr offset, std::byte* buf, u128 len,
+                                     bool is_write, mem_attrs attrs, unsigned depth, bool sized);
+    bool access_valid_at(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs,
+                         unsigned depth) const;
     template <endianness Order>
     bool big() const noexcept {
         if constexpr (Order == endianness::native)
@@ -352,10 +378,26 @@ private:
     /// buffer), attributes; fills `m`, or leaves it empty.
     [[gnu::noinline]] void map_slow(dma_mapping& m, const flat_view& v, hwaddr addr, hwaddr len,
                                     bool is_write, mem_attrs attrs) {
-        const flat_range* fr = v.lookup(addr);
-        if (!fr) return;
+        // Through IOMMUs: the range the access lands in, the address there
+        // (`at`, in view `fv`), `len` clipped to each IOMMU page on the way.
+        const flat_view* fv = &v;
+        hwaddr at = addr;
+        const flat_range* fr;
+        for (unsigned depth = 0;; ++depth) {
+            fr = fv->lookup(at);
+            if (!fr) return;
+            iommu_memory_region* iommu = as_iommu(*fr->mr);
+            if (!iommu) break;
+            if (depth == iommu_max_depth) return;
+            const iommu_hop h = iommu->hop(at - fr->start + fr->offset_in_region, is_write, attrs);
+            if (!h.target) return;
+            len = static_cast<hwaddr>(
+                std::min<u128>(len, std::min<u128>(h.page_left, fr->end() - at)));
+            at = h.addr;
+            fv = h.target->current();
+        }
         memory_region& mr = *fr->mr;
-        const hwaddr xlat = addr - fr->start + fr->offset_in_region;
+        const hwaddr xlat = at - fr->start + fr->offset_in_region;
         const bool direct = is_write ? fr->writes_direct(attrs) : fr->reads_direct();
         if (!direct && attrs.memory) return; // only RAM may answer
         m.addr_ = addr;
@@ -365,9 +407,9 @@ private:
             std::byte* host = detail::range_host(*fr);
             if (!host) return;
             // Extend across following ranges of the same region that continue it.
-            u128 done = std::min<u128>(len, fr->end() - addr);
-            while (done < len && u128(addr) + done < u128_2_64) {
-                const flat_range* next = v.lookup(static_cast<hwaddr>(addr + done));
+            u128 done = std::min<u128>(len, fr->end() - at);
+            while (done < len && u128(at) + done < u128_2_64) {
+                const flat_range* next = fv->lookup(static_cast<hwaddr>(at + done));
                 if (!next || next->mr != &mr || next->offset_in_region != xlat + done ||
                     (is_write ? !next->writes_direct(attrs) : !next->reads_direct()))
                     break;
@@ -382,7 +424,7 @@ private:
         }
         // Bounce: take what is left of the budget, up to `len` and to the end
         // of this range (QEMU clips it there too).
-        len = static_cast<hwaddr>(std::min<u128>(len, fr->end() - addr));
+        len = static_cast<hwaddr>(std::min<u128>(len, fr->end() - at));
         std::size_t used = bounce_used_.load(std::memory_order_relaxed);
         std::size_t take;
         for (;;) {
@@ -616,8 +658,21 @@ inline memtx_result address_space::set(hwaddr addr, std::uint8_t c, hwaddr len, 
 inline found_section address_space::translate(hwaddr addr, hwaddr& len, bool is_write,
                                               mem_attrs attrs) const {
     rcu::read_guard g;
-    const flat_view& v = *current();
-    const flat_range* fr = v.lookup(addr);
+    const flat_view* fv = current();
+    const flat_range* fr = fv->lookup(addr);
+    // QEMU's address_space_translate_iommu loop: through each IOMMU to the
+    // address it translates to, `len` clipped to its page.
+    for (unsigned depth = 0; fr && fr->mr->is_iommu(); ++depth) {
+        if (depth == iommu_max_depth) return {};
+        const iommu_hop h = static_cast<iommu_memory_region&>(*fr->mr).hop(
+            addr - fr->start + fr->offset_in_region, is_write, attrs);
+        if (h.page_left < len) len = static_cast<hwaddr>(h.page_left);
+        if (!h.target) return {};
+        addr = h.addr;
+        fv = h.target->current();
+        fr = fv->lookup(addr);
+    }
+    const flat_view& v = *fv;
     if (!fr) {
         const flat_range* next = v.next_after(addr);
         const u128 hole = (next ? u128(next->start) : u128_2_64) - addr;
@@ -634,8 +689,8 @@ inline found_section address_space::translate(hwaddr addr, hwaddr& len, bool is_
     return found_section(s);
 }
 
-inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write,
-                                        mem_attrs attrs) const {
+inline bool address_space::access_valid_at(hwaddr addr, hwaddr len, bool is_write, mem_attrs attrs,
+                                           unsigned depth) const {
     const u128 end = u128(addr) + len;
     if (end > u128_2_64) return false;
     rcu::read_guard g;
@@ -645,6 +700,22 @@ inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write,
         const flat_range* fr = v.lookup(a);
         if (!fr) return false;
         const u128 n = std::min(end, fr->end()) - cursor;
+        if (iommu_memory_region* iommu = as_iommu(*fr->mr)) {
+            // Page by page: each must permit the access, and its target accept it.
+            if (depth == iommu_max_depth) return false;
+            hwaddr off = a - fr->start + fr->offset_in_region;
+            for (u128 left = n; left > 0;) {
+                const iommu_hop h = iommu->hop(off, is_write, attrs);
+                const u128 piece = std::min(left, h.page_left);
+                if (!h.target || !h.target->access_valid_at(h.addr, static_cast<hwaddr>(piece),
+                                                            is_write, attrs, depth + 1))
+                    return false;
+                off += static_cast<hwaddr>(piece);
+                left -= piece;
+            }
+            cursor += n;
+            continue;
+        }
         const memory_region& mr = *fr->mr;
         if (attrs.memory && !mr.is_ram()) return false;
         const bool direct = is_write ? fr->writes_direct(attrs) : fr->reads_direct();
@@ -662,6 +733,93 @@ inline bool address_space::access_valid(hwaddr addr, hwaddr len, bool is_write,
         cursor += n;
     }
     return true;
+}
+
+inline memtx_result address_space::access_through(const flat_view& v, hwaddr addr, std::byte* buf,
+                                                  u128 len, bool is_write, mem_attrs attrs,
+                                                  unsigned depth) const {
+    // detail::access_view, but an IOMMU range goes to iommu_access.
+    const bool big = sys_->target_big_endian();
+    memtx_result r = memtx_ok;
+    u128 cursor = addr;
+    while (len > 0) {
+        if (cursor >= u128_2_64) { // past the end of the 64-bit space
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(len));
+            return r | memtx_decode_error;
+        }
+        const auto a = static_cast<hwaddr>(cursor);
+        const flat_range* fr = v.lookup(a);
+        if (!fr) {
+            const flat_range* next = v.next_after(a);
+            const u128 n = std::min(len, (next ? u128(next->start) : u128_2_64) - cursor);
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(n));
+            r |= memtx_decode_error;
+            buf += static_cast<std::size_t>(n);
+            cursor += n;
+            len -= n;
+            continue;
+        }
+        const u128 n = std::min(len, fr->end() - cursor);
+        const hwaddr offset = a - fr->start + fr->offset_in_region;
+        if (fr->mr->is_iommu()) [[unlikely]]
+            r |= iommu_access(*fr, offset, buf, n, is_write, attrs, depth, false);
+        else
+            r |= detail::access_range(*fr, offset, buf, n, is_write, attrs, big);
+        buf += static_cast<std::size_t>(n);
+        cursor += n;
+        len -= n;
+    }
+    return r;
+}
+
+inline memtx_result address_space::access_sized(const flat_view& v, hwaddr addr, std::byte* bytes,
+                                                unsigned size, bool is_write, mem_attrs attrs,
+                                                unsigned depth) const {
+    const flat_range* fr = v.lookup(addr);
+    if (fr && size - 1 <= fr->last() - addr) {
+        const hwaddr offset = addr - fr->start + fr->offset_in_region;
+        if (fr->mr->is_iommu()) [[unlikely]]
+            return iommu_access(*fr, offset, bytes, size, is_write, attrs, depth, true);
+        return detail::access_range(*fr, offset, bytes, size, is_write, attrs,
+                                    sys_->target_big_endian(), true);
+    }
+    return access_through(v, addr, bytes, size, is_write, attrs, depth);
+}
+
+inline memtx_result address_space::iommu_access(const flat_range& fr, hwaddr offset, std::byte* buf,
+                                                u128 len, bool is_write, mem_attrs attrs,
+                                                unsigned depth, bool sized) {
+    auto& iommu = static_cast<iommu_memory_region&>(*fr.mr);
+    memtx_result r = memtx_ok;
+    while (len > 0) {
+        const iommu_hop h = iommu.hop(offset, is_write, attrs);
+        const u128 n = std::min(len, h.page_left);
+        const bool one_access = sized && n == len; // a typed access inside one page
+        sized = false;
+        const char* fault = h.fault;
+        if (!fault && depth + 1 > iommu_max_depth) fault = "too many IOMMUs on the way (a loop?)";
+        if (fault) {
+            if (log_enabled(log_category::guest_errors))
+                log_line(log_category::guest_errors,
+                         fmt::format("IOMMU fault: {} at iova 0x{:X}, size {}, region '{}', "
+                                     "reason: {}",
+                                     is_write ? "write" : "read", offset,
+                                     static_cast<std::uint64_t>(n), iommu.region_name(), fault));
+            if (!is_write) std::memset(buf, 0, static_cast<std::size_t>(n));
+            r |= memtx_decode_error;
+        } else {
+            rcu::read_guard g; // the target's view, for this piece
+            const flat_view& tv = *h.target->current();
+            r |= one_access
+                     ? h.target->access_sized(tv, h.addr, buf, static_cast<unsigned>(n), is_write,
+                                              attrs, depth + 1)
+                     : h.target->access_through(tv, h.addr, buf, n, is_write, attrs, depth + 1);
+        }
+        buf += static_cast<std::size_t>(n);
+        offset += static_cast<hwaddr>(n);
+        len -= n;
+    }
+    return r;
 }
 
 inline found_section memory_region_find(memory_region& mr, hwaddr addr, u128 size) {

@@ -100,7 +100,9 @@
 namespace qomem {
 
 /// What a region is. `rom` is RAM that starts read-only; `reservation` is
-/// MMIO without ops: it claims its range and every access to it fails.
+/// MMIO without ops: it claims its range and every access to it fails;
+/// `iommu` is an iommu_memory_region (iommu.hpp): a leaf of the flat view
+/// whose accesses a device translates into another address space.
 enum class region_kind : std::uint8_t {
     container,
     ram,
@@ -110,6 +112,7 @@ enum class region_kind : std::uint8_t {
     ram_device,
     alias,
     reservation,
+    iommu,
 };
 
 /// Where a new region lives. Converts from an owner object (the region is the
@@ -243,6 +246,8 @@ public:
     bool is_rom_device() const noexcept { return kind_ == region_kind::rom_device; }
     bool is_romd() const noexcept { return is_rom_device() && romd_mode(); }
     bool is_ram_device() const noexcept { return kind_ == region_kind::ram_device; }
+    /// An iommu_memory_region (QEMU's memory_region_is_iommu).
+    bool is_iommu() const noexcept { return kind_ == region_kind::iommu; }
     /// True for the kinds backed by host memory (RAM, ROM, ROM device, RAM device).
     bool has_host_memory() const noexcept { return is_ram() || is_rom_device(); }
     memory_region* container() const noexcept { return container_; }

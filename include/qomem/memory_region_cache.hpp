@@ -17,7 +17,10 @@
 // may shrink, copied under a guard) the range, whose rules every access
 // then follows. It returns how much it cached (possibly less than asked:
 // the cache never spans two regions, and MMIO never two ranges); accesses
-// beyond that answer memtx_decode_error. A cache is a snapshot: the region
+// beyond that answer memtx_decode_error. Over an IOMMU region the cache
+// holds that region (up to the end of its range) and every access translates
+// through it, so a mapping the IOMMU removes is never used from the cache;
+// no UNMAP notification is needed. A cache is a snapshot: the region
 // stays cached (and alive) after the map changes, until init or destroy —
 // virtio initialises its caches again when the guest moves its rings.
 //
@@ -156,6 +159,11 @@ private:
             }
             return memtx_ok;
         }
+        // An IOMMU region: translated at each access (as QEMU's
+        // address_space_translate_cached), never cached past its page tables.
+        if (range_.mr->is_iommu()) [[unlikely]]
+            return address_space::iommu_access(range_, range_.offset_in_region + offset, buf, len,
+                                               is_write, attrs_, 0, one_access);
         // MMIO (or ROM written, a ROM device, a RAM device): the range's rules.
         return detail::access_range(range_, range_.offset_in_region + offset, buf, len, is_write,
                                     attrs_, target_big_, one_access);

@@ -41,6 +41,9 @@
 // extended configuration space (0x100-0xfff reads all ones), the legacy
 // 0xcf8/0xcfc mechanism, the rule that hides functions 1-7 without function 0,
 // and config-space access from the device's own side (bus mastering, DMA).
+// A bus may sit behind an IOMMU (pci_bus::set_iommu): its functions then
+// master DMA into the per-devfn address spaces the IOMMU model gives
+// (pci_device_iommu_address_space; iommu.hpp).
 //
 // Threads: configuration accesses (the ECAM handler, config_read,
 // config_write) take the writer role of the PCI memory's memory system, as
@@ -52,6 +55,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -63,6 +67,7 @@
 
 #include <qomem/assert.hpp>
 #include <qomem/device.hpp>
+#include <qomem/fwd.hpp>
 #include <qomem/log.hpp>
 #include <qomem/memory_ops.hpp>
 #include <qomem/memory_region.hpp>
@@ -143,8 +148,25 @@ public:
     /// The realized function at `devfn`, or null.
     pci_device* find(std::uint8_t devfn) const noexcept;
 
+    /// Gives the address space a function at `devfn` of `bus` masters DMA
+    /// into: an IOMMU model's per-device address space (iommu.hpp).
+    using iommu_fn = std::function<address_space&(pci_bus& bus, std::uint8_t devfn)>;
+    /// Puts the bus behind an IOMMU (QEMU's pci_setup_iommu): from now on
+    /// pci_device_iommu_address_space asks `fn`; an empty `fn` takes the
+    /// bus from behind it. Requires: the spaces `fn` gives outlive their use
+    /// (the IOMMU model owns them, as intel-iommu its per-devfn spaces).
+    /// Effects: replaces the previous function; takes no references.
+    /// Complexity: O(1). Throws: nothing.
+    void set_iommu(iommu_fn fn) noexcept { iommu_ = std::move(fn); }
+    bool has_iommu() const noexcept { return static_cast<bool>(iommu_); }
+    /// `fn`'s space for `devfn`, or null when the bus has no IOMMU.
+    address_space* iommu_address_space(std::uint8_t devfn) {
+        return iommu_ ? &iommu_(*this, devfn) : nullptr;
+    }
+
 private:
     memory_region* memory_;
+    iommu_fn iommu_;
 };
 
 /// A PCI function. Subclasses set their identity and register BARs and
@@ -320,6 +342,21 @@ private:
     memory_region* ecam_ = nullptr;
     memory_region* memory_ = nullptr;
 };
+
+/// QEMU's pci_device_iommu_address_space: the address space function `d`
+/// masters DMA into — its bus's IOMMU's per-device space for its devfn —
+/// or null when the bus has no IOMMU (DMA then goes to the system memory,
+/// whose address space the board names: QEMU's address_space_memory).
+/// Requires (asserted): `d` is on a PCI bus and realized (has a devfn).
+/// Throws: what the bus's iommu_fn throws.
+inline address_space* pci_device_iommu_address_space(pci_device& d) {
+    pci_bus* bus = d.pci_parent_bus();
+    QOMEM_ASSERT(bus && d.devfn(),
+                 "pci_device_iommu_address_space: {} '{}' is not on a PCI bus "
+                 "with a devfn",
+                 d.type().name, d.name());
+    return bus->iommu_address_space(*d.devfn());
+}
 
 // ---- implementation ---------------------------------------------------------------------
 

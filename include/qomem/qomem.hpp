@@ -15,6 +15,7 @@
 #include <qomem/fwd.hpp>                 // forward declarations
 #include <qomem/hotplug.hpp>             // hotplug handlers, DEVICE_DELETED
 #include <qomem/ioeventfd.hpp>           // ioeventfds: writes that signal an eventfd
+#include <qomem/iommu.hpp>               // IOMMU regions, notifiers, replay
 #include <qomem/log.hpp>                 // diagnostic lines
 #include <qomem/machine.hpp>             // machines, each with its memory system
 #include <qomem/memory_listener.hpp>     // following a flat view

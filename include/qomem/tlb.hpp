@@ -29,7 +29,8 @@
 //  * write: writable plain RAM that logs for no dirty-log client (as the view
 //    rendered it: a logged page's stores go through the dispatch, which
 //    marks them dirty);
-//  * never: MMIO, RAM devices, reservations, holes, a page shared by several
+//  * never: MMIO, RAM devices, reservations, IOMMU regions (each access
+//    translates through the IOMMU: iommu.hpp), holes, a page shared by several
 //    ranges, RAM over a file another process may shrink (its copies are
 //    guarded), a ROM device's writes, writes to ROM or through a readonly
 //    alias.
@@ -292,8 +293,7 @@ private:
         const detail::pt_entry e = detail::pt_find(detail::view_access::table_root(v), addr);
         fill(addr, e, code);
         std::byte bytes[sizeof(T)];
-        const memtx_result r =
-            detail::access_view_sized(v, addr, bytes, sizeof(T), false, attrs_, target_big_);
+        const memtx_result r = as_->access_sized(v, addr, bytes, sizeof(T), false, attrs_);
         return {r, static_cast<T>(detail::load_ordered(bytes, sizeof(T), big<Order>()))};
     }
     template <class T, endianness Order>
@@ -305,7 +305,7 @@ private:
         fill(addr, e, false);
         std::byte bytes[sizeof(T)];
         detail::store_ordered(bytes, sizeof(T), value, big<Order>());
-        return detail::access_view_sized(v, addr, bytes, sizeof(T), true, attrs_, target_big_);
+        return as_->access_sized(v, addr, bytes, sizeof(T), true, attrs_);
     }
 
     std::atomic<const tables*> tables_{&invalid_tables};
