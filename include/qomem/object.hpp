@@ -505,8 +505,8 @@ protected:
         for (;;) {
             const std::int64_t now = std::int64_t(old) + by;
             QOMEM_ASSERT(now >= 1 && now <= std::int64_t(UINT32_MAX),
-                         "unbalanced reference count on {} at {}: {} after folding {}",
-                         type().name, static_cast<const void*>(this), now, by);
+                         "unbalanced reference count on {} at {}: {} after folding {}", type().name,
+                         static_cast<const void*>(this), now, by);
             // acq_rel, as drop_ref: the folded unrefs release what their
             // threads did to the object to whoever drops the last reference.
             if (ref_.compare_exchange_weak(old, static_cast<std::uint32_t>(now),

@@ -42,9 +42,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <iterator>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -315,8 +315,8 @@ private:
                 while (first != last && first->end() <= clo) ++first;
                 const bool gap = first == last || u128(first->start) >= chi;
                 if (gap || (u128(first->start) <= clo && first->end() >= chi)) {
-                    const u128 run_end = std::min(hi, gap ? (first == last ? hi : u128(first->start))
-                                                           : first->end());
+                    const u128 run_end = std::min(
+                        hi, gap ? (first == last ? hi : u128(first->start)) : first->end());
                     const pt_entry v = gap ? pt_entry{} : slot_of(*first);
                     // v is a range or a hole: nothing to count for it.
                     // The slots wholly inside [clo, run_end): up to jlast.

@@ -140,8 +140,8 @@ inline void light_fence() noexcept {
 }
 
 inline void futex_wake(std::atomic<std::uint32_t>& w) noexcept {
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&w), FUTEX_WAKE_PRIVATE, INT_MAX,
-              nullptr, nullptr, 0);
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&w), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr,
+              nullptr, 0);
 }
 
 inline void futex_wait(std::atomic<std::uint32_t>& w, std::uint32_t expected) noexcept {
@@ -212,8 +212,7 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free &&
 /// array, or one that saw a region being killed (the killer holds the lock
 /// until it has folded the sum in, so this then finds the word at 0).
 /// Returns false when the region is no longer counted per thread.
-[[gnu::noinline]] inline bool count_orphan(const std::atomic<std::uint32_t>& word,
-                                           std::int64_t d) {
+[[gnu::noinline]] inline bool count_orphan(const std::atomic<std::uint32_t>& word, std::int64_t d) {
     registry& r = the_registry();
     std::lock_guard lock(r.mutex);
     // Relaxed: every store to the word after its id was published is made
