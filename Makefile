@@ -73,13 +73,17 @@ recapture: deps build
 # Catch2 target would show up as a failing *_NOT_BUILT test). Under TSan,
 # qomem/rcu.hpp compiles its membarrier(2) path out: readers take the fenced
 # path (README, "Threads"); -Wno-tsan: GCC 12 warns (-Werror: fails) that
-# TSan does not model that path's std::atomic_thread_fence.
+# TSan does not model that path's std::atomic_thread_fence. Left out: the test
+# that forks children while other threads start and exit (TSan's runtime can
+# hang in such a child: seen once in ten children on a loaded machine; it runs
+# in the plain and ASan builds).
 test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan \
 	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_DEBUG_INFO=$(DEBUG_INFO)
 	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test
-	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.'
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.' \
+	  -E 'children forked while other threads'
 
 # The tests that run threads, cross-built for AArch64 (Debian's
 # g++-aarch64-linux-gnu, cmake/aarch64-linux-gnu.cmake) and run under
