@@ -68,7 +68,8 @@ recapture: deps build
 	done
 
 # ThreadSanitizer over the tests that run threads (tests/concurrency_test.cpp,
-# tests/memory_system_test.cpp, tests/rcu_test.cpp, tests/unplug_vcpu_test.cpp), and only those: only
+# tests/memory_system_test.cpp, tests/rcu_test.cpp, tests/unplug_vcpu_test.cpp,
+# tests/region_refcount_test.cpp), and only those: only
 # those targets are built, and -R keeps ctest off the others (an unbuilt
 # Catch2 target would show up as a failing *_NOT_BUILT test). Under TSan,
 # qomem/rcu.hpp compiles its membarrier(2) path out: readers take the fenced
@@ -81,8 +82,9 @@ test-tsan: export TSAN_OPTIONS := halt_on_error=1 second_deadlock_stack=1
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DQOMEM_SANITIZE=thread -DCMAKE_CXX_FLAGS=-Wno-tsan \
 	  -DQOMEM_VERIFY_HEADERS=OFF -DQOMEM_BUILD_BENCHMARKS=OFF -DQOMEM_DEBUG_INFO=$(DEBUG_INFO)
-	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test
-	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu)_test\.' \
+	cmake --build build-tsan -j$(JOBS) --target concurrency_test memory_system_test rcu_test unplug_vcpu_test \
+	  region_refcount_test
+	ctest --test-dir build-tsan --output-on-failure -R '^(concurrency|memory_system|rcu|unplug_vcpu|region_refcount)_test\.' \
 	  -E 'children forked while other threads'
 
 # The tests that run threads, cross-built for AArch64 (Debian's
